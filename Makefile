@@ -1,0 +1,40 @@
+# The few commands people use. `make train` and `make test` work on a fresh machine: they create
+# the virtualenv, install the project with the pinned versions in constraints.txt, and build the data.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA ?= data/shapes
+EXPERIMENT ?= configs/experiment/default.yaml
+# Offline copy of the NLTK data used by label extraction; NLTK also searches its usual folders,
+# and downloads what is missing when it can.
+export NLTK_DATA ?= $(CURDIR)/tests/fixtures/nltk_data
+
+.PHONY: install data train test test-fast tensorboard clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $@
+
+data: $(DATA)/done
+
+$(DATA)/done: | $(VENV)/.installed
+	$(BIN)/python -m datamodules.synthetic --out $(DATA) --train 40000 --val 1000 --test 1000 --seed 0
+
+train: install data
+	$(BIN)/nxtp fit --config $(EXPERIMENT)
+
+test: install
+	$(BIN)/python -m pytest -ra
+
+test-fast: install
+	$(BIN)/python -m pytest -ra -m "not slow"
+
+tensorboard: install
+	$(BIN)/tensorboard --logdir logs
+
+clean:
+	rm -rf logs $(DATA)

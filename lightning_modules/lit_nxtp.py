@@ -1,0 +1,209 @@
+"""The LightningModule: NXTP training, evaluation with one-shot sampling, and logging."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import os
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import grad_norm
+from PIL import Image, ImageDraw
+
+from .decoder import DecoderConfig
+from .metrics import ExactLabelScore, SemanticLabelScore
+from .nxtp import NXTP, PROMPT
+from .sampling import recognize
+from .vision import VisionConfig
+
+
+def warmup_schedule(kind: str, total: int, warmup: int, decay_fraction: float, min_ratio: float):
+    """The lr multiplier per step: linear warm-up, then ``cosine`` decay, or ``wsd`` (warm-up, stable,
+    linear decay over the last ``decay_fraction`` of training)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if kind == "cosine":
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        decay_start = total * (1 - decay_fraction)
+        if step < decay_start:
+            return 1.0
+        progress = min(1.0, (step - decay_start) / max(1.0, total - decay_start))
+        return min_ratio + (1 - min_ratio) * (1 - progress)
+
+    return factor
+
+
+class LitNXTP(L.LightningModule):
+    """NXTP as a LightningModule.
+
+    Args:
+        vision / decoder / tokenizer / prompt / reference_compat / reset_label_positions: see ``NXTP``.
+        trainable: name patterns (fnmatch, on ``model.named_parameters()``) of the parameters to train;
+            None trains everything. E.g. ``["visual.transformer.resblocks.1[89].*", "decoder.*"]``.
+        lr, betas, eps, weight_decay: AdamW. Norms, biases and embeddings get no weight decay.
+        schedule: ``cosine`` (the paper's) or ``wsd`` (warm-up, stable, linear decay).
+        warmup: warm-up steps; a value below 1 is a fraction of the total steps.
+        decay_fraction: for ``wsd``, the fraction of steps spent decaying.
+        min_lr_ratio: the lr at the end, as a fraction of ``lr``.
+        eval_topk: the top-k cut-offs at which validation/test recall, precision and F1 are reported.
+        eval_min_prob: labels below this probability are dropped before scoring.
+        semantic_metric: also report the paper's semantic scores (sentence-embedding similarity).
+        embedder: sentence embedder for the semantic scores; None uses the offline all-MiniLM-L6-v2 copy.
+        log_images: how many validation images to log with their predicted labels.
+    """
+
+    def __init__(
+        self,
+        vision: VisionConfig,
+        decoder: DecoderConfig,
+        tokenizer: str,
+        prompt: str = PROMPT,
+        reference_compat: bool = False,
+        reset_label_positions: bool = False,
+        trainable: list[str] | None = None,
+        lr: float = 1e-5,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        weight_decay: float = 0.1,
+        schedule: Literal["cosine", "wsd"] = "cosine",
+        warmup: float = 2000,
+        decay_fraction: float = 0.25,
+        min_lr_ratio: float = 0.0,
+        eval_topk: list[int] = [5, 10],
+        eval_min_prob: float = 0.0,
+        semantic_metric: bool = True,
+        embedder: str | None = None,
+        log_images: int = 8,
+    ) -> None:
+        super().__init__()
+        if Path(tokenizer).exists():  # a checkpoint must find its tokenizer from any working directory
+            tokenizer = os.path.abspath(tokenizer)
+        self.save_hyperparameters()
+        self.model = NXTP(vision, decoder, tokenizer, prompt, reference_compat, reset_label_positions)
+        self._set_trainable(trainable)
+        self.metrics = torch.nn.ModuleDict()
+        for k in eval_topk:
+            self.metrics[f"exact_top{k}"] = ExactLabelScore()
+            if semantic_metric:
+                kwargs = {"embedder": embedder} if embedder else {}
+                self.metrics[f"semantic_top{k}"] = SemanticLabelScore(**kwargs)
+
+    def _set_trainable(self, patterns: list[str] | None) -> None:
+        if patterns is None:
+            return
+        names = [n for n, _ in self.model.named_parameters()]
+        for pattern in patterns:
+            if not fnmatch.filter(names, pattern):
+                raise ValueError(f"model.trainable: pattern {pattern!r} matches no parameter")
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(any(fnmatch.fnmatch(name, p) for p in patterns))
+
+    # training -------------------------------------------------------------------------------------------
+
+    def training_step(self, batch, batch_idx):
+        loss, n_tokens = self.model(batch["pixels"], batch["text"])
+        bs = len(batch["keys"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/tokens", n_tokens.float(), reduce_fx="sum", batch_size=bs)
+        self._log_skipped(batch, "train")
+        return loss
+
+    def _log_skipped(self, batch, stage: str) -> None:
+        for reason, count in batch["skipped"].items():
+            self.log(f"{stage}/skipped/{reason}", float(count), reduce_fx="sum", batch_size=1)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        norms = grad_norm(self.model, norm_type=2)
+        if "grad_2.0_norm_total" in norms:
+            self.log("train/grad_norm", norms["grad_2.0_norm_total"])
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or "embed" in name or "norm" in name else decay).append(p)
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError("trainer.max_steps must be set: the lr schedule needs the number of steps")
+        warmup = int(hp.warmup * total) if hp.warmup < 1 else int(hp.warmup)
+        factor = warmup_schedule(hp.schedule, int(total), max(1, warmup), hp.decay_fraction, hp.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # evaluation -----------------------------------------------------------------------------------------
+
+    def _evaluate(self, batch, batch_idx: int, stage: str):
+        bs = len(batch["keys"])
+        loss, _ = self.model(batch["pixels"], batch["text"])
+        self.log(f"{stage}/loss", loss, batch_size=bs, sync_dist=True)
+        self._log_skipped(batch, stage)
+        predictions = recognize(self.model, batch["pixels"], topk=max(self.hparams.eval_topk),
+                                min_prob=self.hparams.eval_min_prob)
+        for k in self.hparams.eval_topk:
+            labels = [[label for label, _ in p[:k]] for p in predictions]
+            self.metrics[f"exact_top{k}"].update(labels, batch["labels"])
+            if self.hparams.semantic_metric:
+                self.metrics[f"semantic_top{k}"].update(labels, batch["labels"])
+        if stage == "val" and batch_idx == 0:
+            self._log_predictions(batch, predictions)
+        return predictions
+
+    def _log_metrics(self, stage: str) -> None:
+        for name, metric in self.metrics.items():
+            for key, value in metric.compute().items():
+                self.log(f"{stage}/{name}/{key}", value, prog_bar=key == "f1" and name.startswith("exact"))
+            metric.reset()
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch, batch_idx, "val")
+
+    def on_validation_epoch_end(self):
+        self._log_metrics("val")
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch, batch_idx, "test")
+
+    def on_test_epoch_end(self):
+        self._log_metrics("test")
+
+    def predict_step(self, batch, batch_idx):
+        preds = recognize(self.model, batch["pixels"], topk=max(self.hparams.eval_topk), min_prob=self.hparams.eval_min_prob)
+        return [{"key": k, "labels": p} for k, p in zip(batch["keys"], preds)]
+
+    def _log_predictions(self, batch, predictions) -> None:
+        experiment = getattr(self.logger, "experiment", None)
+        if self.hparams.log_images <= 0 or not hasattr(experiment, "add_image"):
+            return
+        n = min(self.hparams.log_images, len(predictions))
+        transform = self.model.eval_transform.transforms[-1]  # open_clip's Normalize
+        mean = torch.tensor(transform.mean, device=batch["pixels"].device)[:, None, None]
+        std = torch.tensor(transform.std, device=batch["pixels"].device)[:, None, None]
+        tiles = []
+        for i in range(n):
+            pixels = (batch["pixels"][i] * std + mean).clamp(0, 1).mul(255).byte().permute(1, 2, 0).cpu().numpy()
+            tiles.append(caption_tile(Image.fromarray(pixels), batch["labels"][i], predictions[i][:5]))
+        grid = Image.new("RGB", (sum(t.width for t in tiles), tiles[0].height), "white")
+        for i, tile in enumerate(tiles):
+            grid.paste(tile, (i * tiles[0].width, 0))
+        experiment.add_image("val/predictions", np.asarray(grid), self.global_step, dataformats="HWC")
+
+
+def caption_tile(image: Image.Image, truth: list[str], predicted: list[tuple[str, float]], size: int = 160) -> Image.Image:
+    """The image enlarged, with the true labels and the predicted ones (with probabilities) written below."""
+    lines = ["true: " + ", ".join(sorted(truth))] + [f"{p:.2f} {label}" for label, p in predicted]
+    tile = Image.new("RGB", (size, size + 12 * len(lines) + 4), "white")
+    tile.paste(image.resize((size, size), Image.Resampling.NEAREST), (0, 0))
+    draw = ImageDraw.Draw(tile)
+    for j, line in enumerate(lines):
+        draw.text((3, size + 2 + 12 * j), line[:30], fill="black")
+    return tile

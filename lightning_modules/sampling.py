@@ -1,0 +1,111 @@
+"""One-shot sampling: every label of an image decoded in parallel from one next-token distribution.
+
+The labels are independent continuations of the prompt, so inference need not generate them one after
+another: take the top-k first tokens at the last prompt position, continue each of the k branches greedily
+until the delimiter (or the end token, or a step limit), and score each branch by the product of its token
+probabilities, the closing delimiter's included. Branches that decode to the same string are merged by
+adding their scores. The image and prompt are run once; the k branches share their key/value cache.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+from .masking import prefix_attention
+from .nxtp import NXTP
+
+
+@dataclass
+class Branch:
+    """One decoded branch: its tokens (stop token excluded), their probabilities, and how it ended."""
+
+    tokens: list[int]
+    probs: list[float]
+    stop_prob: float | None  # probability of the closing delimiter / end token; None if the step limit hit
+
+
+@torch.no_grad()
+def decode_branches(model: NXTP, pixels: Tensor, topk: int, max_label_tokens: int = 19) -> list[list[Branch]]:
+    """Run the prefix once, then greedy-decode ``topk`` branches per image with a shared KV cache.
+
+    ``max_label_tokens`` bounds the tokens of a label, its closing delimiter included (the reference's 19).
+    """
+    seqs = model.sequences
+    prompt = torch.tensor(seqs.prompt_ids(model.prompt), device=pixels.device)
+    image = model.embed_images(pixels)
+    batch, n_image = image.shape[:2]
+    text = prompt.expand(batch, -1)
+    mask = prefix_attention(n_image, text.shape[1], device=pixels.device).expand(batch, -1, -1, -1)
+    length = n_image + text.shape[1]
+    positions = torch.arange(length, device=pixels.device).expand(batch, -1)
+    embeds = torch.cat([image, model.embed_text(text).to(image.dtype)], dim=1)
+    base = model.decoder.get_decoder()
+    cache = DynamicCache()
+    # transformers renamed ``past_key_values`` to ``cache``; the cache object is filled in place either way.
+    cache_kwarg = {("cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"): cache}
+    out = base(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, **cache_kwarg)
+    probs = model.logits(out.last_hidden_state[:, -1]).float().softmax(-1)
+    first_probs, first_tokens = probs.topk(topk, dim=-1)  # [B, k]
+
+    cache.batch_repeat_interleave(topk)
+    stop_ids = torch.tensor([seqs.delimiter_id, seqs.eos_id], device=pixels.device)
+    tokens = [first_tokens.reshape(-1)]
+    token_probs = [first_probs.reshape(-1)]
+    done = torch.isin(tokens[0], stop_ids)
+    for step in range(1, max_label_tokens):
+        if done.all():
+            break
+        step_pos = torch.full((batch * topk, 1), length + step - 1, device=pixels.device)
+        step_out = base(
+            inputs_embeds=model.embed_text(tokens[-1][:, None]).to(image.dtype),
+            position_ids=step_pos,
+            use_cache=True,
+            **cache_kwarg,
+        )
+        p, t = model.logits(step_out.last_hidden_state[:, -1]).float().softmax(-1).max(-1)
+        tokens.append(t)
+        token_probs.append(p)
+        done |= torch.isin(t, stop_ids)
+
+    tok = torch.stack(tokens, 1).view(batch, topk, -1).tolist()
+    prob = torch.stack(token_probs, 1).view(batch, topk, -1).tolist()
+    stops = set(stop_ids.tolist())
+    result = []
+    for b in range(batch):
+        branches = []
+        for t, p in zip(tok[b], prob[b]):
+            end = next((i for i, x in enumerate(t) if x in stops), None)
+            if end is None:
+                branches.append(Branch(t, p, None))
+            else:
+                branches.append(Branch(t[:end], p[:end], p[end]))
+        result.append(branches)
+    return result
+
+
+def rank_labels(branches: list[Branch], decode, min_prob: float = 0.0) -> list[tuple[str, float]]:
+    """Score, merge and sort the branches of one image into ``(label, probability)`` pairs.
+
+    A branch's score is the product of its token probabilities and its stop token's; a branch cut by the
+    step limit keeps the product of the probabilities it has. Empty labels are dropped.
+    """
+    scores: dict[str, float] = {}
+    for br in branches:
+        label = decode(br.tokens).strip()
+        if not label:
+            continue
+        score = torch.tensor(br.probs + ([br.stop_prob] if br.stop_prob is not None else []), dtype=torch.float64)
+        scores[label] = scores.get(label, 0.0) + score.prod().item()
+    ranked = sorted(scores.items(), key=lambda kv: kv[1], reverse=True)  # stable: ties keep branch order
+    return [(label, p) for label, p in ranked if p >= min_prob]
+
+
+def recognize(model: NXTP, pixels: Tensor, topk: int = 10, min_prob: float = 0.0, max_label_tokens: int = 19) -> list[list[tuple[str, float]]]:
+    """Labels with probabilities, sorted, for every image of a batch of preprocessed pixels."""
+    decode = model.tokenizer.decode
+    return [rank_labels(b, decode, min_prob) for b in decode_branches(model, pixels, topk, max_label_tokens)]

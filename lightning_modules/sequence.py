@@ -1,0 +1,184 @@
+"""The token layout of an NXTP sequence: what the decoder reads and what it must predict.
+
+A sequence is ``[image embeddings] <|image|> <s> PROMPT label_1 , label_2 , ... label_N ,``.
+The image part is not text: text positions are counted from ``<|image|>``, and sequence position
+``n_image + j`` holds text position ``j``.
+
+Two layouts exist:
+
+* default: every label ends with the delimiter, so every label is its own block (see ``masking``),
+  and the first token of *every* label is predicted from the last prompt token (the *anchor*),
+  exactly where one-shot sampling reads it at inference. Nothing follows the last delimiter.
+* ``reference_compat``: the official code's layout, kept for parity. The last label has no delimiter
+  and is followed by ``</s>`` (which is never a target); the first token of label ``i + 1`` is
+  predicted from the delimiter of label ``i``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+IMAGE_TOKEN = "<|image|>"
+EMPTY_TOKEN = "<|empty|>"
+IGNORE = -1
+
+
+@dataclass
+class TextSequence:
+    """One tokenized sample.
+
+    ``ids`` are the text ids; ``anchor`` is the text position of the last prompt token;
+    ``label_ends`` are the text positions of the delimiters that close the labels' blocks.
+    """
+
+    ids: list[int]
+    anchor: int
+    label_ends: list[int]
+
+
+def add_nxtp_tokens(tokenizer) -> None:
+    """Add ``<|image|>`` and ``<|empty|>`` to ``tokenizer`` (no-op when present) and set ``<|empty|>`` as pad."""
+    missing = [t for t in (IMAGE_TOKEN, EMPTY_TOKEN) if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    tokenizer.pad_token = EMPTY_TOKEN
+
+
+class SequenceBuilder:
+    """Turns a prompt and a list of labels into a :class:`TextSequence` with a given tokenizer."""
+
+    def __init__(self, tokenizer, delimiter: str = ",", reference_compat: bool = False) -> None:
+        add_nxtp_tokens(tokenizer)
+        self.tokenizer = tokenizer
+        self.reference_compat = reference_compat
+        self.image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.pad_id = tokenizer.convert_tokens_to_ids(EMPTY_TOKEN)
+        self.bos_id = tokenizer.bos_token_id
+        self.eos_id = tokenizer.eos_token_id
+        delimiter_ids = tokenizer.encode(f"a{delimiter}", add_special_tokens=False)
+        if len(delimiter_ids) < 2 or tokenizer.decode(delimiter_ids[-1:]) != delimiter:
+            raise ValueError(f"tokenizer has no single token for the delimiter {delimiter!r}")
+        self.delimiter = delimiter
+        self.delimiter_id = delimiter_ids[-1]
+        if self.bos_id is None or self.eos_id is None:
+            raise ValueError("tokenizer needs a bos_token and an eos_token")
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """Text ids of the inference sequence: ``<|image|> <s> PROMPT``."""
+        return [self.image_id, self.bos_id, *self.tokenizer.encode(prompt, add_special_tokens=False)]
+
+    def __call__(self, prompt: str, labels: list[str]) -> TextSequence:
+        """Tokenize ``prompt`` followed by ``labels`` as one text, like the reference does."""
+        head = self.prompt_ids(prompt)
+        if not labels:
+            return TextSequence(head, len(head) - 1, [])
+        text = f"{prompt} " + f"{self.delimiter} ".join(labels)
+        if not self.reference_compat:
+            text += self.delimiter
+        body = self.tokenizer.encode(text, add_special_tokens=False)
+        if body[: len(head) - 2] != head[2:]:
+            raise ValueError(f"prompt {prompt!r} does not tokenize to the same ids when labels follow it")
+        ids = head + body[len(head) - 2 :]
+        if self.reference_compat:
+            ids.append(self.eos_id)
+        anchor = len(head) - 1
+        label_ends = [j for j in range(anchor + 1, len(ids)) if ids[j] == self.delimiter_id]
+        expected = len(labels) - (1 if self.reference_compat else 0)
+        if len(label_ends) != expected:
+            raise ValueError(f"labels {labels!r} do not split into {len(labels)} labels at {self.delimiter!r}")
+        return TextSequence(ids, anchor, label_ends)
+
+
+@dataclass
+class TextBatch:
+    """Padded text part of a batch (tensors on CPU until moved)."""
+
+    ids: Tensor  # [B, T] long, padded with the <|empty|> id
+    lengths: Tensor  # [B] long
+    anchors: Tensor  # [B] long
+    label_ends: Tensor  # [B, max_labels] long, -1 padded
+
+    def to(self, device) -> "TextBatch":
+        return TextBatch(*(t.to(device) for t in (self.ids, self.lengths, self.anchors, self.label_ends)))
+
+
+def collate_text(samples: list[TextSequence], pad_id: int, pad_to: int | None = None) -> TextBatch:
+    """Pad text sequences to the longest one (or to ``pad_to``)."""
+    length = max(len(s.ids) for s in samples)
+    length = max(length, pad_to or 0)
+    n_labels = max(1, max(len(s.label_ends) for s in samples))
+    ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
+    ends = torch.full((len(samples), n_labels), -1, dtype=torch.long)
+    for i, s in enumerate(samples):
+        ids[i, : len(s.ids)] = torch.tensor(s.ids)
+        ends[i, : len(s.label_ends)] = torch.tensor(s.label_ends, dtype=torch.long)
+    lengths = torch.tensor([len(s.ids) for s in samples])
+    anchors = torch.tensor([s.anchor for s in samples])
+    return TextBatch(ids, lengths, anchors, ends)
+
+
+def segment_ids(text: TextBatch, n_image: int, reference_compat: bool = False) -> Tensor:
+    """Label each sequence position with the block it belongs to, shape [B, n_image + T].
+
+    ``-1`` image, ``0`` prefix (``<|image|>``, ``<s>`` and the prompt up to the anchor),
+    ``k >= 1`` the k-th label block (its tokens and its closing delimiter), ``-2`` anything else
+    (padding; in ``reference_compat`` also the last label and ``</s>``).
+    In ``reference_compat`` the anchor of the *last* sample is used for every sample (the reference's quirk).
+    """
+    batch, length = text.ids.shape
+    pos = torch.arange(length, device=text.ids.device).expand(batch, length)
+    anchors = text.anchors[-1:].expand(batch) if reference_compat else text.anchors
+    seg = torch.full_like(pos, -2)
+    seg[pos <= anchors[:, None]] = 0
+    ends = text.label_ends
+    block = torch.searchsorted(torch.where(ends < 0, torch.iinfo(torch.long).max, ends).contiguous(), pos.contiguous())
+    in_block = (pos > anchors[:, None]) & (block < (ends >= 0).sum(1, keepdim=True))
+    seg = torch.where(in_block, block + 1, seg)
+    image = torch.full((batch, n_image), -1, dtype=seg.dtype, device=seg.device)
+    return torch.cat([image, seg], dim=1)
+
+
+def position_ids(seg: Tensor, reset_label_positions: bool = False) -> Tensor:
+    """Rotary positions [B, S]: ``0..S-1``, or, with ``reset_label_positions``, every label block restarts
+    right after the prompt, so each label sits where one-shot sampling puts it at inference."""
+    batch, length = seg.shape
+    pos = torch.arange(length, device=seg.device).expand(batch, length).clone()
+    if not reset_label_positions:
+        return pos
+    first_label_pos = (seg <= 0).long().cumprod(1).sum(1, keepdim=True)  # prefix length incl. image
+    start = torch.zeros_like(pos)
+    for k in range(1, int(seg.max().item()) + 1):
+        in_k = seg == k
+        start_k = torch.where(in_k, pos, length).min(1, keepdim=True).values
+        start = torch.where(in_k, start_k, start)
+    return torch.where(seg > 0, first_label_pos + pos - start, pos)
+
+
+def loss_targets(text: TextBatch, seg: Tensor, n_image: int, reference_compat: bool = False) -> tuple[Tensor, Tensor]:
+    """Which sequence rows predict which token ids.
+
+    Returns ``rows`` and ``targets``, both [B, P] long, ``targets == -1`` where unused. Every text
+    token from ``<s>`` on is predicted from the row before it (the prompt included, as in the reference),
+    except, by default, the first token of each label, which is predicted from the anchor row.
+    ``</s>`` and padding are never targets.
+    """
+    batch, length = text.ids.shape
+    rows = torch.arange(n_image, n_image + length - 1, device=text.ids.device).expand(batch, -1).clone()
+    targets = text.ids[:, 1:].clone()
+    target_pos = torch.arange(1, length, device=targets.device)[None]
+    valid = target_pos < text.lengths[:, None]
+    if reference_compat:
+        # rm_eos_token_for_objs: the reference never trains the closing </s>.
+        closing = (target_pos == text.lengths[:, None] - 1) & (text.lengths[:, None] - 1 > text.anchors[:, None])
+        valid &= ~closing
+    else:
+        text_seg = seg[:, n_image + 1 :]  # block of each target token
+        prev_seg = seg[:, n_image:-1]
+        first_of_label = (text_seg > 0) & (text_seg != prev_seg)
+        anchor_rows = (n_image + text.anchors)[:, None].expand_as(rows)
+        rows = torch.where(first_of_label, anchor_rows, rows)
+    return rows, torch.where(valid, targets, torch.full_like(targets, IGNORE))
+

@@ -1,0 +1,88 @@
+"""The image encoder: an open_clip vision tower that returns every patch token after ``ln_post``.
+
+NXTP keeps all tokens (CLS dropped later), not CLIP's pooled embedding, so the tower's own
+projection is removed. Towers are built by open_clip from a model name (``ViT-L-14``), a pretrained
+tag or checkpoint path (``openai``), or a JSON config: the project's own configs live in
+``model_configs/`` and are registered with open_clip at import, and any other JSON file path works too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+from torch import Tensor, nn
+
+MODEL_CONFIGS = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(MODEL_CONFIGS)
+
+
+@dataclass
+class VisionConfig:
+    """How to build the vision tower.
+
+    Args:
+        model_name: an open_clip model name (``ViT-L-14``) or a path to an open_clip JSON model config.
+        pretrained: an open_clip pretrained tag (``openai``), a checkpoint path, or None for random init.
+        conv_stem: replace the patchify convolution by a small convolutional stem (same token grid).
+            It gives a tiny tower trained from scratch the locality prior it lacks; paper-scale towers keep
+            their patchify convolution.
+    """
+
+    model_name: str = "nxtp-tiny-vit"
+    pretrained: str | None = None
+    conv_stem: bool = False
+
+
+class ConvStem(nn.Sequential):
+    """``log2(patch)`` stages of 3x3 conv + BatchNorm + ReLU + 2x2 max-pool, then a 3x3 conv to ``width``.
+
+    Maps [B, 3, H, W] to [B, width, H / patch, W / patch], like the patchify convolution it replaces.
+    """
+
+    def __init__(self, width: int, patch_size: int) -> None:
+        stages = int(math.log2(patch_size))
+        if 2**stages != patch_size:
+            raise ValueError(f"conv_stem needs a power-of-two patch size, got {patch_size}")
+        channels = [3] + [min(width, 32 * 2**i) for i in range(stages)]
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(channels[:-1], channels[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)]
+        layers.append(nn.Conv2d(channels[-1], width, 3, padding=1))
+        super().__init__(*layers)
+
+
+def _resolve_name(model_name: str) -> str:
+    path = Path(model_name)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise FileNotFoundError(f"vision.model_name: no open_clip config at {model_name}")
+        open_clip.add_model_config(path)
+        return path.stem
+    if model_name not in open_clip.list_models():
+        raise ValueError(f"vision.model_name: {model_name!r} is neither an open_clip model nor a .json config")
+    return model_name
+
+
+def build_vision_tower(cfg: VisionConfig) -> tuple[nn.Module, object, object]:
+    """Build the tower and open_clip's (train, eval) preprocessing for it."""
+    name = _resolve_name(cfg.model_name)
+    clip, train_tf, eval_tf = open_clip.create_model_and_transforms(name, pretrained=cfg.pretrained)
+    visual = clip.visual
+    if not isinstance(visual, open_clip.transformer.VisionTransformer):
+        raise ValueError(f"vision.model_name: {cfg.model_name!r} is not a ViT; NXTP needs its patch tokens")
+    if visual.attn_pool is not None or visual.pool_type != "tok" or visual.final_ln_after_pool:
+        raise ValueError(f"vision.model_name: {cfg.model_name!r} does not expose its tokens after ln_post with CLS first")
+    visual.proj = None  # NXTP learns its own projection into the decoder
+    visual.output_tokens = True
+    if cfg.conv_stem:
+        visual.conv1 = ConvStem(visual.conv1.out_channels, visual.patch_size[0])
+    return visual, train_tf, eval_tf
+
+
+def encode_patches(visual: nn.Module, pixels: Tensor) -> Tensor:
+    """The patch tokens after ``ln_post``, CLS dropped: [B, n_patches, width]."""
+    _, patches = visual(pixels)
+    return patches

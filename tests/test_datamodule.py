@@ -1,0 +1,84 @@
+"""The WebDataset DataModule reading shards it did not write itself, with broken members among them."""
+
+import io
+import json
+
+import pytest
+import torch
+import webdataset as wds
+from conftest import tiny_nxtp
+from PIL import Image
+
+from datamodules import NXTPDataModule
+
+CAPTIONS = ["a dog on the grass", "two cats and a sofa", "a red bus in the street", "a boat on the lake"]
+
+
+def jpeg(color) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def write_shards(folder, n_shards=2, per_shard=6):
+    keys = []
+    for s in range(n_shards):
+        with wds.TarWriter(str(folder / f"shard-{s:06d}.tar")) as sink:
+            for i in range(per_shard):
+                key = f"s{s}_{i:03d}"
+                sample = {"__key__": key, "jpg": jpeg((40 * i, 20 * s, 90)), "txt": CAPTIONS[i % 4].encode()}
+                if key == "s0_002":
+                    sample["jpg"] = b"\xff\xd8 not really a jpeg"
+                elif key == "s1_004":
+                    del sample["txt"]
+                else:
+                    keys.append(key)
+                sink.write(sample)
+    return keys
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_nxtp()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_every_good_sample_once_and_bad_ones_counted(tmp_path, model, num_workers):
+    good_keys = write_shards(tmp_path)
+    dm = NXTPDataModule(val_shards=str(tmp_path / "shard-{000000..000001}.tar"), batch_size=4, num_workers=num_workers)
+    dm.bind(model)
+    seen, skipped = [], {}
+    for batch in dm.val_dataloader():
+        seen += batch["keys"]
+        for reason, count in batch["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + count
+        assert batch["pixels"].shape[1:] == (3, 64, 64)
+        text = batch["text"]
+        assert text.ids.shape[0] == len(batch["keys"]) == len(batch["labels"])
+        for ids, length, anchor in zip(text.ids, text.lengths, text.anchors):
+            assert ids[anchor].item() == model.sequences.prompt_ids(model.prompt)[-1]
+            assert (ids[length:] == model.sequences.pad_id).all()
+    assert sorted(seen) == sorted(good_keys)
+    assert skipped == {"UnidentifiedImageError": 1, "no caption": 1}
+
+
+def test_labels_come_from_the_caption_and_are_shuffled(tmp_path, model):
+    write_shards(tmp_path, n_shards=1)
+    dm = NXTPDataModule(train_shards=str(tmp_path / "shard-000000.tar"), batch_size=5, num_workers=0, seed=3)
+    dm.bind(model)
+    batch = next(iter(dm.train_dataloader()))
+    captions = dict(zip([f"s0_{i:03d}" for i in range(6)], [CAPTIONS[i % 4] for i in range(6)]))
+    expected = {"a dog on the grass": {"dog", "grass"}, "two cats and a sofa": {"cat", "sofa"},
+                "a red bus in the street": {"bus", "street"}, "a boat on the lake": {"boat", "lake"}}
+    for key, labels in zip(batch["keys"], batch["labels"]):
+        assert set(labels) == expected[captions[key]]
+    decoded = [model.tokenizer.decode(ids[a + 1 : l]) for ids, a, l in
+               zip(batch["text"].ids, batch["text"].anchors, batch["text"].lengths)]
+    assert decoded == [", ".join(labels) + "," for labels in batch["labels"]]
+
+
+def test_missing_shards_config_names_the_key(model):
+    dm = NXTPDataModule(train_shards=None)
+    dm.bind(model)
+    with pytest.raises(ValueError, match="data.train_shards"):
+        dm.train_dataloader()

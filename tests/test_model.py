@@ -1,0 +1,113 @@
+"""The NXTP model: loss invariances and one-shot sampling against brute-force decoding."""
+
+import pytest
+import torch
+from conftest import tiny_nxtp
+
+from lightning_modules.masking import prefix_attention
+from lightning_modules.sampling import Branch, decode_branches, rank_labels, recognize
+from lightning_modules.sequence import collate_text
+
+
+def batch_loss(model, pixels, label_lists):
+    seqs = [model.sequences(model.prompt, labels) for labels in label_lists]
+    return model(pixels, collate_text(seqs, model.sequences.pad_id))
+
+
+def test_permuting_labels_does_not_change_the_loss():
+    model = tiny_nxtp(reset_label_positions=True)
+    pixels = torch.randn(2, 3, 64, 64)
+    loss, n = batch_loss(model, pixels, [["dog", "frisbee", "grass"], ["traffic light", "bus"]])
+    permuted, n2 = batch_loss(model, pixels, [["grass", "dog", "frisbee"], ["bus", "traffic light"]])
+    torch.testing.assert_close(loss, permuted, rtol=1e-6, atol=1e-6)
+    assert n == n2
+    other, _ = batch_loss(model, pixels, [["cat", "frisbee", "grass"], ["traffic light", "bus"]])
+    assert abs(other.item() - loss.item()) > 1e-4  # the loss does depend on the labels
+
+
+def test_padding_and_batch_neighbours_do_not_change_a_sample():
+    model = tiny_nxtp()
+    pixels = torch.randn(2, 3, 64, 64)
+    alone, n_alone = batch_loss(model, pixels[:1], [["dog", "frisbee"]])
+    both, n_both = batch_loss(model, pixels, [["dog", "frisbee"], ["a very long label with many words", "x"]])
+    second, n_second = batch_loss(model, pixels[1:], [["a very long label with many words", "x"]])
+    mean = (alone * n_alone + second * n_second) / (n_alone + n_second)
+    torch.testing.assert_close(both, mean, rtol=1e-5, atol=1e-5)
+
+
+def brute_force_branches(model, pixels, topk, max_label_tokens):
+    """Greedy decoding of each branch by recomputing the whole sequence at every step (no cache)."""
+    seqs = model.sequences
+    prompt = torch.tensor(seqs.prompt_ids(model.prompt))
+    image = model.embed_images(pixels)
+    stops = {seqs.delimiter_id, seqs.eos_id}
+    out = []
+    for b in range(len(pixels)):
+        def next_probs(tokens):
+            text = torch.cat([prompt, torch.tensor(tokens, dtype=torch.long)])[None]
+            mask = prefix_attention(image.shape[1], text.shape[1])
+            pos = torch.arange(image.shape[1] + text.shape[1])[None]
+            hidden = model.hidden_states(image[b : b + 1], text, mask, pos)
+            return model.logits(hidden[0, -1]).float().softmax(-1)
+
+        first = next_probs([]).topk(topk)
+        branches = []
+        for p0, t0 in zip(first.values.tolist(), first.indices.tolist()):
+            tokens, probs = [t0], [p0]
+            while tokens[-1] not in stops and len(tokens) < max_label_tokens:
+                p, t = next_probs(tokens).max(-1)
+                tokens.append(t.item())
+                probs.append(p.item())
+            if tokens[-1] in stops:
+                branches.append((tokens[:-1], probs[:-1], probs[-1]))
+            else:
+                branches.append((tokens, probs, None))
+        out.append(branches)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cached_sampling_matches_brute_force(seed):
+    model = tiny_nxtp(seed=seed)
+    # Make the delimiter likely after a few tokens so that branches end at different steps.
+    with torch.no_grad():
+        model.decoder.get_output_embeddings().weight[model.sequences.delimiter_id] *= 4
+    pixels = torch.randn(3, 3, 64, 64)
+    cached = decode_branches(model, pixels, topk=6, max_label_tokens=5)
+    brute = brute_force_branches(model, pixels, topk=6, max_label_tokens=5)
+    ended = 0
+    for got_image, want_image in zip(cached, brute):
+        for got, (tokens, probs, stop) in zip(got_image, want_image):
+            assert got.tokens == tokens
+            torch.testing.assert_close(torch.tensor(got.probs), torch.tensor(probs), rtol=1e-4, atol=1e-6)
+            assert (got.stop_prob is None) == (stop is None)
+            if stop is not None:
+                ended += 1
+                assert got.stop_prob == pytest.approx(stop, rel=1e-4)
+    assert ended > 0  # the comparison covered branches that stopped at the delimiter
+
+
+def test_rank_labels_merges_scores_and_sorts():
+    words = {1: "dog", 2: " dog", 3: "cat", 4: ""}
+    decode = lambda ids: "".join(words[i] for i in ids)  # noqa: E731
+    branches = [
+        Branch([3], [0.30], 0.9),  # cat: 0.27
+        Branch([1], [0.20], 0.8),  # dog: 0.16
+        Branch([2], [0.15], 1.0),  # " dog" -> dog: +0.15 = 0.31
+        Branch([3, 3], [0.1, 0.5], None),  # step limit: "catcat" keeps 0.05
+        Branch([4], [0.05], 1.0),  # empty label: dropped
+    ]
+    ranked = rank_labels(branches, decode)
+    assert [label for label, _ in ranked] == ["dog", "cat", "catcat"]
+    assert [p for _, p in ranked] == pytest.approx([0.31, 0.27, 0.05])
+    assert [label for label, _ in rank_labels(branches, decode, min_prob=0.1)] == ["dog", "cat"]
+
+
+def test_recognize_returns_sorted_probabilities_per_image():
+    model = tiny_nxtp()
+    results = recognize(model, torch.randn(2, 3, 64, 64), topk=4, max_label_tokens=3)
+    assert len(results) == 2
+    for labels in results:
+        probs = [p for _, p in labels]
+        assert probs == sorted(probs, reverse=True) and all(0 < p <= 1 for p in probs)
+        assert 1 <= len(labels) <= 4
