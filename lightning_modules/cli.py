@@ -1,7 +1,8 @@
-"""The ``nxtp`` command: LightningCLI subcommands (fit, validate, test, predict) plus ``label``.
+"""The ``nxtp`` command: LightningCLI subcommands (fit, validate, test, predict), ``label`` and ``import-official``.
 
     nxtp fit --config configs/experiment/default.yaml
     nxtp label --checkpoint CKPT.ckpt images/ photo.jpg
+    nxtp import-official --checkpoint ckpt_epoch_03_iter_0021360.pth --clip openai --tokenizer TOKENIZER --out DIR
 """
 
 from __future__ import annotations
@@ -44,10 +45,21 @@ def image_paths(inputs: list[str]) -> list[Path]:
     return paths
 
 
+def load_model(checkpoint: str, device: str = "cpu"):
+    """An ``NXTP`` in eval mode from a Lightning ``.ckpt`` or a ``save_pretrained`` folder."""
+    from .lit_nxtp import LitNXTP
+    from .nxtp import NXTP
+
+    if Path(checkpoint).is_dir():
+        return NXTP.from_pretrained(checkpoint).to(device).eval()
+    return LitNXTP.load_from_checkpoint(checkpoint, map_location=device, semantic_metric=False).model.eval()
+
+
 def label_main(argv: list[str]) -> int:
     """``nxtp label``: print one JSON line per image with its labels sorted by probability."""
     parser = argparse.ArgumentParser(prog="nxtp label", description="Name the objects in images.")
-    parser.add_argument("--checkpoint", required=True, help="a Lightning checkpoint (.ckpt) written by `nxtp fit`")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a Lightning checkpoint (.ckpt) written by `nxtp fit`, or a folder written by `import-official`")
     parser.add_argument("--topk", type=int, default=10, help="first tokens to branch from (at most this many labels)")
     parser.add_argument("--min-prob", type=float, default=0.0, help="drop labels below this probability")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -55,11 +67,9 @@ def label_main(argv: list[str]) -> int:
     parser.add_argument("paths", nargs="+", help="image files or directories")
     args = parser.parse_args(argv)
 
-    from .lit_nxtp import LitNXTP
     from .sampling import recognize
 
-    module = LitNXTP.load_from_checkpoint(args.checkpoint, map_location=args.device, semantic_metric=False)
-    model = module.model.eval()
+    model = load_model(args.checkpoint, args.device)
     failed = 0
     paths = image_paths(args.paths)
     for start in range(0, len(paths), args.batch_size):
@@ -78,7 +88,7 @@ def label_main(argv: list[str]) -> int:
         with torch.no_grad():
             results = recognize(model, torch.stack(pixels).to(args.device), topk=args.topk, min_prob=args.min_prob)
         for path, labels in zip(good, results):
-            entry = {"image": str(path), "labels": [{"label": l, "prob": round(p, 6)} for l, p in labels]}
+            entry = {"image": str(path), "labels": [{"label": l, "prob": p} for l, p in labels]}
             print(json.dumps(entry), flush=True)
     return 1 if failed else 0
 
@@ -87,6 +97,10 @@ def main() -> None:
     """Entry point of the ``nxtp`` console script."""
     if len(sys.argv) > 1 and sys.argv[1] == "label":
         sys.exit(label_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "import-official":
+        from .official import import_main
+
+        sys.exit(import_main(sys.argv[2:]))
     from datamodules import NXTPDataModule
 
     from .lit_nxtp import LitNXTP

@@ -9,9 +9,12 @@ the last prompt token and decodes every label from it in parallel (``sampling``)
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
+import safetensors.torch
 import torch
+import yaml
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -59,6 +62,8 @@ class NXTP(nn.Module):
         reset_label_positions: bool = False,
     ) -> None:
         super().__init__()
+        self.init_args = dict(vision=asdict(vision), decoder=asdict(decoder), prompt=prompt,
+                              reference_compat=reference_compat, reset_label_positions=reset_label_positions)
         self.tokenizer = load_tokenizer(tokenizer)
         self.sequences = SequenceBuilder(self.tokenizer, reference_compat=reference_compat)
         self.prompt = prompt
@@ -106,3 +111,33 @@ class NXTP(nn.Module):
         batch_index = torch.arange(len(rows), device=rows.device)[:, None].expand_as(rows)
         logits = self.logits(hidden[batch_index[keep], rows[keep]])
         return F.cross_entropy(logits.float(), targets[keep]), keep.sum()
+
+    # pickle-free checkpoints ------------------------------------------------------------------------------
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """Write ``model.safetensors``, ``config.yaml`` and ``tokenizer/``: all that ``from_pretrained`` needs."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        config = dict(self.init_args)
+        config["vision"] = {**config["vision"], "pretrained": None}  # the weights are in model.safetensors
+        config["decoder"] = {"name_or_path": None, "num_blocks": None, "dtype": "float32",
+                             "config": {"model_type": self.decoder.config.model_type, **self.decoder.config.to_diff_dict()}}
+        config["tokenizer"] = "tokenizer"
+        self.tokenizer.save_pretrained(out / "tokenizer")
+        safetensors.torch.save_model(self, str(out / "model.safetensors"))
+        (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **overrides) -> "NXTP":
+        """Rebuild a model written by ``save_pretrained`` (no pickle involved)."""
+        path = Path(path)
+        config = {**yaml.safe_load((path / "config.yaml").read_text()), **overrides}
+        model = cls(
+            VisionConfig(**config.pop("vision")), DecoderConfig(**config.pop("decoder")),
+            tokenizer=str(path / config.pop("tokenizer")), **config,
+        )
+        missing, unexpected = safetensors.torch.load_model(model, str(path / "model.safetensors"), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path / 'model.safetensors'}: missing keys {missing}, unexpected keys {unexpected}")
+        return model.eval()

@@ -53,10 +53,12 @@ def decode_branches(model: NXTP, pixels: Tensor, topk: int, max_label_tokens: in
     first_probs, first_tokens = probs.topk(topk, dim=-1)  # [B, k]
 
     cache.batch_repeat_interleave(topk)
-    stop_ids = torch.tensor([seqs.delimiter_id, seqs.eos_id], device=pixels.device)
+    # The reference stops only at the delimiter, and not at a delimiter drawn as the first token.
+    compat = model.reference_compat
+    stop_ids = torch.tensor([seqs.delimiter_id] if compat else [seqs.delimiter_id, seqs.eos_id], device=pixels.device)
     tokens = [first_tokens.reshape(-1)]
     token_probs = [first_probs.reshape(-1)]
-    done = torch.isin(tokens[0], stop_ids)
+    done = torch.zeros_like(tokens[0], dtype=torch.bool) if compat else torch.isin(tokens[0], stop_ids)
     for step in range(1, max_label_tokens):
         if done.all():
             break
@@ -88,15 +90,16 @@ def decode_branches(model: NXTP, pixels: Tensor, topk: int, max_label_tokens: in
     return result
 
 
-def rank_labels(branches: list[Branch], decode, min_prob: float = 0.0) -> list[tuple[str, float]]:
+def rank_labels(branches: list[Branch], decode, min_prob: float = 0.0, delimiter: str = ",") -> list[tuple[str, float]]:
     """Score, merge and sort the branches of one image into ``(label, probability)`` pairs.
 
     A branch's score is the product of its token probabilities and its stop token's; a branch cut by the
-    step limit keeps the product of the probabilities it has. Empty labels are dropped.
+    step limit keeps the product of the probabilities it has. A label never contains the delimiter (a token
+    may carry one inside a longer piece); empty labels are dropped.
     """
     scores: dict[str, float] = {}
     for br in branches:
-        label = decode(br.tokens).strip()
+        label = decode(br.tokens).replace(delimiter, "").strip()
         if not label:
             continue
         score = torch.tensor(br.probs + ([br.stop_prob] if br.stop_prob is not None else []), dtype=torch.float64)
@@ -105,7 +108,40 @@ def rank_labels(branches: list[Branch], decode, min_prob: float = 0.0) -> list[t
     return [(label, p) for label, p in ranked if p >= min_prob]
 
 
+def rank_labels_reference(branches: list[Branch], decode, delimiter_id: int) -> list[tuple[str, float]]:
+    """The reference's ranking, quirks included, for parity with the official implementation.
+
+    The branches are concatenated into one token list and one probability list and split again at every
+    delimiter. A branch cut by the step limit gets a delimiter token without a probability, so every later
+    token is paired with its neighbour's probability and the last label, left without its delimiter, is
+    lost. Scores are float32 products, merged by the decoded text (delimiter included), sorted, then
+    rounded to 5 decimals.
+    """
+    flat_tokens: list[int] = []
+    flat_probs: list[float] = []
+    for br in branches:
+        flat_tokens += br.tokens + [delimiter_id]
+        flat_probs += br.probs + ([br.stop_prob] if br.stop_prob is not None else [])
+    scores: dict[str, torch.Tensor] = {}
+    label_tokens: list[int] = []
+    label_probs: list[float] = []
+    for token, prob in zip(flat_tokens, flat_probs):
+        label_tokens.append(token)
+        label_probs.append(prob)
+        if token == delimiter_id:
+            key = decode(label_tokens)
+            score = torch.tensor(label_probs, dtype=torch.float32).prod()
+            scores[key] = scores[key] + score if key in scores else score
+            label_tokens, label_probs = [], []
+    ranked = sorted(scores.items(), key=lambda kv: kv[1].item(), reverse=True)
+    return [(key.replace(",", ""), round(score.item(), 5)) for key, score in ranked]
+
+
 def recognize(model: NXTP, pixels: Tensor, topk: int = 10, min_prob: float = 0.0, max_label_tokens: int = 19) -> list[list[tuple[str, float]]]:
     """Labels with probabilities, sorted, for every image of a batch of preprocessed pixels."""
     decode = model.tokenizer.decode
-    return [rank_labels(b, decode, min_prob) for b in decode_branches(model, pixels, topk, max_label_tokens)]
+    branches = decode_branches(model, pixels, topk, max_label_tokens)
+    if model.reference_compat:
+        delimiter = model.sequences.delimiter_id
+        return [[(l, p) for l, p in rank_labels_reference(b, decode, delimiter) if p >= min_prob] for b in branches]
+    return [rank_labels(b, decode, min_prob, model.sequences.delimiter) for b in branches]

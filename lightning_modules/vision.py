@@ -29,11 +29,14 @@ class VisionConfig:
         conv_stem: replace the patchify convolution by a small convolutional stem (same token grid).
             It gives a tiny tower trained from scratch the locality prior it lacks; paper-scale towers keep
             their patchify convolution.
+        config: an open_clip model config given inline (``embed_dim``, ``vision_cfg``, ``text_cfg``), registered
+            under ``model_name``; used by imported checkpoints, whose tower is described by their shapes.
     """
 
     model_name: str = "nxtp-tiny-vit"
     pretrained: str | None = None
     conv_stem: bool = False
+    config: dict | None = None
 
 
 class ConvStem(nn.Sequential):
@@ -68,8 +71,15 @@ def _resolve_name(model_name: str) -> str:
 
 def build_vision_tower(cfg: VisionConfig) -> tuple[nn.Module, object, object]:
     """Build the tower and open_clip's (train, eval) preprocessing for it."""
-    name = _resolve_name(cfg.model_name)
-    clip, train_tf, eval_tf = open_clip.create_model_and_transforms(name, pretrained=cfg.pretrained)
+    if cfg.config is not None:
+        clip = open_clip.CLIP(**cfg.config)
+        if cfg.pretrained:
+            open_clip.load_checkpoint(clip, cfg.pretrained)
+        size = clip.visual.image_size
+        train_tf, eval_tf = (open_clip.image_transform(size, is_train=train) for train in (True, False))
+    else:
+        name = _resolve_name(cfg.model_name)
+        clip, train_tf, eval_tf = open_clip.create_model_and_transforms(name, pretrained=cfg.pretrained)
     visual = clip.visual
     if not isinstance(visual, open_clip.transformer.VisionTransformer):
         raise ValueError(f"vision.model_name: {cfg.model_name!r} is not a ViT; NXTP needs its patch tokens")

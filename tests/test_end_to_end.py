@@ -1,0 +1,69 @@
+"""End to end, as a user runs it: build data, `nxtp fit` for a few steps, then `nxtp label` on images."""
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+ROOT = Path(__file__).parents[1]
+NXTP = [sys.executable, "-m", "lightning_modules.cli"]
+
+
+def run(cmd, **kwargs):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+@pytest.mark.slow
+def test_fit_then_label(tmp_path):
+    data = tmp_path / "shapes"
+    built = run([sys.executable, "-m", "datamodules.synthetic", "--out", str(data), "--train", "256", "--val", "32",
+                 "--test", "32", "--samples-per-shard", "128", "--workers", "1"])
+    assert built.returncode == 0, built.stderr
+    fit = run(NXTP + [
+        "fit", "--config", "configs/experiment/default.yaml",
+        "--model.tokenizer", str(data / "tokenizer"),
+        "--data.train_shards", str(data / "train/shard-{000000..000001}.tar"),
+        "--data.val_shards", str(data / "val/shard-000000.tar"),
+        "--data.test_shards", str(data / "test/shard-000000.tar"),
+        "--data.batch_size", "16", "--data.num_workers", "0",
+        "--trainer.max_steps", "6", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
+    ])
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert "test results:" in fit.stdout
+    version = tmp_path / "logs" / "default" / "version_0"
+    checkpoint = version / "checkpoints" / "last.ckpt"
+    assert checkpoint.exists()
+    events = EventAccumulator(str(version)).Reload()
+    scalars = set(events.Tags()["scalars"])
+    for tag in ["train/loss", "train/grad_norm", "val/loss", "val/exact_top5/f1", "val/semantic_top5/f",
+                "test/exact_top5/f1", "test/semantic_top10/recall"]:
+        assert tag in scalars, tag
+    assert "val/predictions" in events.Tags()["images"]
+    assert len(events.Scalars("train/loss")) >= 1
+
+    images = tmp_path / "images"
+    images.mkdir()
+    with tarfile.open(data / "test" / "shard-000000.tar") as tar:
+        members = [m for m in tar.getmembers() if m.name.endswith(".jpg")][:3]
+        for m in members:
+            (images / Path(m.name).name).write_bytes(tar.extractfile(m).read())
+    (images / "broken.jpg").write_bytes(b"not an image")
+    label = run(NXTP + ["label", "--checkpoint", str(checkpoint), "--topk", "5", str(images)])
+    assert label.returncode == 1  # one image failed
+    assert "broken.jpg" in label.stderr
+    lines = [json.loads(line) for line in label.stdout.splitlines()]
+    assert len(lines) == 4
+    broken = [x for x in lines if x["image"].endswith("broken.jpg")]
+    assert len(broken) == 1 and "error" in broken[0]
+    for entry in lines:
+        if "error" in entry:
+            continue
+        probs = [x["prob"] for x in entry["labels"]]
+        assert 1 <= len(probs) <= 5 and probs == sorted(probs, reverse=True)
