@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -47,6 +48,9 @@ class LitNXTP(L.LightningModule):
         vision / decoder / tokenizer / prompt / reference_compat / reset_label_positions: see ``NXTP``.
         trainable: name patterns (fnmatch, on ``model.named_parameters()``) of the parameters to train;
             None trains everything. E.g. ``["visual.transformer.resblocks.1[89].*", "decoder.*"]``.
+        train_new_token_embeddings: with a frozen embedding matrix, still train the rows of ``<|image|>`` and
+            ``<|empty|>`` (the other rows get no gradient), as the paper does.
+        activation_checkpointing: recompute block activations in the backward pass to save memory.
         lr, betas, eps, weight_decay: AdamW. Norms, biases and embeddings get no weight decay.
         schedule: ``cosine`` (the paper's) or ``wsd`` (warm-up, stable, linear decay).
         warmup: warm-up steps; a value below 1 is a fraction of the total steps.
@@ -68,6 +72,8 @@ class LitNXTP(L.LightningModule):
         reference_compat: bool = False,
         reset_label_positions: bool = False,
         trainable: list[str] | None = None,
+        train_new_token_embeddings: bool = False,
+        activation_checkpointing: bool = False,
         lr: float = 1e-5,
         betas: tuple[float, float] = (0.9, 0.98),
         eps: float = 1e-6,
@@ -88,6 +94,11 @@ class LitNXTP(L.LightningModule):
         self.save_hyperparameters()
         self.model = NXTP(vision, decoder, tokenizer, prompt, reference_compat, reset_label_positions)
         self._set_trainable(trainable)
+        if train_new_token_embeddings:
+            self._train_rows(self.model.decoder.get_input_embeddings().weight, self.model.sequences.new_token_ids)
+        if activation_checkpointing:
+            self.model.decoder.gradient_checkpointing_enable()
+            self.model.visual.set_grad_checkpointing(True)
         self.metrics = torch.nn.ModuleDict()
         for k in eval_topk:
             self.metrics[f"exact_top{k}"] = ExactLabelScore()
@@ -105,15 +116,36 @@ class LitNXTP(L.LightningModule):
         for name, param in self.model.named_parameters():
             param.requires_grad_(any(fnmatch.fnmatch(name, p) for p in patterns))
 
+    @staticmethod
+    def _train_rows(weight: torch.nn.Parameter, rows: list[int]) -> None:
+        if weight.requires_grad:
+            return  # the whole matrix trains already
+        weight.requires_grad_(True)
+        keep = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+        keep[rows] = 1
+        weight.register_hook(lambda grad: grad * keep.to(grad.device, grad.dtype))
+
     # training -------------------------------------------------------------------------------------------
 
     def training_step(self, batch, batch_idx):
         loss, n_tokens = self.model(batch["pixels"], batch["text"])
         bs = len(batch["keys"])
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log("train/tokens", n_tokens.float(), reduce_fx="sum", batch_size=bs)
+        self._log_throughput(bs, n_tokens.item())
         self._log_skipped(batch, "train")
         return loss
+
+    def on_train_epoch_start(self) -> None:
+        self._step_started = None  # waiting for the first batch is not throughput
+
+    def _log_throughput(self, images: int, tokens: int) -> None:
+        """Images and counted tokens per second on this device, from one training step to the next."""
+        now = time.perf_counter()
+        if getattr(self, "_step_started", None) is not None:
+            elapsed = now - self._step_started
+            self.log("train/images_per_sec", images / elapsed, batch_size=images)
+            self.log("train/tokens_per_sec", tokens / elapsed, batch_size=images)
+        self._step_started = now
 
     def _log_skipped(self, batch, stage: str) -> None:
         for reason, count in batch["skipped"].items():

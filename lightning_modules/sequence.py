@@ -56,6 +56,7 @@ class SequenceBuilder:
         self.reference_compat = reference_compat
         self.image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.pad_id = tokenizer.convert_tokens_to_ids(EMPTY_TOKEN)
+        self.new_token_ids = [self.image_id, self.pad_id]
         self.bos_id = tokenizer.bos_token_id
         self.eos_id = tokenizer.eos_token_id
         delimiter_ids = tokenizer.encode(f"a{delimiter}", add_special_tokens=False)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
+import torch
 from torch import Tensor, nn
 
 MODEL_CONFIGS = Path(__file__).parent / "model_configs"
@@ -49,7 +50,7 @@ class ConvStem(nn.Sequential):
         stages = int(math.log2(patch_size))
         if 2**stages != patch_size:
             raise ValueError(f"conv_stem needs a power-of-two patch size, got {patch_size}")
-        channels = [3] + [min(width, 32 * 2**i) for i in range(stages)]
+        channels = [3] + [min(width, 16 * 2**i) for i in range(stages)]
         layers: list[nn.Module] = []
         for c_in, c_out in zip(channels[:-1], channels[1:]):
             layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)]
@@ -79,7 +80,9 @@ def build_vision_tower(cfg: VisionConfig) -> tuple[nn.Module, object, object]:
         train_tf, eval_tf = (open_clip.image_transform(size, is_train=train) for train in (True, False))
     else:
         name = _resolve_name(cfg.model_name)
-        clip, train_tf, eval_tf = open_clip.create_model_and_transforms(name, pretrained=cfg.pretrained)
+        # Build where the caller builds (e.g. under ``torch.device("meta")``), not always on the CPU.
+        device = torch.empty(0).device
+        clip, train_tf, eval_tf = open_clip.create_model_and_transforms(name, pretrained=cfg.pretrained, device=device)
     visual = clip.visual
     if not isinstance(visual, open_clip.transformer.VisionTransformer):
         raise ValueError(f"vision.model_name: {cfg.model_name!r} is not a ViT; NXTP needs its patch tokens")
