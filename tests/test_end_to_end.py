@@ -33,6 +33,7 @@ def test_fit_then_label(tmp_path):
         "--data.test_shards", str(data / "test/shard-000000.tar"),
         "--data.batch_size", "16", "--data.num_workers", "0",
         "--trainer.max_steps", "6", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1",
+        "--trainer.log_every_n_steps", "1",
         "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
     ])
     assert fit.returncode == 0, fit.stderr[-3000:]
