@@ -40,10 +40,19 @@ class SampleDecoder:
                  hflip: bool, max_labels: int, seed: int) -> None:
         self.transform, self.sequences, self.prompt = transform, sequences, prompt
         self.shuffle_labels, self.hflip, self.max_labels = shuffle_labels, hflip, max_labels
-        self.rng = random.Random(seed)
+        self.seed = seed
+        self.rng: random.Random | None = None
         self.skipped: Counter[str] = Counter()
 
+    def _worker_rng(self) -> random.Random:
+        # Seeded per worker and rank, so that workers do not all draw the same label orders and flips.
+        info = torch.utils.data.get_worker_info()
+        rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+        return random.Random(f"{self.seed}-{rank}-{info.id if info else 0}")
+
     def __call__(self, sample: dict[str, Any]):
+        if self.rng is None:
+            self.rng = self._worker_rng()
         key, shard = sample.get("__key__"), sample.get("__url__")
         try:
             image_bytes = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)

@@ -102,3 +102,18 @@ def test_default_mask_differs_from_reference_only_by_the_last_label_block(fixtur
         # Every difference is a row of the last label seeing its own earlier tokens (the reference's quirk).
         assert len(differ) > 0
         assert all(last_start <= q <= last_end and last_start <= k <= q and mask[b, q, k] for q, k in differ)
+
+
+def test_answer_start_is_per_sample_by_default_and_from_the_last_sample_in_compat():
+    # Sample 0 has a 1-token prompt, sample 1 a 3-token prompt: anchors 2 and 4.
+    short = TextSequence(ids=[90, 1, 10, 20, 5, 30, 5], anchor=2, label_ends=[4, 6])
+    long = TextSequence(ids=[90, 1, 10, 11, 12, 40, 5], anchor=4, label_ends=[6])
+    text = collate_text([short, long], pad_id=99)
+    default = label_masked_attention(segment_ids(text, 1))[:, 0]
+    compat = label_masked_attention(segment_ids(text, 1, reference_compat=True))[:, 0]
+    # Default: in sample 0, label "30" (sequence position 6) does not see label "20" (position 4).
+    assert not default[0, 6, 4] and default[0, 6, 6]
+    # Compat takes the anchor of the last sample (4) for both: sample 0's first label falls in the prefix,
+    # so the second label sees it.
+    assert compat[0, 6, 4]
+    assert torch.equal(default[1], compat[1])
