@@ -136,8 +136,9 @@ class NXTPDataModule(L.LightningDataModule):
         transform = self.model.train_transform if train and hp.augment else self.model.eval_transform
         decoder = SampleDecoder(transform, self.model.sequences, self.model.prompt, shuffle_labels=train,
                                 hflip=train and hp.hflip, max_labels=hp.max_labels, seed=hp.seed)
+        resampled = train and hp.resampled
         dataset = wds.WebDataset(
-            urls, resampled=train and hp.resampled, shardshuffle=100 if train else False,
+            urls, resampled=resampled, shardshuffle=100 if train and not resampled else False,
             nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker, handler=wds.warn_and_continue,
             empty_check=False, seed=hp.seed,
         )
