@@ -2,5 +2,6 @@
 
 from .lit_nxtp import LitNXTP
 from .nxtp import NXTP, PROMPT
+from .recognizer import Recognizer
 
-__all__ = ["LitNXTP", "NXTP", "PROMPT"]
+__all__ = ["LitNXTP", "NXTP", "PROMPT", "Recognizer"]

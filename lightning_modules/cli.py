@@ -12,9 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from lightning.pytorch.cli import LightningCLI
-from PIL import Image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -45,16 +43,6 @@ def image_paths(inputs: list[str]) -> list[Path]:
     return paths
 
 
-def load_model(checkpoint: str, device: str = "cpu"):
-    """An ``NXTP`` in eval mode from a Lightning ``.ckpt`` or a ``save_pretrained`` folder."""
-    from .lit_nxtp import LitNXTP
-    from .nxtp import NXTP
-
-    if Path(checkpoint).is_dir():
-        return NXTP.from_pretrained(checkpoint).to(device).eval()
-    return LitNXTP.load_from_checkpoint(checkpoint, map_location=device, semantic_metric=False).model.eval()
-
-
 def label_main(argv: list[str]) -> int:
     """``nxtp label``: print one JSON line per image with its labels sorted by probability."""
     parser = argparse.ArgumentParser(prog="nxtp label", description="Name the objects in images.")
@@ -67,17 +55,16 @@ def label_main(argv: list[str]) -> int:
     parser.add_argument("paths", nargs="+", help="image files or directories")
     args = parser.parse_args(argv)
 
-    from .sampling import recognize
+    from .recognizer import Recognizer
 
-    model = load_model(args.checkpoint, args.device)
+    recognizer = Recognizer.from_checkpoint(args.checkpoint, args.device)
     failed = 0
     paths = image_paths(args.paths)
     for start in range(0, len(paths), args.batch_size):
         good, pixels = [], []
         for path in paths[start : start + args.batch_size]:
             try:
-                with Image.open(path) as image:
-                    pixels.append(model.eval_transform(image.convert("RGB")))
+                pixels.append(recognizer.preprocess(path))
                 good.append(path)
             except Exception as e:  # report and go on: one bad file must not cost the others
                 failed += 1
@@ -85,8 +72,7 @@ def label_main(argv: list[str]) -> int:
                 print(json.dumps({"image": str(path), "error": str(e)}), flush=True)
         if not good:
             continue
-        with torch.no_grad():
-            results = recognize(model, torch.stack(pixels).to(args.device), topk=args.topk, min_prob=args.min_prob)
+        results = recognizer.label(pixels, topk=args.topk, min_prob=args.min_prob, batch_size=args.batch_size)
         for path, labels in zip(good, results):
             entry = {"image": str(path), "labels": [{"label": l, "prob": p} for l, p in labels]}
             print(json.dumps(entry), flush=True)
