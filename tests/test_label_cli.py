@@ -1,0 +1,56 @@
+"""`nxtp label` over files, folders, globs and file lists, with unreadable images, as JSON lines or CSV."""
+
+import csv
+import json
+
+import pytest
+import torch
+from conftest import OFFICIAL, tiny_nxtp
+from PIL import Image
+
+from lightning_modules.cli import label_main
+from lightning_modules.recognizer import Recognizer
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("label")
+    model = tiny_nxtp(seed=5)
+    with torch.no_grad():  # labels that end, as in a trained model
+        model.decoder.get_output_embeddings().weight[model.sequences.delimiter_id] *= 4
+    model.save_pretrained(root / "model")
+    folder = root / "images"
+    (folder / "sub").mkdir(parents=True)
+    Image.open(OFFICIAL / "image_0_300x200.png").save(folder / "a.png")
+    Image.open(OFFICIAL / "image_1_224x224.png").convert("RGB").save(folder / "sub" / "b.jpg")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    extra = root / "c.png"
+    Image.open(OFFICIAL / "image_2_180x320.png").save(extra)
+    listing = root / "list.txt"
+    listing.write_text(f"{extra}\n{root / 'missing.png'}\n")
+    return root, folder, listing
+
+
+def test_jsonl_over_folder_glob_and_list(setup, capsys):
+    root, folder, listing = setup
+    code = label_main(["--checkpoint", str(root / "model"), "--topk", "3", "--workers", "0", str(folder),
+                       str(root / "*.png"), "--files-from", str(listing)])
+    out, err = capsys.readouterr()
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert code == 1 and "broken.jpg" in err and "missing.png" in err
+    by_name = {line["image"].split("/")[-1]: line for line in lines}
+    assert set(by_name) == {"a.png", "b.jpg", "broken.jpg", "c.png", "missing.png"}
+    assert "error" in by_name["broken.jpg"] and "error" in by_name["missing.png"]
+    expected = Recognizer.from_checkpoint(root / "model").label([folder / "a.png"], topk=3)[0]
+    assert [x["label"] for x in by_name["a.png"]["labels"]] == [label for label, _ in expected]
+
+
+def test_csv_output_file_with_min_prob(setup, tmp_path):
+    root, folder, _ = setup
+    out = tmp_path / "labels.csv"
+    code = label_main(["--checkpoint", str(root / "model"), "--topk", "5", "--min-prob", "0.01", "--workers", "2",
+                       "--format", "csv", "--output", str(out), str(folder / "a.png"), str(folder / "sub")])
+    rows = list(csv.DictReader(out.open()))
+    assert code == 0 and rows and {r["image"].split("/")[-1] for r in rows} == {"a.png", "b.jpg"}
+    assert all(r["error"] == "" for r in rows)
+    assert all(float(r["prob"]) >= 0.01 for r in rows if r["label"])  # an image with no label left gets one empty row
