@@ -13,6 +13,7 @@ import io
 import logging
 import random
 from collections import Counter
+from pathlib import Path
 from typing import Any, Callable
 
 import lightning as L
@@ -131,6 +132,10 @@ class NXTPDataModule(L.LightningDataModule):
         if shards is None:
             raise ValueError(f"data.{name}_shards is not set")
         urls = [u for s in ([shards] if isinstance(shards, str) else shards) for u in wds.shardlists.expand_urls(s)]
+        missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
+        if missing:  # fail before any heavy work, naming the key; remote shards are retried while streaming
+            raise FileNotFoundError(f"data.{name}_shards: {len(missing)} of {len(urls)} shards do not exist, "
+                                    f"e.g. {missing[0]} (from {shards!r})")
         hp = self.hparams
         # open_clip's training transform crops at random, which can cut objects (and so labels) out of an image.
         transform = self.model.train_transform if train and hp.augment else self.model.eval_transform

@@ -82,3 +82,11 @@ def test_missing_shards_config_names_the_key(model):
     dm.bind(model)
     with pytest.raises(ValueError, match="data.train_shards"):
         dm.train_dataloader()
+
+
+def test_shards_that_do_not_exist_name_the_key(tmp_path, model):
+    write_shards(tmp_path, n_shards=1)
+    dm = NXTPDataModule(val_shards=str(tmp_path / "shard-{000000..000002}.tar"))
+    dm.bind(model)
+    with pytest.raises(FileNotFoundError, match=r"data.val_shards: 2 of 3 shards do not exist"):
+        dm.val_dataloader()
