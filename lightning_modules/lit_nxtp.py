@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Literal
@@ -20,6 +21,16 @@ from .metrics import ExactLabelScore, SemanticLabelScore
 from .nxtp import NXTP, PROMPT
 from .sampling import recognize
 from .vision import VisionConfig
+
+
+TOKENIZER_KEY = "nxtp_tokenizer_files"
+
+
+def tokenizer_files(tokenizer) -> dict[str, bytes]:
+    """The files ``save_pretrained`` writes for ``tokenizer``, by name."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
 
 
 def warmup_schedule(kind: str, total: int, warmup: int, decay_fraction: float, min_ratio: float):
@@ -89,9 +100,9 @@ class LitNXTP(L.LightningModule):
         log_images: int = 8,
     ) -> None:
         super().__init__()
-        if Path(tokenizer).exists():  # a checkpoint must find its tokenizer from any working directory
-            tokenizer = os.path.abspath(tokenizer)
         self.save_hyperparameters()
+        if Path(tokenizer).exists():  # a checkpoint must find its tokenizer from any working directory
+            self.hparams.tokenizer = tokenizer = os.path.abspath(tokenizer)
         self.model = NXTP(vision, decoder, tokenizer, prompt, reference_compat, reset_label_positions)
         self._set_trainable(trainable)
         if train_new_token_embeddings:
@@ -124,6 +135,10 @@ class LitNXTP(L.LightningModule):
         keep = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
         keep[rows] = 1
         weight.register_hook(lambda grad: grad * keep.to(grad.device, grad.dtype))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The tokenizer travels inside the checkpoint, so that a checkpoint copied elsewhere still loads.
+        checkpoint[TOKENIZER_KEY] = tokenizer_files(self.model.tokenizer)
 
     # training -------------------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
@@ -33,9 +34,17 @@ class Recognizer:
         ``nxtp import-official``."""
         if Path(path).is_dir():
             return cls(NXTP.from_pretrained(path), device)
-        from .lit_nxtp import LitNXTP
+        from .lit_nxtp import TOKENIZER_KEY, LitNXTP
 
-        module = LitNXTP.load_from_checkpoint(path, map_location="cpu", semantic_metric=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        overrides = {}
+        if not Path(checkpoint["hyper_parameters"]["tokenizer"]).exists() and TOKENIZER_KEY in checkpoint:
+            # moved to another machine or folder: use the copy of the tokenizer stored in the checkpoint
+            folder = Path(tempfile.mkdtemp(prefix="nxtp-tokenizer-"))
+            for name, data in checkpoint[TOKENIZER_KEY].items():
+                (folder / name).write_bytes(data)
+            overrides["tokenizer"] = str(folder)
+        module = LitNXTP.load_from_checkpoint(path, map_location="cpu", semantic_metric=False, **overrides)
         return cls(module.model, device)
 
     def preprocess(self, image: ImageInput) -> Tensor:
