@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import warnings
 from pathlib import Path
@@ -171,6 +172,8 @@ def export(checkpoint_or_model: NXTP | str | Path, out_dir: str | Path, format: 
     """
     if format not in ("safetensors", "onnx"):
         raise ValueError(f"unknown export format {format!r}: use 'safetensors' or 'onnx'")
+    if format == "onnx" and importlib.util.find_spec("onnx") is None:  # fail before loading anything
+        raise ImportError("ONNX export needs the onnx package: pip install 'nxtp-lightning[export]'")
     model = _load_model(checkpoint_or_model)
     out = model.save_pretrained(out_dir)
     if format == "safetensors":
