@@ -19,7 +19,7 @@ import torch
 from lightning_modules.decoder import DecoderConfig
 from lightning_modules.masking import prefix_attention
 from lightning_modules.nxtp import NXTP
-from lightning_modules.sampling import Branch, decode_branches
+from lightning_modules.sampling import Branch, decode_branches, split_branches
 from lightning_modules.vision import VisionConfig
 
 TOKENIZER = Path(__file__).parents[1] / "tests" / "fixtures" / "llama2-tokenizer"
@@ -68,14 +68,7 @@ def decode_recompute(model: NXTP, pixels: torch.Tensor, topk: int, max_label_tok
         done |= torch.isin(t, stops)
     tok = torch.stack(tokens, 1).view(batch, topk, -1).tolist()
     prob = torch.stack(probs, 1).view(batch, topk, -1).tolist()
-    out = []
-    for b in range(batch):
-        branches = []
-        for t, p in zip(tok[b], prob[b]):
-            end = next((i for i, x in enumerate(t) if x in stops.tolist()), None)
-            branches.append(Branch(t, p, None) if end is None else Branch(t[:end], p[:end], p[end]))
-        out.append(branches)
-    return out
+    return split_branches(tok, prob, set(stops.tolist()))
 
 
 def timed(fn, repeats: int, warmup: bool = True) -> tuple[float, object]:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .masking import prefix_attention
 from .nxtp import NXTP
-from .sampling import Branch, rank_labels, rank_labels_reference
+from .sampling import rank_images, split_branches
 
 ExportFormat = Literal["safetensors", "onnx"]
 EXTERNAL_DATA_BYTES = 1_500_000_000  # above this a graph keeps its weights in a side file
@@ -268,19 +268,8 @@ def onnx_recognize(out_dir: str | Path, pixels: np.ndarray, topk: int = 10, min_
 
     tok = np.stack(tokens, 1).reshape(batch, topk, -1).tolist()
     prob = np.stack(token_probs, 1).astype(np.float64).reshape(batch, topk, -1).tolist()
-    stops = set(stop_ids.tolist())
-    results = []
-    for b in range(batch):
-        branches = []
-        for t, p in zip(tok[b], prob[b]):
-            end = next((i for i, x in enumerate(t) if x in stops), None)
-            branches.append(Branch(t, p, None) if end is None else Branch(t[:end], p[:end], p[end]))
-        if compat:
-            ranked = rank_labels_reference(branches, tokenizer.decode, meta["delimiter_id"])
-            results.append([(label, score) for label, score in ranked if score >= min_prob])
-        else:
-            results.append(rank_labels(branches, tokenizer.decode, min_prob, meta["delimiter"]))
-    return results
+    branches = split_branches(tok, prob, set(stop_ids.tolist()))
+    return rank_images(branches, tokenizer.decode, min_prob, compat, meta["delimiter"], meta["delimiter_id"])
 
 
 def export_main(argv: list[str]) -> int:

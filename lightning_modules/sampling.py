@@ -76,16 +76,17 @@ def decode_branches(model: NXTP, pixels: Tensor, topk: int, max_label_tokens: in
 
     tok = torch.stack(tokens, 1).view(batch, topk, -1).tolist()
     prob = torch.stack(token_probs, 1).view(batch, topk, -1).tolist()
-    stops = set(stop_ids.tolist())
+    return split_branches(tok, prob, set(stop_ids.tolist()))
+
+
+def split_branches(tokens: list[list[list[int]]], probs: list[list[list[float]]], stops: set[int]) -> list[list[Branch]]:
+    """Cut every decoded branch ([image][branch][step]) at its first stop token."""
     result = []
-    for b in range(batch):
+    for image_tokens, image_probs in zip(tokens, probs):
         branches = []
-        for t, p in zip(tok[b], prob[b]):
+        for t, p in zip(image_tokens, image_probs):
             end = next((i for i, x in enumerate(t) if x in stops), None)
-            if end is None:
-                branches.append(Branch(t, p, None))
-            else:
-                branches.append(Branch(t[:end], p[:end], p[end]))
+            branches.append(Branch(t, p, None) if end is None else Branch(t[:end], p[:end], p[end]))
         result.append(branches)
     return result
 
@@ -139,9 +140,14 @@ def rank_labels_reference(branches: list[Branch], decode, delimiter_id: int) -> 
 
 def recognize(model: NXTP, pixels: Tensor, topk: int = 10, min_prob: float = 0.0, max_label_tokens: int = 19) -> list[list[tuple[str, float]]]:
     """Labels with probabilities, sorted, for every image of a batch of preprocessed pixels."""
-    decode = model.tokenizer.decode
+    seqs = model.sequences
     branches = decode_branches(model, pixels, topk, max_label_tokens)
-    if model.reference_compat:
-        delimiter = model.sequences.delimiter_id
-        return [[(l, p) for l, p in rank_labels_reference(b, decode, delimiter) if p >= min_prob] for b in branches]
-    return [rank_labels(b, decode, min_prob, model.sequences.delimiter) for b in branches]
+    return rank_images(branches, model.tokenizer.decode, min_prob, model.reference_compat, seqs.delimiter, seqs.delimiter_id)
+
+
+def rank_images(branches: list[list[Branch]], decode, min_prob: float, reference_compat: bool, delimiter: str,
+                delimiter_id: int) -> list[list[tuple[str, float]]]:
+    """Rank the branches of every image, the reference's way in ``reference_compat``."""
+    if reference_compat:
+        return [[(l, p) for l, p in rank_labels_reference(b, decode, delimiter_id) if p >= min_prob] for b in branches]
+    return [rank_labels(b, decode, min_prob, delimiter) for b in branches]
