@@ -90,3 +90,16 @@ def test_shards_that_do_not_exist_name_the_key(tmp_path, model):
     dm.bind(model)
     with pytest.raises(FileNotFoundError, match=r"data.val_shards: 2 of 3 shards do not exist"):
         dm.val_dataloader()
+
+
+def test_two_ranks_with_two_workers_each_see_disjoint_halves(tmp_path, model, monkeypatch):
+    good_keys = write_shards(tmp_path, n_shards=4, per_shard=3)
+    seen = []
+    for rank in (0, 1):  # what each DDP rank reads (webdataset takes the rank from RANK / WORLD_SIZE)
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        dm = NXTPDataModule(val_shards=str(tmp_path / "shard-{000000..000003}.tar"), batch_size=2, num_workers=2)
+        dm.bind(model)
+        seen.append([key for batch in dm.val_dataloader() for key in batch["keys"]])
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(good_keys)  # every good sample exactly once across ranks
