@@ -13,7 +13,7 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import grad_norm
+from lightning.pytorch.utilities import grad_norm, rank_zero_warn
 from PIL import Image, ImageDraw
 
 from .decoder import DecoderConfig
@@ -72,6 +72,8 @@ class LitNXTP(L.LightningModule):
         semantic_metric: also report the paper's semantic scores (sentence-embedding similarity).
         embedder: sentence embedder for the semantic scores; None uses the offline all-MiniLM-L6-v2 copy.
         log_images: how many validation images to log with their predicted labels.
+        max_nonfinite_steps: a step whose loss is NaN or infinite is skipped and counted; after this many the run
+            stops with an error naming the batch's samples.
     """
 
     def __init__(
@@ -98,6 +100,7 @@ class LitNXTP(L.LightningModule):
         semantic_metric: bool = True,
         embedder: str | None = None,
         log_images: int = 8,
+        max_nonfinite_steps: int = 10,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -110,6 +113,7 @@ class LitNXTP(L.LightningModule):
         if activation_checkpointing:
             self.model.decoder.gradient_checkpointing_enable()
             self.model.visual.set_grad_checkpointing(True)
+        self.nonfinite_steps = 0
         self.metrics = torch.nn.ModuleDict()
         for k in eval_topk:
             self.metrics[f"exact_top{k}"] = ExactLabelScore()
@@ -145,10 +149,27 @@ class LitNXTP(L.LightningModule):
     def training_step(self, batch, batch_idx):
         loss, n_tokens = self.model(batch["pixels"], batch["text"])
         bs = len(batch["keys"])
+        if not torch.isfinite(loss):
+            return self._skip_nonfinite(loss, batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self._log_throughput(bs, n_tokens.item())
         self._log_skipped(batch, "train")
         return loss
+
+    def _skip_nonfinite(self, loss, batch) -> None:
+        """Count and skip a step with a non-finite loss (returning None skips backward and the optimizer step).
+
+        With several devices every rank must skip together, which holds when the cause is the model (all ranks
+        share its weights) but not for one rank's bad batch; there the run stops at ``max_nonfinite_steps``.
+        """
+        self.nonfinite_steps += 1
+        keys = batch["keys"][:8]
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=len(batch["keys"]))
+        if self.nonfinite_steps > self.hparams.max_nonfinite_steps:
+            raise RuntimeError(f"loss is {loss.item()} for the {self.nonfinite_steps}th time (more than "
+                               f"model.max_nonfinite_steps={self.hparams.max_nonfinite_steps}); batch samples {keys}")
+        rank_zero_warn(f"skipping step {self.global_step}: loss is {loss.item()} (batch samples {keys})")
+        return None
 
     def on_train_epoch_start(self) -> None:
         self._step_started = None  # waiting for the first batch is not throughput
