@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from typing import Any
 
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -32,6 +33,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         except FileNotFoundError:
             raise
+        except pickle.UnpicklingError as e:
+            if "weights_only" in str(e) or "Weights only" in str(e):
+                raise  # a readable file holding objects that weights-only loading refuses: not corruption
+            raise RuntimeError(f"checkpoint {path} is corrupt or was only partly written ({e}); "
+                               f"resume from an earlier checkpoint") from e
         except Exception as e:  # truncated or corrupt: say which file, keep the cause
             raise RuntimeError(f"checkpoint {path} is corrupt or was only partly written ({type(e).__name__}: {e}); "
                                f"resume from an earlier checkpoint") from e

@@ -23,11 +23,39 @@ from tqdm import tqdm
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
+def latest_checkpoint(root: Path) -> Path | None:
+    """``last.ckpt`` of the newest ``version_N`` under a TensorBoard logger's ``save_dir/name``."""
+    versions = sorted(root.glob("version_*"), key=lambda p: int(p.name.split("_")[-1]) if p.name.split("_")[-1].isdigit() else -1)
+    for version in reversed(versions):
+        if (version / "checkpoints" / "last.ckpt").is_file():
+            return version / "checkpoints" / "last.ckpt"
+    return None
+
+
 class NXTPCLI(LightningCLI):
-    """LightningCLI with ``--test_after_fit``: evaluate the best checkpoint on the test split after training."""
+    """LightningCLI with ``--test_after_fit`` (evaluate the best checkpoint after training) and ``--resume``
+    (continue the newest run of the same logger from its ``last.ckpt``, in the same log folder)."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=False, help="run `test` on the best checkpoint after `fit`")
+        parser.add_argument("--resume", type=bool, default=True,
+                            help="resume from the last checkpoint of the newest run when one exists (false: start anew)")
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand != "fit":
+            return
+        config = self.config.fit
+        logger = config.trainer.logger
+        if not config.get("resume") or config.get("ckpt_path") or not hasattr(logger, "init_args"):
+            return
+        if not str(logger.class_path).endswith("TensorBoardLogger"):
+            return
+        args = logger.init_args
+        found = latest_checkpoint(Path(args.save_dir) / (args.name or "lightning_logs"))
+        if found is not None:
+            args.version = found.parents[1].name  # keep logging into the interrupted run's folder
+            config.ckpt_path = str(found)
+            print(f"resuming from {found} (--resume false starts a new run)")
 
     def after_fit(self) -> None:
         if not self.config.fit.get("test_after_fit"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from .vision import VisionConfig
 
 
 TOKENIZER_KEY = "nxtp_tokenizer_files"
+RNG_KEY = "nxtp_rng_states"
 
 
 def tokenizer_files(tokenizer) -> dict[str, bytes]:
@@ -143,6 +145,17 @@ class LitNXTP(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The tokenizer travels inside the checkpoint, so that a checkpoint copied elsewhere still loads.
         checkpoint[TOKENIZER_KEY] = tokenizer_files(self.model.tokenizer)
+        _, keys, pos, has_gauss, gauss = np.random.get_state()
+        checkpoint[RNG_KEY] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                               "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # A resumed run continues the random streams (dropout, init of new parts) where they stopped.
+        if RNG_KEY in checkpoint:
+            torch.set_rng_state(checkpoint[RNG_KEY]["torch"])
+            keys, pos, has_gauss, gauss = checkpoint[RNG_KEY]["numpy"]
+            np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            random.setstate(checkpoint[RNG_KEY]["python"])
 
     # training -------------------------------------------------------------------------------------------
 

@@ -2,12 +2,15 @@
 
 import json
 import os
+import signal
 import subprocess
+import time
 import sys
 import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = Path(__file__).parents[1]
@@ -70,3 +73,51 @@ def test_fit_then_label(tmp_path):
             continue
         probs = [x["prob"] for x in entry["labels"]]
         assert 1 <= len(probs) <= 5 and probs == sorted(probs, reverse=True)
+
+
+def fit_command(data: Path, save_dir: Path, max_steps: int) -> list[str]:
+    return NXTP + [
+        "fit", "--config", "configs/experiment/default.yaml", "--model.tokenizer", str(data / "tokenizer"),
+        "--model.semantic_metric", "false", "--test_after_fit", "false",
+        "--data.train_shards", str(data / "train/shard-{000000..000001}.tar"),
+        "--data.val_shards", str(data / "val/shard-000000.tar"), "--data.batch_size", "16", "--data.num_workers", "0",
+        "--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", "10", "--trainer.limit_val_batches", "1",
+        "--trainer.log_every_n_steps", "1", "--trainer.logger.init_args.save_dir", str(save_dir),
+    ]
+
+
+def final_loss(save_dir: Path) -> float:
+    events = EventAccumulator(str(save_dir / "default" / "version_0")).Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    return sum(losses[-10:]) / 10
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_and_the_run_resumes_at_the_same_step(tmp_path):
+    data = tmp_path / "shapes"
+    built = run([sys.executable, "-m", "datamodules.synthetic", "--out", str(data), "--train", "256", "--val", "32",
+                 "--test", "32", "--samples-per-shard", "128", "--workers", "1"])
+    assert built.returncode == 0, built.stderr
+    steps = 50
+    whole = run(fit_command(data, tmp_path / "whole", steps))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    interrupted = tmp_path / "interrupted"
+    checkpoints = interrupted / "default" / "version_0" / "checkpoints"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(fit_command(data, interrupted, steps), cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (checkpoints / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=300)
+    stopped_at = torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"]
+    assert 10 <= stopped_at < steps  # stopped mid-run, with a checkpoint
+
+    resumed = run(fit_command(data, interrupted, steps))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == steps
+    assert not (interrupted / "default" / "version_1").exists()  # the same run continued
+    assert abs(final_loss(interrupted) - final_loss(tmp_path / "whole")) < 0.3 * final_loss(tmp_path / "whole")
