@@ -1,10 +1,8 @@
 """The WebDataset DataModule reading shards it did not write itself, with broken members among them."""
 
 import io
-import json
 
 import pytest
-import torch
 import webdataset as wds
 from conftest import tiny_nxtp
 from PIL import Image
