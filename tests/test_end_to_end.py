@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -22,22 +23,35 @@ def run(cmd, **kwargs):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kwargs)
 
 
-@pytest.mark.slow
-def test_fit_then_label(tmp_path):
-    data = tmp_path / "shapes"
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    """A tiny synthetic dataset (with its tokenizer), built once for the tests of this module."""
+    data = tmp_path_factory.mktemp("e2e") / "shapes"
     built = run([sys.executable, "-m", "datamodules.synthetic", "--out", str(data), "--train", "256", "--val", "32",
                  "--test", "32", "--samples-per-shard", "128", "--workers", "1"])
     assert built.returncode == 0, built.stderr
-    fit = run(NXTP + [
-        "fit", "--config", "configs/experiment/default.yaml",
-        "--model.tokenizer", str(data / "tokenizer"),
+    return data
+
+
+def fit_command(data: Path, save_dir: Path, max_steps: int, tokenizer: Path | None = None) -> list[str]:
+    return NXTP + [
+        "fit", "--config", "configs/experiment/default.yaml", "--model.tokenizer", str(tokenizer or data / "tokenizer"),
+        "--model.semantic_metric", "false", "--test_after_fit", "false",
         "--data.train_shards", str(data / "train/shard-{000000..000001}.tar"),
-        "--data.val_shards", str(data / "val/shard-000000.tar"),
+        "--data.val_shards", str(data / "val/shard-000000.tar"), "--data.batch_size", "16", "--data.num_workers", "0",
+        "--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", "10", "--trainer.limit_val_batches", "1",
+        "--trainer.log_every_n_steps", "1", "--trainer.logger.init_args.save_dir", str(save_dir),
+    ]
+
+
+@pytest.mark.slow
+def test_fit_then_label(tmp_path, shapes):
+    data = shapes
+    tokenizer = tmp_path / "tokenizer"  # a copy, removed below to show that the checkpoint carries its own
+    shutil.copytree(data / "tokenizer", tokenizer)
+    fit = run(fit_command(data, tmp_path / "logs", 6, tokenizer) + [  # later flags override earlier ones
+        "--model.semantic_metric", "true", "--test_after_fit", "true", "--trainer.val_check_interval", "3",
         "--data.test_shards", str(data / "test/shard-000000.tar"),
-        "--data.batch_size", "16", "--data.num_workers", "0",
-        "--trainer.max_steps", "6", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1",
-        "--trainer.log_every_n_steps", "1",
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
     ])
     assert fit.returncode == 0, fit.stderr[-3000:]
     assert "test results:" in fit.stdout
@@ -52,8 +66,8 @@ def test_fit_then_label(tmp_path):
     assert "val/predictions" in events.Tags()["images"]
     assert len(events.Scalars("train/loss")) >= 1
 
-    # The checkpoint carries its tokenizer: it still loads once the data folder's copy is gone.
-    (data / "tokenizer").rename(data / "tokenizer-moved")
+    # The checkpoint carries its tokenizer: it still loads once the copy it was trained with is gone.
+    shutil.rmtree(tokenizer)
     images = tmp_path / "images"
     images.mkdir()
     with tarfile.open(data / "test" / "shard-000000.tar") as tar:
@@ -75,17 +89,6 @@ def test_fit_then_label(tmp_path):
         assert 1 <= len(probs) <= 5 and probs == sorted(probs, reverse=True)
 
 
-def fit_command(data: Path, save_dir: Path, max_steps: int) -> list[str]:
-    return NXTP + [
-        "fit", "--config", "configs/experiment/default.yaml", "--model.tokenizer", str(data / "tokenizer"),
-        "--model.semantic_metric", "false", "--test_after_fit", "false",
-        "--data.train_shards", str(data / "train/shard-{000000..000001}.tar"),
-        "--data.val_shards", str(data / "val/shard-000000.tar"), "--data.batch_size", "16", "--data.num_workers", "0",
-        "--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", "10", "--trainer.limit_val_batches", "1",
-        "--trainer.log_every_n_steps", "1", "--trainer.logger.init_args.save_dir", str(save_dir),
-    ]
-
-
 def final_loss(save_dir: Path) -> float:
     events = EventAccumulator(str(save_dir / "default" / "version_0")).Reload()
     losses = [e.value for e in events.Scalars("train/loss")]
@@ -93,11 +96,8 @@ def final_loss(save_dir: Path) -> float:
 
 
 @pytest.mark.slow
-def test_sigterm_writes_a_checkpoint_and_the_run_resumes_at_the_same_step(tmp_path):
-    data = tmp_path / "shapes"
-    built = run([sys.executable, "-m", "datamodules.synthetic", "--out", str(data), "--train", "256", "--val", "32",
-                 "--test", "32", "--samples-per-shard", "128", "--workers", "1"])
-    assert built.returncode == 0, built.stderr
+def test_sigterm_writes_a_checkpoint_and_the_run_resumes_at_the_same_step(tmp_path, shapes):
+    data = shapes
     steps = 50
     whole = run(fit_command(data, tmp_path / "whole", steps))
     assert whole.returncode == 0, whole.stderr[-3000:]
