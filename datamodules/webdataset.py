@@ -10,11 +10,16 @@ A sample that cannot be decoded is skipped, logged with its shard and key, and c
 from __future__ import annotations
 
 import io
+import json
 import logging
 import random
+import tarfile
+import time
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import suppress
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 import torch
@@ -29,21 +34,90 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 Shards = str | list[str] | None
+REJECTS_FILE = "rejects.jsonl"
+
+
+class Rejects:
+    """What one data worker skipped since its last batch: counts by reason and one record per sample or shard.
+
+    Workers run in other processes, so both travel with the next batch (see ``Collate``) to the main process.
+    """
+
+    def __init__(self, split: str) -> None:
+        self.split = split
+        self.counts: Counter[str] = Counter()
+        self.records: list[dict[str, Any]] = []
+
+    def add(self, reason: str, shard: str | None, key: str | None, error: BaseException | None = None) -> None:
+        """Count one rejected sample (or a shard, with ``key`` None) and keep its record."""
+        self.counts[reason] += 1
+        message = f"{type(error).__name__}: {error}" if error is not None else None
+        self.records.append({"split": self.split, "shard": shard, "key": key, "reason": reason, "error": message})
+        what = f"sample {key} in shard {shard}" if key is not None else f"shard {shard}"
+        log.warning("skipping %s: %s%s", what, reason, f" ({message})" if message else "")
+
+    def malformed(self, error: BaseException) -> bool:
+        """A webdataset exception handler: count a malformed sample (e.g. a file twice in it) and go on."""
+        self.add("malformed sample", None, None, error)
+        return True
+
+    def drain(self) -> tuple[dict[str, int], list[dict[str, Any]]]:
+        """Everything since the last call, for a batch to carry."""
+        counts, records = dict(self.counts), self.records
+        self.counts, self.records = Counter(), []
+        return counts, records
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An RGB copy of a decoded image of any mode.
+
+    Transparent parts become white (dropping the alpha channel would leave whatever colour hides under it, often
+    black), and 16-bit images are scaled to 8 bits (PIL's own conversion clips them, which turns them white).
+    """
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.getextrema()[1] > 255):
+        image = image.convert("I").point(lambda v: v / 256)
+    if image.has_transparency_data:
+        background = Image.new("RGBA", image.size, "white")
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode image bytes into RGB, refusing images of more than ``max_pixels`` pixels before decoding them.
+
+    Raises:
+        ValueError: with the reason (``empty image``, ``image too large``, ``corrupt image``) as its message.
+    """
+    if not data:
+        raise ValueError("empty image")
+    try:
+        image = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError as e:  # PIL's own guard, at twice Image.MAX_IMAGE_PIXELS
+        raise ValueError("image too large") from e
+    except Exception as e:
+        raise ValueError("corrupt image") from e
+    if image.width * image.height > max_pixels:
+        raise ValueError("image too large") from ValueError(f"{image.width}x{image.height} pixels")
+    try:
+        image.load()
+        return to_rgb(image)
+    except Exception as e:  # truncated or corrupt data shows only while decoding
+        raise ValueError("corrupt image") from e
 
 
 class SampleDecoder:
     """Turns a raw webdataset sample into ``(pixels, TextSequence, labels, key)``, or None if unusable.
 
-    Counts skipped samples by reason in ``skipped``; the counts travel with the next batch (see ``Collate``).
+    Unusable samples are counted by reason in ``rejects``; they travel with the next batch (see ``Collate``).
     """
 
     def __init__(self, transform: Callable, sequences: SequenceBuilder, prompt: str, shuffle_labels: bool,
-                 hflip: bool, max_labels: int, seed: int) -> None:
+                 hflip: bool, max_labels: int, seed: int, rejects: Rejects,
+                 max_image_pixels: int = Image.MAX_IMAGE_PIXELS) -> None:
         self.transform, self.sequences, self.prompt = transform, sequences, prompt
         self.shuffle_labels, self.hflip, self.max_labels = shuffle_labels, hflip, max_labels
-        self.seed = seed
+        self.seed, self.rejects, self.max_image_pixels = seed, rejects, max_image_pixels
         self.rng: random.Random | None = None
-        self.skipped: Counter[str] = Counter()
 
     def _worker_rng(self) -> random.Random:
         # Seeded per worker and rank, so that workers do not all draw the same label orders and flips.
@@ -55,20 +129,26 @@ class SampleDecoder:
         if self.rng is None:
             self.rng = self._worker_rng()
         key, shard = sample.get("__key__"), sample.get("__url__")
+        image_bytes = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
+        if image_bytes is None:
+            return self.rejects.add("no image", shard, key)
+        if "txt" not in sample:
+            return self.rejects.add("no caption", shard, key)
         try:
-            image_bytes = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
-            if image_bytes is None:
-                return self._skip("no image", shard, key)
-            if "txt" not in sample:
-                return self._skip("no caption", shard, key)
             caption = sample["txt"].decode("utf-8")
-            image = Image.open(io.BytesIO(image_bytes))
-            image = image.convert("RGB")
-        except Exception as e:  # a corrupt member must not stop a run of days
-            return self._skip(f"{type(e).__name__}", shard, key, e)
-        labels = extract_labels(caption)
+        except UnicodeDecodeError as e:
+            return self.rejects.add("caption not utf-8", shard, key, e)
+        if not caption.strip():
+            return self.rejects.add("empty caption", shard, key)
+        try:
+            image = decode_image(image_bytes, self.max_image_pixels)
+            labels = extract_labels(caption)
+        except ValueError as e:
+            return self.rejects.add(str(e), shard, key, e.__cause__)
+        except Exception as e:  # noqa: BLE001 - anything else about one sample must not stop a run of days
+            return self.rejects.add(type(e).__name__, shard, key, e)
         if not labels:
-            return self._skip("no labels", shard, key)
+            return self.rejects.add("no labels", shard, key)
         if self.shuffle_labels:
             self.rng.shuffle(labels)
         labels = labels[: self.max_labels]
@@ -76,28 +156,94 @@ class SampleDecoder:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return self.transform(image), self.sequences(self.prompt, labels), labels, key
 
-    def _skip(self, reason: str, shard, key, error: Exception | None = None):
-        self.skipped[reason] += 1
-        log.warning("skipping sample %s in shard %s: %s%s", key, shard, reason, f" ({error})" if error else "")
-        return None
+
+def _shard_files(url: str, skip: int) -> Iterator[dict[str, Any]]:
+    """The files of one shard after its first ``skip``.
+
+    A failed download raises OSError (a ``pipe:`` or curl exit status shows when the stream is closed, so the
+    stream is closed before the tar error it caused is raised); a truncated or broken tar raises TarError.
+    """
+    stream = wds.gopen(url)
+    try:
+        for i, member in enumerate(wds.tariterators.tar_file_iterator(stream)):
+            if i >= skip:
+                yield member
+    except GeneratorExit:  # the reader stopped early: nothing to report
+        with suppress(Exception):
+            stream.close()
+        raise
+    except Exception:
+        stream.close()
+        raise
+    stream.close()
+
+
+def read_shards(shards: Iterable[dict[str, Any]], rejects: Rejects, retries: int, retry_wait: float
+                ) -> Iterator[dict[str, Any]]:
+    """Pipeline stage: ``{"url": ...}`` shards to the files in them, for ``group_by_keys``.
+
+    A shard that fails to open or stops downloading is read again ``retries`` times (waiting ``retry_wait``
+    seconds, doubled each time), skipping files already passed on, then skipped as an ``unreachable shard``.
+    A truncated or broken tar is not retried: its files before the damage are kept.
+    """
+    for shard in shards:
+        url, done = shard["url"], 0
+        for attempt in range(retries + 1):
+            try:
+                for member in _shard_files(url, done):
+                    member["__url__"] = url
+                    yield member
+                    done += 1
+                break
+            except tarfile.TarError as e:
+                reason = "truncated shard" if "unexpected end of data" in str(e) else "corrupt shard"
+                rejects.add(reason, url, None, e)
+                break
+            except Exception as e:  # noqa: BLE001 - whatever the transport raises, the run goes on without it
+                if attempt == retries:
+                    rejects.add("unreachable shard", url, None, e)
+                else:
+                    log.warning("reading shard %s failed (%s), attempt %d of %d", url, e, attempt + 1, retries + 1)
+                    time.sleep(retry_wait * 2**attempt)
+        yield {}  # end of shard: group_by_keys must not join its last sample with the next shard's first
+
+
+def carry_leftovers(batches: Iterable[dict[str, Any]], rejects: Rejects) -> Iterator[dict[str, Any]]:
+    """Pipeline stage: hold each batch back until the next, so that the last one also carries what was rejected
+    after it was collated (training drops a partial last batch). A worker that yields no batch at all still
+    loses its rejects, which are then only in the log."""
+    held = None
+    for batch in batches:
+        if held is not None:
+            yield held
+        held = batch
+    if held is not None:
+        counts, records = rejects.drain()
+        for reason, count in counts.items():
+            held["skipped"][reason] = held["skipped"].get(reason, 0) + count
+        held["rejects"] += records
+        yield held
 
 
 class Collate:
-    """Stacks decoded samples into a batch dict and attaches the decoder's skip counts since the last batch."""
+    """Stacks decoded samples into a batch dict and attaches what was rejected since the last batch."""
 
-    def __init__(self, decoder: SampleDecoder, pad_id: int) -> None:
-        self.decoder, self.pad_id = decoder, pad_id
+    def __init__(self, rejects: Rejects, pad_id: int) -> None:
+        self.rejects, self.pad_id = rejects, pad_id
 
     def __call__(self, samples: list) -> dict[str, Any]:
         pixels, seqs, labels, keys = zip(*samples)
-        skipped = dict(self.decoder.skipped)
-        self.decoder.skipped.clear()
+        skipped, records = self.rejects.drain()
         return {"pixels": torch.stack(pixels), "text": collate_text(list(seqs), self.pad_id),
-                "labels": list(labels), "keys": list(keys), "skipped": skipped}
+                "labels": list(labels), "keys": list(keys), "skipped": skipped, "rejects": records}
 
 
 class NXTPDataModule(L.LightningDataModule):
     """Image-caption shards for NXTP.
+
+    Every rejected sample (and every skipped or truncated shard) is counted by reason in the batch that follows
+    it (``batch["skipped"]``) and written as one JSON line (``split``, ``shard``, ``key``, ``reason``, ``error``,
+    ``step``) to ``rejects.jsonl`` in the run's log directory (``rejects.rank<N>.jsonl`` on other ranks).
 
     Args:
         train_shards / val_shards / test_shards: brace pattern (``data/train/shard-{000000..000019}.tar``),
@@ -111,14 +257,21 @@ class NXTPDataModule(L.LightningDataModule):
         augment: use the vision tower's own training transform (random resized crops) instead of its eval one.
         max_labels: at most this many labels per image (after shuffling).
         seed: seed of shard/sample shuffling and label order.
+        max_image_pixels: images with more pixels (width x height, read from the header) are rejected without
+            being decoded. PIL's own guard still refuses images of more than twice ``Image.MAX_IMAGE_PIXELS``.
+        shard_retries: a shard that cannot be read (a download that fails) is tried again this many times, then
+            skipped with a warning naming it.
+        shard_retry_wait: seconds before the first retry of a shard, doubled for each further one.
     """
 
     def __init__(self, train_shards: Shards = None, val_shards: Shards = None, test_shards: Shards = None,
                  batch_size: int = 64, num_workers: int = 2, shuffle_buffer: int = 2000, resampled: bool = False,
-                 hflip: bool = False, augment: bool = False, max_labels: int = 16, seed: int = 0) -> None:
+                 hflip: bool = False, augment: bool = False, max_labels: int = 16, seed: int = 0,
+                 max_image_pixels: int = 89_478_485, shard_retries: int = 3, shard_retry_wait: float = 1.0) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = None
+        self.rejects_path: Path | None = None
 
     def bind(self, model) -> None:
         """Take the tokenizer, prompt and image preprocessing from an ``NXTP`` model."""
@@ -127,32 +280,60 @@ class NXTPDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         if self.model is None:
             self.bind(self.trainer.lightning_module.model)
+        # Here, as every rank calls setup: trainer.log_dir is a collective call.
+        rank = self.trainer.global_rank
+        self.rejects_path = Path(self.trainer.log_dir) / (REJECTS_FILE if rank == 0 else f"rejects.rank{rank}.jsonl")
 
-    def _loader(self, shards: Shards, train: bool, name: str):
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Append the rejects that came with a batch to the rejects file (in the main process, as workers cannot
+        share a file handle with it); they leave the batch, which goes on to the device without them."""
+        if isinstance(batch, dict) and "rejects" in batch:
+            records = batch.pop("rejects")
+            if records and self.rejects_path is not None:
+                self.rejects_path.parent.mkdir(parents=True, exist_ok=True)
+                step = self.trainer.global_step if self.trainer is not None else None
+                with self.rejects_path.open("a") as f:
+                    f.writelines(json.dumps({**r, "step": step}) + "\n" for r in records)
+        return batch
+
+    def _urls(self, shards: Shards, name: str) -> list[str]:
+        """The shard URLs of ``data.<name>_shards``, failing before any heavy work with a message naming the key."""
         if shards is None:
             raise ValueError(f"data.{name}_shards is not set")
-        urls = [u for s in ([shards] if isinstance(shards, str) else shards) for u in wds.shardlists.expand_urls(s)]
+        patterns = [shards] if isinstance(shards, str) else shards
+        urls = [u for p in patterns for u in wds.shardlists.expand_urls(p) if u]
+        if not urls:
+            raise ValueError(f"data.{name}_shards matches no shards ({shards!r})")
         missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
-        if missing:  # fail before any heavy work, naming the key; remote shards are retried while streaming
+        if missing:  # remote shards are retried while streaming; a local one that is not there is a typo
             raise FileNotFoundError(f"data.{name}_shards: {len(missing)} of {len(urls)} shards do not exist, "
                                     f"e.g. {missing[0]} (from {shards!r})")
+        return urls
+
+    def _loader(self, shards: Shards, train: bool, name: str):
+        urls = self._urls(shards, name)
         hp = self.hparams
+        rejects = Rejects(name)  # shared by the stages below; each worker gets its own copy
         # open_clip's training transform crops at random, which can cut objects (and so labels) out of an image.
         transform = self.model.train_transform if train and hp.augment else self.model.eval_transform
         decoder = SampleDecoder(transform, self.model.sequences, self.model.prompt, shuffle_labels=train,
-                                hflip=train and hp.hflip, max_labels=hp.max_labels, seed=hp.seed)
+                                hflip=train and hp.hflip, max_labels=hp.max_labels, seed=hp.seed, rejects=rejects,
+                                max_image_pixels=hp.max_image_pixels)
         resampled = train and hp.resampled
-        dataset = wds.WebDataset(
-            urls, resampled=resampled, shardshuffle=100 if train and not resampled else False,
-            nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker, handler=wds.warn_and_continue,
-            empty_check=False, seed=hp.seed,
-        )
+        stages = [wds.ResampledShards(urls) if resampled else wds.SimpleShardList(urls),
+                  wds.split_by_node, wds.split_by_worker]
+        if train and not resampled:
+            stages.append(wds.shuffle(100, seed=hp.seed))
+        stages += [wds.pipelinefilter(read_shards)(rejects, hp.shard_retries, hp.shard_retry_wait),
+                   wds.pipelinefilter(wds.tariterators.group_by_keys)(handler=rejects.malformed)]
         if train:
-            dataset = dataset.shuffle(hp.shuffle_buffer, seed=hp.seed)
-        dataset = dataset.map(decoder).select(lambda s: s is not None)
-        dataset = dataset.batched(hp.batch_size, collation_fn=Collate(decoder, self.model.sequences.pad_id), partial=not train)
+            stages.append(wds.shuffle(hp.shuffle_buffer, seed=hp.seed))
+        stages += [wds.map(decoder), wds.select(lambda s: s is not None),
+                   wds.batched(hp.batch_size, Collate(rejects, self.model.sequences.pad_id), partial=not train),
+                   wds.pipelinefilter(carry_leftovers)(rejects)]
         workers = min(hp.num_workers, len(urls))
-        return wds.WebLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
+        return wds.WebLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=workers,
+                             persistent_workers=workers > 0)
 
     def train_dataloader(self):
         return self._loader(self.hparams.train_shards, True, "train")

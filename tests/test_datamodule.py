@@ -57,7 +57,7 @@ def test_every_good_sample_once_and_bad_ones_counted(tmp_path, model, num_worker
             assert ids[anchor].item() == model.sequences.prompt_ids(model.prompt)[-1]
             assert (ids[length:] == model.sequences.pad_id).all()
     assert sorted(seen) == sorted(good_keys)
-    assert skipped == {"UnidentifiedImageError": 1, "no caption": 1}
+    assert skipped == {"corrupt image": 1, "no caption": 1}
 
 
 def test_labels_come_from_the_caption_and_are_shuffled(tmp_path, model):
