@@ -5,11 +5,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DATA ?= data/shapes
 EXPERIMENT ?= configs/experiment/default.yaml
+SWEEP ?= configs/sweep/decoder_depth.yaml
 # Offline copy of the NLTK data used by label extraction; NLTK also searches its usual folders,
 # and downloads what is missing when it can.
 export NLTK_DATA ?= $(CURDIR)/tests/fixtures/nltk_data
 
-.PHONY: install data train test test-fast tensorboard clean
+.PHONY: install data train sweep test test-fast tensorboard clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +27,10 @@ $(DATA)/done: | $(VENV)/.installed
 
 train: install data
 	$(BIN)/nxtp fit --config $(EXPERIMENT)
+
+# SWEEP_ARGS="--launcher slurm" submits a SLURM array instead of running the runs here one after another.
+sweep: install data
+	$(BIN)/nxtp sweep $(SWEEP) $(SWEEP_ARGS)
 
 test: install
 	$(BIN)/python -m pytest -ra

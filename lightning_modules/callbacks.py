@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import lightning as L
+import numpy as np
+import torch
+import yaml
+from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torch.utils.tensorboard.summary import hparams
+
+from .masking import label_masked_attention
+from .sequence import segment_ids
 
 
 class GlobalBatchSize(L.Callback):
@@ -30,3 +39,94 @@ class GlobalBatchSize(L.Callback):
         trainer.accumulate_grad_batches = self.global_batch_size // per_step
         rank_zero_info(f"global batch {self.global_batch_size} = {per_device} per device x {trainer.world_size} "
                        f"devices x {trainer.accumulate_grad_batches} accumulation steps")
+
+
+# TensorBoard: what the run is and what the model sees ------------------------------------------------------
+
+# image grey, prompt blue, padding light grey; label blocks use the palette
+BLOCK_COLOURS = {-1: (150, 150, 150), 0: (60, 110, 200), -2: (215, 215, 215)}
+LABEL_PALETTE = [(230, 120, 40), (50, 160, 80), (200, 60, 60), (140, 90, 190), (40, 170, 170), (190, 170, 40)]
+
+
+def attention_mask_image(seg: Tensor, mask: Tensor, min_size: int = 384) -> np.ndarray:
+    """An RGB picture [H, W, 3] of one sequence's attention mask (rows: queries, columns: keys).
+
+    A cell that may attend is coloured by its query's block (image grey, prompt blue, one colour per label);
+    a masked cell is white. Enlarged with nearest-neighbour so that single tokens stay visible.
+    """
+    seg, mask = seg.cpu(), mask.cpu()
+    colours = torch.tensor([BLOCK_COLOURS.get(int(s)) or LABEL_PALETTE[(int(s) - 1) % len(LABEL_PALETTE)] for s in seg],
+                           dtype=torch.uint8)
+    picture = torch.where(mask[..., None], colours[:, None, :], torch.full((1, 1, 3), 255, dtype=torch.uint8))
+    scale = max(1, -(-min_size // len(seg)))
+    return picture.repeat_interleave(scale, 0).repeat_interleave(scale, 1).numpy()
+
+
+class AttentionMaskImage(L.Callback):
+    """Log the label-masked attention mask of the first training sample as an image, once per run.
+
+    It shows at a glance that labels see the image and the prompt but not each other.
+    """
+
+    def __init__(self) -> None:
+        self.logged = False
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        experiment = getattr(trainer.logger, "experiment", None)
+        if self.logged or not trainer.is_global_zero or not hasattr(experiment, "add_image"):
+            return
+        model = pl_module.model
+        seg = segment_ids(batch["text"], model.n_image_tokens, model.reference_compat)[:1]
+        picture = attention_mask_image(seg[0], label_masked_attention(seg)[0, 0])
+        experiment.add_image("attention/label_masked_mask", picture, trainer.global_step, dataformats="HWC")
+        self.logged = True
+
+
+def flat_config(config: dict, prefix: str = "") -> dict[str, str | int | float | bool]:
+    """Nested config -> ``{"model.lr": 0.002, ...}`` with values TensorBoard's HParams tab can show."""
+    flat: dict[str, str | int | float | bool] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_config(value, name + "."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:  # lists, None
+            flat[name] = str(value)
+    return flat
+
+
+def hparam_metric_tags(eval_topk: list[int], semantic: bool) -> list[str]:
+    """The scalar tags the HParams tab shows next to each run's hyper-parameters."""
+    tags = ["train/loss", "val/loss"]
+    for stage in ("val", "test"):
+        for k in eval_topk:
+            tags += [f"{stage}/exact_top{k}/{m}" for m in ("f1", "recall", "precision")]
+            tags += [f"{stage}/semantic_top{k}/f"] if semantic else []
+    return tags
+
+
+class SaveConfigToTensorBoard(SaveConfigCallback):
+    """LightningCLI's config saving, plus the resolved config as text and as hyper-parameters in TensorBoard.
+
+    The hyper-parameters are the flattened ``model.*``, ``data.*`` and scalar ``trainer.*`` keys, so that the
+    HParams tab compares the runs of a sweep on exactly the keys that were swept.
+    """
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        experiment = getattr(trainer.logger, "experiment", None)
+        if not hasattr(experiment, "add_text"):
+            return
+        text = self.parser.dump(self.config, skip_none=False)
+        # Four spaces make TensorBoard's markdown show the YAML as it is.
+        experiment.add_text("config", "\n".join("    " + line for line in text.splitlines()), trainer.global_step)
+        config = yaml.safe_load(text)
+        params = {k: v for k, v in flat_config(config).items()
+                  if k.startswith(("model.", "data.", "seed_everything"))
+                  or (k.startswith("trainer.") and k.count(".") == 1)}
+        hp = pl_module.hparams
+        tags = hparam_metric_tags(list(hp.get("eval_topk", [])), bool(hp.get("semantic_metric", False)))
+        # The summaries name the metric tags only; their values are the scalars logged during the run.
+        writer = experiment._get_file_writer()
+        for summary in hparams(params, {tag: 0.0 for tag in tags}):
+            writer.add_summary(summary)

@@ -1,8 +1,10 @@
-"""The ``nxtp`` command: LightningCLI subcommands (fit, validate, test, predict), ``label``, ``export``, ``import-official``.
+"""The ``nxtp`` command: LightningCLI subcommands (fit, validate, test, predict), ``label``, ``export``, ``sweep``,
+``import-official``.
 
     nxtp fit --config configs/experiment/default.yaml
     nxtp label --checkpoint CKPT.ckpt images/ photo.jpg 'more/*.png' --format csv --output labels.csv
     nxtp export --checkpoint CKPT.ckpt --format onnx --out DIR
+    nxtp sweep configs/sweep/decoder_depth.yaml [--launcher slurm]
     nxtp import-official --checkpoint ckpt_epoch_03_iter_0021360.pth --clip openai --tokenizer TOKENIZER --out DIR
 """
 
@@ -58,12 +60,29 @@ class NXTPCLI(LightningCLI):
             print(f"resuming from {found} (--resume false starts a new run)")
 
     def after_fit(self) -> None:
-        if not self.config.fit.get("test_after_fit"):
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()}
+        if self.config.fit.get("test_after_fit"):
+            results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best")
+            if self.trainer.is_global_zero and results:
+                metrics.update(results[0])
+                summary = {k: round(v, 4) for k, v in results[0].items() if "/f1" in k or k.endswith("/f")}
+                print("test results:", json.dumps(summary))
+        self._write_metrics(metrics)
+
+    def after_test(self) -> None:
+        self._write_metrics({k: float(v) for k, v in self.trainer.callback_metrics.items()})
+
+    def _write_metrics(self, metrics: dict[str, float]) -> None:
+        """The run's final metrics as ``metrics.json`` in its log folder (what ``nxtp sweep`` tabulates)."""
+        if not self.trainer.is_global_zero or self.trainer.log_dir is None:
             return
-        results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best")
-        if self.trainer.is_global_zero and results:
-            summary = {k: round(v, 4) for k, v in results[0].items() if "/f1" in k or k.endswith("/f")}
-            print("test results:", json.dumps(summary))
+        checkpoint = self.trainer.checkpoint_callback
+        metrics = {"global_step": self.trainer.global_step, **metrics}
+        if checkpoint is not None and checkpoint.best_model_score is not None:
+            metrics.update(best_checkpoint=checkpoint.best_model_path, best_score=float(checkpoint.best_model_score))
+        path = Path(self.trainer.log_dir) / "metrics.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(metrics, indent=1) + "\n")
 
 
 def image_paths(inputs: list[str], files_from: str | None = None) -> list[Path]:
@@ -180,15 +199,21 @@ def main() -> None:
         from .export import export_main
 
         sys.exit(export_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "sweep":
+        from .sweep import sweep_main
+
+        sys.exit(sweep_main(sys.argv[2:]))
     if len(sys.argv) > 1 and sys.argv[1] == "import-official":
         from .official import import_main
 
         sys.exit(import_main(sys.argv[2:]))
     from datamodules import NXTPDataModule
 
+    from .callbacks import AttentionMaskImage, SaveConfigToTensorBoard
     from .lit_nxtp import LitNXTP
 
-    NXTPCLI(LitNXTP, NXTPDataModule, seed_everything_default=0, save_config_kwargs={"overwrite": True})
+    NXTPCLI(LitNXTP, NXTPDataModule, seed_everything_default=0, save_config_callback=SaveConfigToTensorBoard,
+            save_config_kwargs={"overwrite": True}, trainer_defaults={"callbacks": [AttentionMaskImage()]})
 
 
 if __name__ == "__main__":

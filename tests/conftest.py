@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,3 +34,36 @@ def tiny_nxtp(seed: int = 0, hidden: int = 64, blocks: int = 2, **kwargs) -> NXT
 @pytest.fixture(scope="session")
 def llama_tokenizer_dir() -> Path:
     return LLAMA_TOKENIZER
+
+
+# end-to-end helpers: the `nxtp` command as a user runs it ----------------------------------------------
+
+ROOT = Path(__file__).parents[1]
+NXTP_CLI = [sys.executable, "-m", "lightning_modules.cli"]
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command from the repository root with the project importable; output captured as text."""
+    env = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory) -> Path:
+    """A tiny synthetic dataset (with its tokenizer), built once per test session."""
+    data = tmp_path_factory.mktemp("data") / "shapes"
+    built = run([sys.executable, "-m", "datamodules.synthetic", "--out", str(data), "--train", "256", "--val", "32",
+                 "--test", "32", "--samples-per-shard", "128", "--workers", "1"])
+    assert built.returncode == 0, built.stderr
+    return data
+
+
+def fit_command(data: Path, save_dir: Path, max_steps: int, tokenizer: Path | None = None) -> list[str]:
+    return NXTP_CLI + [
+        "fit", "--config", "configs/experiment/default.yaml", "--model.tokenizer", str(tokenizer or data / "tokenizer"),
+        "--model.semantic_metric", "false", "--test_after_fit", "false",
+        "--data.train_shards", str(data / "train/shard-{000000..000001}.tar"),
+        "--data.val_shards", str(data / "val/shard-000000.tar"), "--data.batch_size", "16", "--data.num_workers", "0",
+        "--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", "10", "--trainer.limit_val_batches", "1",
+        "--trainer.log_every_n_steps", "1", "--trainer.logger.init_args.save_dir", str(save_dir),
+    ]

@@ -6,42 +6,14 @@ import shutil
 import signal
 import subprocess
 import time
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import NXTP_CLI, ROOT, fit_command, run
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-ROOT = Path(__file__).parents[1]
-NXTP = [sys.executable, "-m", "lightning_modules.cli"]
-
-
-def run(cmd, **kwargs):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    """A tiny synthetic dataset (with its tokenizer), built once for the tests of this module."""
-    data = tmp_path_factory.mktemp("e2e") / "shapes"
-    built = run([sys.executable, "-m", "datamodules.synthetic", "--out", str(data), "--train", "256", "--val", "32",
-                 "--test", "32", "--samples-per-shard", "128", "--workers", "1"])
-    assert built.returncode == 0, built.stderr
-    return data
-
-
-def fit_command(data: Path, save_dir: Path, max_steps: int, tokenizer: Path | None = None) -> list[str]:
-    return NXTP + [
-        "fit", "--config", "configs/experiment/default.yaml", "--model.tokenizer", str(tokenizer or data / "tokenizer"),
-        "--model.semantic_metric", "false", "--test_after_fit", "false",
-        "--data.train_shards", str(data / "train/shard-{000000..000001}.tar"),
-        "--data.val_shards", str(data / "val/shard-000000.tar"), "--data.batch_size", "16", "--data.num_workers", "0",
-        "--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", "10", "--trainer.limit_val_batches", "1",
-        "--trainer.log_every_n_steps", "1", "--trainer.logger.init_args.save_dir", str(save_dir),
-    ]
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 
 @pytest.mark.slow
@@ -63,8 +35,15 @@ def test_fit_then_label(tmp_path, shapes):
     for tag in ["train/loss", "train/grad_norm", "val/loss", "val/exact_top5/f1", "val/semantic_top5/f",
                 "test/exact_top5/f1", "test/semantic_top10/recall"]:
         assert tag in scalars, tag
-    assert "val/predictions" in events.Tags()["images"]
+    assert {"val/predictions", "attention/label_masked_mask"} <= set(events.Tags()["images"])
+    assert "config/text_summary" in events.Tags()["tensors"]
     assert len(events.Scalars("train/loss")) >= 1
+    hparams = {tag: plugin_data_pb2.HParamsPluginData.FromString(content)
+               for tag, content in events.PluginTagToContent("hparams").items()}
+    assert hparams["_hparams_/session_start_info"].session_start_info.hparams["model.lr"].number_value == 2e-3
+    assert "val/exact_top5/f1" in [m.name.tag for m in hparams["_hparams_/experiment"].experiment.metric_infos]
+    final = json.loads((version / "metrics.json").read_text())
+    assert final["global_step"] == 6 and 0 <= final["test/exact_top5/f1"] <= 1
 
     # The checkpoint carries its tokenizer: it still loads once the copy it was trained with is gone.
     shutil.rmtree(tokenizer)
@@ -75,7 +54,7 @@ def test_fit_then_label(tmp_path, shapes):
         for m in members:
             (images / Path(m.name).name).write_bytes(tar.extractfile(m).read())
     (images / "broken.jpg").write_bytes(b"not an image")
-    label = run(NXTP + ["label", "--checkpoint", str(checkpoint), "--topk", "5", str(images)])
+    label = run(NXTP_CLI + ["label", "--checkpoint", str(checkpoint), "--topk", "5", str(images)])
     assert label.returncode == 1  # one image failed
     assert "broken.jpg" in label.stderr
     lines = [json.loads(line) for line in label.stdout.splitlines()]
