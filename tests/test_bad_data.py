@@ -1,0 +1,186 @@
+"""Bad data in the shards: every bad sample or shard skipped and counted by reason, every good sample kept once."""
+
+import io
+import json
+import struct
+import zlib
+from collections import Counter
+
+import lightning as L
+import numpy as np
+import pytest
+import webdataset as wds
+from conftest import LLAMA_TOKENIZER, tiny_nxtp
+from lightning.pytorch.loggers import TensorBoardLogger
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from datamodules import NXTPDataModule
+from datamodules.webdataset import decode_image, to_rgb
+from lightning_modules.decoder import DecoderConfig
+from lightning_modules.lit_nxtp import LitNXTP
+from lightning_modules.vision import VisionConfig
+
+RETRIES = 2
+
+
+def encode(image: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def bomb_png(side: int = 20000) -> bytes:
+    """A valid PNG header that claims side x side pixels, with far too little data: decoding it would fail."""
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + png_chunk(b"IEND", b""))
+
+
+def odd_modes() -> dict[str, tuple[str, bytes]]:
+    """Valid images of modes other than RGB, which are converted rather than rejected."""
+    palette = Image.new("P", (40, 30))
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    palette.info["transparency"] = 0
+    sixteen = Image.fromarray(np.full((30, 40), 60000, dtype=np.uint16))
+    return {
+        "gray": ("jpg", encode(Image.new("L", (40, 30), 128), "JPEG")),
+        "cmyk": ("jpg", encode(Image.new("CMYK", (40, 30), (0, 255, 255, 0)), "JPEG")),
+        "palette_alpha": ("png", encode(palette, "PNG")),
+        "rgba": ("png", encode(Image.new("RGBA", (40, 30), (255, 0, 0, 128)), "PNG")),
+        "gray_alpha": ("png", encode(Image.new("LA", (40, 30), (0, 0)), "PNG")),
+        "sixteen_bit": ("png", encode(sixteen, "PNG")),
+    }
+
+
+def write_bad_shards(folder, counter) -> tuple[list[str], list[str], Counter]:
+    """Shards with every kind of bad sample between good ones, a truncated shard and one whose URL fails.
+
+    Returns the shard URLs, the keys of the good samples and the expected skip counts by reason.
+    """
+    jpeg = encode(Image.new("RGB", (40, 30), "blue"), "JPEG")
+    png = encode(Image.new("RGB", (40, 30), "green"), "PNG")
+    caption = b"a dog on the grass"
+    bad = {  # key: (reason, sample)
+        "corrupt_jpeg": ("corrupt image", {"jpg": b"\xff\xd8 not really a jpeg", "txt": caption}),
+        "truncated_jpeg": ("corrupt image", {"jpg": jpeg[: len(jpeg) // 2], "txt": caption}),
+        "truncated_png": ("corrupt image", {"png": png[: len(png) - 40], "txt": caption}),
+        "zero_bytes": ("empty image", {"jpg": b"", "txt": caption}),
+        "bomb": ("image too large", {"png": bomb_png(), "txt": caption}),
+        "no_image": ("no image", {"txt": caption}),
+        "no_caption": ("no caption", {"jpg": jpeg}),
+        "empty_caption": ("empty caption", {"jpg": jpeg, "txt": b" \n "}),
+        "no_nouns": ("no labels", {"jpg": jpeg, "txt": b"it is very big and quickly running"}),
+        "latin1_caption": ("caption not utf-8", {"jpg": jpeg, "txt": "a caf\xe9 with a dog".encode("latin-1")}),
+    }
+    good = []
+    with wds.TarWriter(str(folder / "mixed.tar")) as sink:
+        samples = [(k, {"jpg": jpeg, "txt": caption}) for k in ("good_0", "good_1")]
+        samples += [(k, {ext: data, "txt": caption}) for k, (ext, data) in odd_modes().items()]
+        for i, (key, sample) in enumerate(bad.items()):  # each bad sample between good ones
+            samples += [(key, sample[1]), (f"good_{i + 2}", {"jpg": jpeg, "txt": caption})]
+        for key, sample in samples:
+            sink.write({"__key__": key, **sample})
+            good += [key] if key not in bad else []
+    with wds.TarWriter(str(folder / "whole.tar")) as sink:
+        for i in range(6):
+            sink.write({"__key__": f"whole_{i}", "jpg": jpeg, "txt": caption})
+            good.append(f"whole_{i}")
+    with wds.TarWriter(str(folder / "full.tar")) as sink:
+        for i in range(6):
+            sink.write({"__key__": f"cut_{i}", "jpg": jpeg, "txt": caption})
+    tar = (folder / "full.tar").read_bytes()
+    cut = tar.index(b"cut_4.jpg") + 512 + len(jpeg) // 2  # in the middle of cut_4's image
+    (folder / "truncated.tar").write_bytes(tar[:cut])
+    good += [f"cut_{i}" for i in range(4)]
+    failing = f"pipe:echo attempt >> {counter}; exit 1"  # a download that fails, counting its attempts
+    expected = Counter(reason for reason, _ in bad.values())
+    expected.update({"truncated shard": 1, "unreachable shard": 1})
+    # With 2 workers, worker 0 reads mixed + failing and worker 1 truncated + whole: each has good samples.
+    urls = [str(folder / "mixed.tar"), str(folder / "truncated.tar"), failing, str(folder / "whole.tar")]
+    return urls, good, expected
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_nxtp()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_bad_samples_and_shards_are_counted_and_good_ones_arrive_once(tmp_path, model, num_workers):
+    counter = tmp_path / "attempts"
+    urls, good, expected = write_bad_shards(tmp_path, counter)
+    dm = NXTPDataModule(val_shards=urls, batch_size=4, num_workers=num_workers, shard_retries=RETRIES,
+                        shard_retry_wait=0)
+    dm.bind(model)
+    seen, skipped, rejects = [], Counter(), []
+    for batch in dm.val_dataloader():
+        seen += batch["keys"]
+        skipped.update(batch["skipped"])
+        rejects += batch["rejects"]
+    assert sorted(seen) == sorted(good)
+    assert skipped == expected
+    assert Counter(r["reason"] for r in rejects) == expected
+    assert counter.read_text().count("attempt") == RETRIES + 1
+    by_key = {r["key"]: r for r in rejects}
+    assert by_key["bomb"]["shard"] == urls[0] and by_key["bomb"]["split"] == "val"
+    shards = {r["reason"]: r["shard"] for r in rejects if r["key"] is None}
+    assert shards == {"truncated shard": urls[1], "unreachable shard": urls[2]}
+
+
+def test_odd_modes_are_converted_not_rejected():
+    modes = {name: to_rgb(Image.open(io.BytesIO(data))) for name, (_, data) in odd_modes().items()}
+    assert all(image.mode == "RGB" and image.size == (40, 30) for image in modes.values())
+    assert modes["gray"].getpixel((0, 0))[0] in range(120, 137)
+    assert modes["cmyk"].getpixel((5, 5)) == (255, 0, 0)
+    assert modes["palette_alpha"].getpixel((0, 0)) == (255, 255, 255)  # transparent: white, not black
+    assert modes["gray_alpha"].getpixel((0, 0)) == (255, 255, 255)
+    assert modes["rgba"].getpixel((0, 0)) in [(255, 127, 127), (255, 128, 128)]  # half red over white
+    assert modes["sixteen_bit"].getpixel((0, 0)) == (234, 234, 234)  # 60000 / 256, not clipped to 255
+
+
+def test_large_images_are_rejected_from_their_header():
+    with pytest.raises(ValueError, match="image too large"):
+        decode_image(bomb_png(), max_pixels=89_478_485)
+    with pytest.raises(ValueError, match="image too large"):  # a limit below PIL's own
+        decode_image(bomb_png(side=200), max_pixels=200 * 199)
+    with pytest.raises(ValueError, match="corrupt image"):  # within the limit, so it was decoded, and failed
+        decode_image(bomb_png(side=200), max_pixels=200 * 200)
+
+
+@pytest.mark.parametrize("shards", [[], "", ["", ""]])
+def test_shards_that_match_nothing_name_the_key(model, shards):
+    dm = NXTPDataModule(train_shards=shards)
+    dm.bind(model)
+    with pytest.raises(ValueError, match="data.train_shards matches no shards"):
+        dm.train_dataloader()
+
+
+def test_a_run_writes_every_reject_to_its_log_dir(tmp_path):
+    urls, _, expected = write_bad_shards(tmp_path, tmp_path / "attempts")
+    module = LitNXTP(VisionConfig(model_name="nxtp-tiny-vit"),
+                     DecoderConfig(config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                           "num_attention_heads": 4, "num_key_value_heads": 4}),
+                     str(LLAMA_TOKENIZER), semantic_metric=False, log_images=0, eval_topk=[1])
+    # Training reads every shard; validation and testing (kept short) one each.
+    dm = NXTPDataModule(train_shards=urls, val_shards=urls[0], test_shards=urls[1], batch_size=8, num_workers=0,
+                        shuffle_buffer=8, shard_retries=0, shard_retry_wait=0)
+    trainer = L.Trainer(max_epochs=1, max_steps=50, accelerator="cpu", logger=TensorBoardLogger(tmp_path / "logs"),
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, log_every_n_steps=1)
+    trainer.fit(module, datamodule=dm)
+    trainer.test(module, datamodule=dm)
+    records = [json.loads(line) for line in (tmp_path / "logs/lightning_logs/version_0/rejects.jsonl").open()]
+    reasons = {split: Counter(r["reason"] for r in records if r["split"] == split) for split in ("train", "val", "test")}
+    assert reasons["train"] == expected
+    assert reasons["val"] == expected - Counter({"truncated shard": 1, "unreachable shard": 1})
+    assert reasons["test"] == {"truncated shard": 1}
+    assert all({"shard", "key", "reason", "error", "step"} <= set(r) for r in records)
+    no_labels = next(r for r in records if r["reason"] == "no labels")
+    assert no_labels["key"] == "no_nouns" and no_labels["shard"] == urls[0]
+    events = EventAccumulator(str(tmp_path / "logs/lightning_logs/version_0")).Reload()
+    assert {"train/skipped/no labels", "val/skipped/image too large"} <= set(events.Tags()["scalars"])
