@@ -25,18 +25,31 @@ from tqdm import tqdm
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """``last.ckpt`` of the newest ``version_N`` under a TensorBoard logger's ``save_dir/name``."""
-    versions = sorted(root.glob("version_*"), key=lambda p: int(p.name.split("_")[-1]) if p.name.split("_")[-1].isdigit() else -1)
-    for version in reversed(versions):
-        if (version / "checkpoints" / "last.ckpt").is_file():
-            return version / "checkpoints" / "last.ckpt"
-    return None
+def resume_point(root: Path) -> tuple[Path, str] | None:
+    """Where an interrupted run continues: the newest checkpoint of the newest ``version_N`` under a TensorBoard
+    logger's ``save_dir/name``, and that version's folder name.
+
+    The candidates are the version's ``last.ckpt`` (written every validation and on SIGTERM / Ctrl-C) and the
+    ``hpc_ckpt_N.ckpt`` files that Lightning writes in ``root`` when SLURM signals a job before pre-empting it
+    (``#SBATCH --signal=USR1@120``); the most recently written wins.
+    """
+    number = lambda p: int(p.name.split("_")[-1]) if p.name.split("_")[-1].isdigit() else -1  # noqa: E731
+    versions = sorted(root.glob("version_*"), key=number)
+    if not versions:
+        return None
+    candidates = [p for v in reversed(versions) if (p := v / "checkpoints" / "last.ckpt").is_file()][:1]
+    candidates += root.glob("hpc_ckpt_*.ckpt")
+    if not candidates:
+        return None
+    newest = max(candidates, key=lambda p: p.stat().st_mtime)
+    version = newest.parents[1].name if newest.name == "last.ckpt" else versions[-1].name
+    return newest, version
 
 
 class NXTPCLI(LightningCLI):
     """LightningCLI with ``--test_after_fit`` (evaluate the best checkpoint after training) and ``--resume``
-    (continue the newest run of the same logger from its ``last.ckpt``, in the same log folder)."""
+    (continue the newest run of the same logger from its newest checkpoint, in the same log folder; see
+    ``resume_point``)."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=False, help="run `test` on the best checkpoint after `fit`")
@@ -48,16 +61,17 @@ class NXTPCLI(LightningCLI):
             return
         config = self.config.fit
         logger = config.trainer.logger
-        if not config.get("resume") or config.get("ckpt_path") or not hasattr(logger, "init_args"):
-            return
-        if not str(logger.class_path).endswith("TensorBoardLogger"):
+        if not hasattr(logger, "init_args") or not str(logger.class_path).endswith("TensorBoardLogger"):
             return
         args = logger.init_args
-        found = latest_checkpoint(Path(args.save_dir) / (args.name or "lightning_logs"))
+        root = Path(args.save_dir) / (args.name or "lightning_logs")
+        if config.trainer.default_root_dir is None:
+            # SLURM pre-emption checkpoints (hpc_ckpt_N.ckpt) go here, next to the runs they belong to.
+            config.trainer.default_root_dir = str(root)
+        found = resume_point(root) if config.get("resume") and not config.get("ckpt_path") else None
         if found is not None:
-            args.version = found.parents[1].name  # keep logging into the interrupted run's folder
-            config.ckpt_path = str(found)
-            print(f"resuming from {found} (--resume false starts a new run)")
+            config.ckpt_path, args.version = str(found[0]), found[1]  # continue in the interrupted run's folder
+            print(f"resuming from {found[0]} (--resume false starts a new run)")
 
     def after_fit(self) -> None:
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()}

@@ -100,3 +100,39 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes_at_the_same_step(tmp_pa
     assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == steps
     assert not (interrupted / "default" / "version_1").exists()  # the same run continued
     assert abs(final_loss(interrupted) - final_loss(tmp_path / "whole")) < 0.3 * final_loss(tmp_path / "whole")
+
+
+@pytest.mark.slow
+def test_slurm_preemption_signal_checkpoints_requeues_and_the_requeued_job_resumes(tmp_path, shapes):
+    # A SLURM job as the sbatch scripts launch it: SLURM sends USR1 before pre-empting (--signal=USR1@120);
+    # Lightning writes hpc_ckpt_1.ckpt and asks `scontrol requeue`; the requeued job resumes from it.
+    calls = tmp_path / "scontrol_calls.txt"
+    fake = tmp_path / "bin" / "scontrol"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}",
+           "SLURM_JOB_ID": "77", "SLURM_JOB_NAME": "nxtp", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",
+           "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}
+    steps = 60
+    root = tmp_path / "logs" / "default"
+    command = fit_command(shapes, tmp_path / "logs", steps)
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (root / "version_0" / "checkpoints" / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGUSR1)
+    while not calls.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # what SLURM does to the job it requeues
+    proc.wait(timeout=300)
+    assert calls.read_text().split() == ["requeue", "77"]
+    hpc = root / "hpc_ckpt_1.ckpt"
+    saved_at = torch.load(hpc, weights_only=False)["global_step"]
+    assert 10 <= saved_at < steps
+
+    requeued = run(command, env=env)
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    assert "resuming from" in requeued.stdout
+    assert torch.load(root / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == steps
+    assert not (root / "version_1").exists()
