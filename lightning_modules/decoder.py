@@ -3,6 +3,12 @@
 Recognition needs far less depth than chat (NXTP keeps 6 of LLaMA-2-7B's 32 blocks), so the model is
 built with ``num_hidden_layers = num_blocks``: ``from_pretrained`` then loads only those blocks and never
 materialises the others, and the final norm and output layer are kept.
+
+Attention runs through ``LABEL_MASKED``, an attention function registered with transformers that picks its
+kernel from the form of the mask it is given (see ``masking``): a dense tensor goes to SDPA exactly as
+transformers' own ``sdpa`` does; a compact mask with fewer rows than queries splits the image rows off into
+unmasked SDPA; a FlexAttention ``BlockMask`` goes to transformers' ``flex_attention``. One decoder thus serves
+every training path and the KV-cached sampler alike.
 """
 
 from __future__ import annotations
@@ -12,7 +18,35 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from torch import Tensor
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+LABEL_MASKED = "nxtp_label_masked"
+
+
+def label_masked_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                                   attention_mask: Tensor | None, **kwargs) -> tuple[Tensor, Tensor | None]:
+    """Attention with the kernel the mask's form asks for; returns ([B, q, heads, head_dim], weights or None)."""
+    if attention_mask is not None and not isinstance(attention_mask, Tensor):  # a FlexAttention BlockMask
+        from transformers.integrations.flex_attention import flex_attention_forward
+
+        return flex_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    q_len = query.shape[2]
+    if attention_mask is not None and attention_mask.shape[2] < q_len == key.shape[2]:
+        # Compact mask: the leading queries (the image) see the leading keys only, with no mask at all.
+        n = q_len - attention_mask.shape[2]
+        kwargs["is_causal"] = False
+        head, _ = sdpa_attention_forward(module, query[:, :, :n], key[:, :, :n], value[:, :, :n], None, **kwargs)
+        tail, _ = sdpa_attention_forward(module, query[:, :, n:], key, value, attention_mask, **kwargs)
+        return torch.cat([head, tail], dim=1), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+# Register once at import: building (and loading) the decoder looks the name up in these tables.
+AttentionInterface.register(LABEL_MASKED, label_masked_attention_forward)
+AttentionMaskInterface.register(LABEL_MASKED, sdpa_mask)  # 2D / no masks are prepared as for ``sdpa``
 
 
 @dataclass
@@ -55,10 +89,10 @@ def build_decoder(cfg: DecoderConfig, vocab_size: int) -> nn.Module:
     hf_config = decoder_config(cfg)
     if cfg.name_or_path is None:
         hf_config.vocab_size = vocab_size
-        model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=LABEL_MASKED)
     else:
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.name_or_path, config=hf_config, dtype=getattr(torch, cfg.dtype), attn_implementation="sdpa"
+            cfg.name_or_path, config=hf_config, dtype=getattr(torch, cfg.dtype), attn_implementation=LABEL_MASKED
         )
         if model.get_input_embeddings().num_embeddings != vocab_size:
             model.resize_token_embeddings(vocab_size, mean_resizing=False)

@@ -64,6 +64,11 @@ class LitNXTP(L.LightningModule):
         train_new_token_embeddings: with a frozen embedding matrix, still train the rows of ``<|image|>`` and
             ``<|empty|>`` (the other rows get no gradient), as the paper does.
         activation_checkpointing: recompute block activations in the backward pass to save memory.
+        attention / pad_to_multiple: see ``NXTP``; how the label-masked attention is computed (``auto``, ``dense``,
+            ``compact``, ``flex``) and the multiple the training sequences are padded to.
+        compile: ``torch.compile`` every decoder block (each block is compiled in place, so parameter names and
+            checkpoints are unchanged). The first steps are slow while it compiles, and each new sequence length
+            may recompile: set ``pad_to_multiple`` (e.g. 64) to keep the lengths few.
         lr, betas, eps, weight_decay: AdamW. Norms, biases and embeddings get no weight decay.
         schedule: ``cosine`` (the paper's) or ``wsd`` (warm-up, stable, linear decay).
         warmup: warm-up steps; a value below 1 is a fraction of the total steps.
@@ -89,6 +94,9 @@ class LitNXTP(L.LightningModule):
         trainable: list[str] | None = None,
         train_new_token_embeddings: bool = False,
         activation_checkpointing: bool = False,
+        attention: Literal["auto", "dense", "compact", "flex"] = "auto",
+        pad_to_multiple: int | None = None,
+        compile: bool = False,
         lr: float = 1e-5,
         betas: tuple[float, float] = (0.9, 0.98),
         eps: float = 1e-6,
@@ -108,13 +116,17 @@ class LitNXTP(L.LightningModule):
         self.save_hyperparameters()
         if Path(tokenizer).exists():  # a checkpoint must find its tokenizer from any working directory
             self.hparams.tokenizer = tokenizer = os.path.abspath(tokenizer)
-        self.model = NXTP(vision, decoder, tokenizer, prompt, reference_compat, reset_label_positions)
+        self.model = NXTP(vision, decoder, tokenizer, prompt, reference_compat, reset_label_positions,
+                          attention=attention, pad_to_multiple=pad_to_multiple)
         self._set_trainable(trainable)
         if train_new_token_embeddings:
             self._train_rows(self.model.decoder.get_input_embeddings().weight, self.model.sequences.new_token_ids)
         if activation_checkpointing:
             self.model.decoder.gradient_checkpointing_enable()
             self.model.visual.set_grad_checkpointing(True)
+        if compile:
+            for block in self.model.decoder.get_decoder().layers:
+                block.compile()
         self.nonfinite_steps = 0
         self.metrics = torch.nn.ModuleDict()
         for k in eval_topk:

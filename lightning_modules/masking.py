@@ -8,12 +8,27 @@ Given the block of every position (``sequence.segment_ids``), a query may attend
 
 Rows in no block (padding; in ``reference_compat`` also the last label and ``</s>``) see the prefix only,
 not even themselves: that is what the reference does, and it keeps every softmax row non-empty.
+
+The same rule comes in three forms, one per attention path of the decoder (``decoder.LABEL_MASKED``):
+
+* ``label_masked_attention``: the dense boolean mask [B, 1, S, S], the reference form;
+* ``compact_label_mask``: only the text rows [B, 1, S - n_image, S]; the image rows, which see exactly the image
+  block, run as plain bidirectional attention without a mask;
+* ``label_block_mask``: a FlexAttention ``BlockMask`` built from ``label_mask_mod``, which skips the blocks of
+  the score matrix that no query may see.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
+
+
+def _allowed(q_seg: Tensor, kv_seg: Tensor, causal: Tensor) -> Tensor:
+    """The attention rule on block ids that broadcast against each other (shared by every form)."""
+    return (kv_seg == -1) | ((q_seg != -1) & (kv_seg == 0) & causal) | ((q_seg > 0) & (kv_seg == q_seg) & causal)
 
 
 def label_masked_attention(seg: Tensor) -> Tensor:
@@ -21,9 +36,38 @@ def label_masked_attention(seg: Tensor) -> Tensor:
     length = seg.shape[1]
     pos = torch.arange(length, device=seg.device)
     causal = pos[None, :, None] >= pos[None, None, :]  # [1, q, kv]
-    q, kv = seg[:, :, None], seg[:, None, :]
-    allowed = (kv == -1) | ((q != -1) & (kv == 0) & causal) | ((q > 0) & (kv == q) & causal)
-    return allowed[:, None]
+    return _allowed(seg[:, :, None], seg[:, None, :], causal)[:, None]
+
+
+def compact_label_mask(seg: Tensor, n_image: int) -> Tensor:
+    """The text rows of ``label_masked_attention``: [B, 1, S - n_image, S].
+
+    The first ``n_image`` positions must be the image block; their rows (all image columns, nothing else) are
+    left out, which ``decoder.LABEL_MASKED`` reads as "the leading queries attend to the leading keys only".
+    """
+    length = seg.shape[1]
+    pos = torch.arange(length, device=seg.device)
+    causal = pos[None, n_image:, None] >= pos[None, None, :]
+    return _allowed(seg[:, n_image:, None], seg[:, None, :], causal)[:, None]
+
+
+def label_mask_mod(seg: Tensor) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
+    """FlexAttention ``mask_mod`` of the label-masked rule for block ids [B, S] (same values as the dense mask)."""
+
+    def mask_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        return _allowed(seg[b, q], seg[b, kv], q >= kv)
+
+    return mask_mod
+
+
+def label_block_mask(seg: Tensor):
+    """FlexAttention ``BlockMask`` of the label-masked rule for block ids [B, S] (all heads share it)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch, length = seg.shape
+    # Compiling the mask construction avoids materialising B x S x S on the GPU; on the CPU it only costs time.
+    return create_block_mask(label_mask_mod(seg), batch, None, length, length, device=seg.device,
+                             _compile=seg.device.type == "cuda")
 
 
 def prefix_attention(n_image: int, n_text: int, device=None) -> Tensor:

@@ -9,8 +9,10 @@ the last prompt token and decodes every label from it in parallel (``sampling``)
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict
 from pathlib import Path
+from typing import Literal
 
 import safetensors.torch
 import torch
@@ -20,11 +22,27 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from .decoder import DecoderConfig, build_decoder
-from .masking import label_masked_attention
-from .sequence import SequenceBuilder, TextBatch, loss_targets, position_ids, segment_ids
+from .masking import compact_label_mask, label_block_mask, label_masked_attention
+from .sequence import SequenceBuilder, TextBatch, loss_targets, pad_text, position_ids, segment_ids
 from .vision import VisionConfig, build_vision_tower, encode_patches
 
 PROMPT = "The objects in the image are"
+Attention = Literal["auto", "dense", "compact", "flex"]
+
+
+def flex_available(device: torch.device) -> bool:
+    """Whether FlexAttention can train on ``device``: it needs a GPU (it has no CPU backward) and Triton."""
+    return device.type == "cuda" and _flex_importable()
+
+
+@functools.cache
+def _flex_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def load_tokenizer(name_or_path: str):
@@ -50,6 +68,15 @@ class NXTP(nn.Module):
             taken from its last sample, and the sampler's step-limit and rounding quirks.
         reset_label_positions: give every label block the rotary positions that follow the prompt, as at
             inference (the reference does not).
+        attention: how the training forward computes the label-masked attention; every path gives the same
+            result up to float rounding (see ``masking``). ``dense``: SDPA with the full [B, 1, S, S] boolean mask,
+            the reference path. ``compact``: SDPA without a mask for the image rows and with a [B, 1, T, S] mask
+            for the text rows. ``flex``: FlexAttention with a block-sparse mask (GPU only for training: it has no
+            CPU backward). ``auto``: ``flex`` on a GPU where it is available, else ``dense`` (on the CPU the
+            three SDPA-based paths measure within noise of each other, and ``dense`` is bit-identical to the
+            reference).
+        pad_to_multiple: pad every training sequence (image + text) to a multiple of this length, so that a
+            compiled decoder sees few distinct shapes; padding rows carry no loss. None pads to the longest sample.
     """
 
     def __init__(
@@ -60,8 +87,14 @@ class NXTP(nn.Module):
         prompt: str = PROMPT,
         reference_compat: bool = False,
         reset_label_positions: bool = False,
+        attention: Attention = "auto",
+        pad_to_multiple: int | None = None,
     ) -> None:
         super().__init__()
+        if attention not in Attention.__args__:
+            raise ValueError(f"attention={attention!r}: choose one of {Attention.__args__}")
+        if pad_to_multiple is not None and pad_to_multiple < 1:
+            raise ValueError(f"pad_to_multiple={pad_to_multiple}: must be a positive length")
         self.init_args = dict(vision=asdict(vision), decoder=asdict(decoder), prompt=prompt,
                               reference_compat=reference_compat, reset_label_positions=reset_label_positions)
         self.tokenizer = load_tokenizer(tokenizer)
@@ -69,6 +102,9 @@ class NXTP(nn.Module):
         self.prompt = prompt
         self.reference_compat = reference_compat
         self.reset_label_positions = reset_label_positions
+        # Speed settings, not part of the model: ``save_pretrained`` leaves them out of the config.
+        self.attention = attention
+        self.pad_to_multiple = pad_to_multiple
         self.visual, self.train_transform, self.eval_transform = build_vision_tower(vision)
         self.decoder = build_decoder(decoder, vocab_size=len(self.tokenizer))
         width = self.visual.ln_post.normalized_shape[0]
@@ -94,16 +130,45 @@ class NXTP(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         return self.decoder.get_output_embeddings()(hidden)
 
-    def layout(self, text: TextBatch) -> tuple[Tensor, Tensor, Tensor]:
-        """Block ids, attention mask [B, 1, S, S] and rotary positions [B, S] of a training batch."""
+    def attention_path(self, device: torch.device) -> str:
+        """The attention path ``layout`` uses on ``device`` (``auto`` resolved)."""
+        if self.attention == "auto":
+            return "flex" if flex_available(device) else "dense"
+        if self.attention == "flex" and device.type == "cpu" and torch.is_grad_enabled():
+            raise RuntimeError("attention='flex' cannot train on the CPU (FlexAttention has no CPU backward); "
+                               "use 'auto', 'dense' or 'compact' there")
+        return self.attention
+
+    def layout(self, text: TextBatch, attention: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Block ids [B, S], attention mask and rotary positions [B, S] of a training batch.
+
+        The mask is in the form ``attention`` (default: this model's path) asks for: a [B, 1, S, S] boolean
+        tensor (``dense``), a [B, 1, S - n_image, S] one (``compact``) or a FlexAttention ``BlockMask`` (``flex``).
+        """
         seg = segment_ids(text, self.n_image_tokens, self.reference_compat)
-        return seg, label_masked_attention(seg), position_ids(seg, self.reset_label_positions)
+        attention = attention or self.attention_path(seg.device)
+        if attention == "flex":
+            mask = label_block_mask(seg)
+        elif attention == "compact":
+            mask = compact_label_mask(seg, self.n_image_tokens)
+        else:
+            mask = label_masked_attention(seg)
+        return seg, mask, position_ids(seg, self.reset_label_positions)
+
+    def pad(self, text: TextBatch) -> TextBatch:
+        """``text`` padded so that the whole sequence is a multiple of ``pad_to_multiple`` (unchanged if None)."""
+        if self.pad_to_multiple is None:
+            return text
+        m = self.pad_to_multiple
+        total = -(-(self.n_image_tokens + text.ids.shape[1]) // m) * m
+        return pad_text(text, total - self.n_image_tokens, self.sequences.pad_id)
 
     def forward(self, pixels: Tensor, text: TextBatch) -> tuple[Tensor, Tensor]:
         """Training loss: next-token cross-entropy averaged over every counted token of the batch.
 
         Returns the loss and the number of counted tokens. Logits are computed only at rows that carry a target.
         """
+        text = self.pad(text)
         seg, mask, positions = self.layout(text)
         hidden = self.hidden_states(self.embed_images(pixels), text.ids, mask, positions)
         rows, targets = loss_targets(text, seg, self.n_image_tokens, self.reference_compat)

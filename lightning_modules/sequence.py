@@ -121,6 +121,15 @@ def collate_text(samples: list[TextSequence], pad_id: int, pad_to: int | None = 
     return TextBatch(ids, lengths, anchors, ends)
 
 
+def pad_text(text: TextBatch, length: int, pad_id: int) -> TextBatch:
+    """``text`` padded with ``pad_id`` to ``length`` text positions (never shortened); padding is never a target."""
+    extra = length - text.ids.shape[1]
+    if extra <= 0:
+        return text
+    ids = torch.cat([text.ids, text.ids.new_full((text.ids.shape[0], extra), pad_id)], dim=1)
+    return TextBatch(ids, text.lengths, text.anchors, text.label_ends)
+
+
 def segment_ids(text: TextBatch, n_image: int, reference_compat: bool = False) -> Tensor:
     """Label each sequence position with the block it belongs to, shape [B, n_image + T].
 

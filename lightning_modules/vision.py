@@ -15,6 +15,7 @@ from pathlib import Path
 import open_clip
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIGS)
@@ -95,7 +96,52 @@ def build_vision_tower(cfg: VisionConfig) -> tuple[nn.Module, object, object]:
     return visual, train_tf, eval_tf
 
 
+def frozen_prefix(visual: nn.Module) -> int:
+    """How many leading blocks of the tower are frozen together with everything before them (the patch
+    embedding, class and position embeddings, ``ln_pre``): -1 if one of those trains, the number of blocks + 1
+    if nothing in the tower trains."""
+    blocks = visual.transformer.resblocks
+    in_blocks = {id(p) for p in blocks.parameters()}
+    head = {id(p) for p in visual.ln_post.parameters()}
+    if any(p.requires_grad for p in visual.parameters() if id(p) not in in_blocks and id(p) not in head):
+        return -1
+    for i, block in enumerate(blocks):
+        if any(p.requires_grad for p in block.parameters()):
+            return i
+    return len(blocks) + int(not any(p.requires_grad for p in visual.ln_post.parameters()))
+
+
 def encode_patches(visual: nn.Module, pixels: Tensor) -> Tensor:
-    """The patch tokens after ``ln_post``, CLS dropped: [B, n_patches, width]."""
-    _, patches = visual(pixels)
+    """The patch tokens after ``ln_post``, CLS dropped: [B, n_patches, width].
+
+    The frozen part of the tower (all of it, or its first blocks as when only the last blocks train) runs
+    without autograd: it needs no graph, and no activation of it is kept for the backward pass.
+    """
+    frozen = frozen_prefix(visual) if torch.is_grad_enabled() else -1
+    blocks = visual.transformer.resblocks
+    if frozen > len(blocks):
+        with torch.no_grad():
+            _, patches = visual(pixels)
+        return patches
+    if frozen <= 0:
+        _, patches = visual(pixels)
+        return patches
+    # open_clip's VisionTransformer.forward, cut after the frozen blocks.
+    with torch.no_grad():
+        x = _run_blocks(visual, visual._embeds(pixels), blocks[:frozen])
+    x = _run_blocks(visual, x, blocks[frozen:])
+    _, patches = visual._pool(x)
     return patches
+
+
+def _run_blocks(visual: nn.Module, x: Tensor, blocks) -> Tensor:
+    """``visual.transformer`` restricted to ``blocks``, on and back to batch-first tokens."""
+    transformer = visual.transformer
+    if not transformer.batch_first:
+        x = x.transpose(0, 1).contiguous()
+    for block in blocks:
+        if transformer.grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint(block, x, None, None, None, use_reentrant=False)
+        else:
+            x = block(x)
+    return x if transformer.batch_first else x.transpose(0, 1)

@@ -2,11 +2,14 @@
 
 import pytest
 import torch
-from conftest import tiny_nxtp
+from conftest import LLAMA_TOKENIZER, tiny_nxtp
 
+from lightning_modules.decoder import DecoderConfig
 from lightning_modules.masking import prefix_attention
+from lightning_modules.nxtp import NXTP
 from lightning_modules.sampling import Branch, decode_branches, rank_labels, recognize
 from lightning_modules.sequence import collate_text
+from lightning_modules.vision import VisionConfig, frozen_prefix
 
 
 def batch_loss(model, pixels, label_lists):
@@ -111,3 +114,63 @@ def test_recognize_returns_sorted_probabilities_per_image():
         probs = [p for _, p in labels]
         assert probs == sorted(probs, reverse=True) and all(0 < p <= 1 for p in probs)
         assert 1 <= len(labels) <= 4
+
+
+def test_padding_to_a_multiple_leaves_loss_and_gradients_unchanged():
+    model = tiny_nxtp().train()
+    pixels = torch.randn(2, 3, 64, 64)
+    seqs = [model.sequences(model.prompt, labels) for labels in [["dog", "frisbee"], ["a long label", "x"]]]
+    text = collate_text(seqs, model.sequences.pad_id)
+    results = []
+    for multiple in (None, 64):
+        model.pad_to_multiple = multiple
+        model.zero_grad()
+        loss, n = model(pixels, text)
+        loss.backward()
+        results.append((loss.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
+    (loss, n, grads), (padded, n_padded, grads_padded) = results
+    assert (model.n_image_tokens + text.ids.shape[1]) % 64 != 0  # the padding did add positions
+    assert model.pad(text).ids.shape[1] + model.n_image_tokens == 64
+    assert n == n_padded
+    torch.testing.assert_close(padded, loss, rtol=1e-6, atol=1e-6)
+    for name in grads:
+        torch.testing.assert_close(grads_padded[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("trainable_from", [0, 2, 3, 4])  # first trainable block; 3: only ln_post; 4: none
+def test_frozen_vision_blocks_run_without_autograd_and_keep_the_gradients(trainable_from, checkpointing):
+    vit = {"embed_dim": 64, "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "head_width": 16, "patch_size": 8},
+           "text_cfg": {"context_length": 4, "vocab_size": 8, "width": 16, "heads": 1, "layers": 1}}
+    torch.manual_seed(0)
+    decoder = DecoderConfig(config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=4))
+    model = NXTP(VisionConfig(model_name="three-block-vit", config=vit), decoder, str(LLAMA_TOKENIZER)).train()
+    model.visual.set_grad_checkpointing(checkpointing)
+    pixels = torch.randn(2, 3, 32, 32)
+    text = collate_text([model.sequences(model.prompt, ["dog", "cat"])] * 2, model.sequences.pad_id)
+
+    def trainable(name: str) -> bool:
+        if not name.startswith("visual."):
+            return True
+        if name.startswith("visual.transformer.resblocks."):
+            return int(name.split(".")[3]) >= trainable_from
+        return name.startswith("visual.ln_post.") and trainable_from <= 3
+
+    def grads() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        model(pixels, text)[0].backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if trainable(n)}
+
+    full = grads()  # everything trains: the whole tower runs with autograd
+    outputs = []
+    hook = model.visual.transformer.resblocks[0].register_forward_hook(lambda m, i, out: outputs.append(out))
+    for name, p in model.named_parameters():
+        p.requires_grad_(trainable(name))
+    assert frozen_prefix(model.visual) == trainable_from
+    frozen = grads()
+    hook.remove()
+    assert outputs[-1].requires_grad == (trainable_from == 0)  # no graph through the frozen blocks
+    assert frozen.keys() == full.keys()
+    for name in full:
+        torch.testing.assert_close(frozen[name], full[name], rtol=1e-5, atol=1e-7, msg=name)
