@@ -185,9 +185,11 @@ def read_shards(shards: Iterable[dict[str, Any]], rejects: Rejects, retries: int
     seconds, doubled each time), skipping files already passed on, then skipped as an ``unreachable shard``.
     A truncated or broken tar is not retried: its files before the damage are kept.
     """
+    given_up: set[str] = set()  # drawn again (resampling), such a shard is tried once more, without waiting
     for shard in shards:
         url, done = shard["url"], 0
-        for attempt in range(retries + 1):
+        attempts = 1 if url in given_up else retries + 1
+        for attempt in range(attempts):
             try:
                 for member in _shard_files(url, done):
                     member["__url__"] = url
@@ -199,10 +201,11 @@ def read_shards(shards: Iterable[dict[str, Any]], rejects: Rejects, retries: int
                 rejects.add(reason, url, None, e)
                 break
             except Exception as e:  # noqa: BLE001 - whatever the transport raises, the run goes on without it
-                if attempt == retries:
+                if attempt == attempts - 1:
                     rejects.add("unreachable shard", url, None, e)
+                    given_up.add(url)
                 else:
-                    log.warning("reading shard %s failed (%s), attempt %d of %d", url, e, attempt + 1, retries + 1)
+                    log.warning("reading shard %s failed (%s), attempt %d of %d", url, e, attempt + 1, attempts)
                     time.sleep(retry_wait * 2**attempt)
         yield {}  # end of shard: group_by_keys must not join its last sample with the next shard's first
 

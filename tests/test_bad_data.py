@@ -16,7 +16,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from datamodules import NXTPDataModule
-from datamodules.webdataset import decode_image, to_rgb
+from datamodules.webdataset import Rejects, decode_image, read_shards, to_rgb
 from lightning_modules.decoder import DecoderConfig
 from lightning_modules.lit_nxtp import LitNXTP
 from lightning_modules.vision import VisionConfig
@@ -130,6 +130,33 @@ def test_bad_samples_and_shards_are_counted_and_good_ones_arrive_once(tmp_path, 
     assert by_key["bomb"]["shard"] == urls[0] and by_key["bomb"]["split"] == "val"
     shards = {r["reason"]: r["shard"] for r in rejects if r["key"] is None}
     assert shards == {"truncated shard": urls[1], "unreachable shard": urls[2]}
+
+
+def test_a_download_that_breaks_off_is_read_again_without_repeating_samples(tmp_path, model):
+    jpeg = encode(Image.new("RGB", (40, 30), "blue"), "JPEG")
+    keys = [f"k{i}" for i in range(6)]
+    with wds.TarWriter(str(tmp_path / "shard.tar")) as sink:
+        for key in keys:
+            sink.write({"__key__": key, "jpg": jpeg, "txt": b"a dog on the grass"})
+    tar, attempts = tmp_path / "shard.tar", tmp_path / "attempts"
+    broken_off = tar.read_bytes().index(b"k3.txt")  # the first attempt passes on k0..k2 and k3's image
+    url = (f"pipe:echo attempt >> {attempts}; if [ $(wc -l < {attempts}) -ge 3 ]; then cat {tar}; "
+           f"else head -c {broken_off} {tar}; exit 1; fi")
+    dm = NXTPDataModule(val_shards=url, batch_size=4, num_workers=0, shard_retries=RETRIES, shard_retry_wait=0)
+    dm.bind(model)
+    batches = list(dm.val_dataloader())
+    assert sorted(key for batch in batches for key in batch["keys"]) == keys
+    assert sum((Counter(batch["skipped"]) for batch in batches), Counter()) == {}
+    assert attempts.read_text().count("attempt") == 3
+
+
+def test_a_shard_drawn_again_after_it_failed_is_not_retried_again(tmp_path):
+    attempts = tmp_path / "attempts"
+    failing = {"url": f"pipe:echo attempt >> {attempts}; exit 1"}
+    rejects = Rejects("train")
+    assert list(read_shards([failing] * 3, rejects, retries=RETRIES, retry_wait=0)) == [{}] * 3  # end-of-shard marks
+    assert rejects.counts == {"unreachable shard": 3}
+    assert attempts.read_text().count("attempt") == RETRIES + 1 + 2  # resampling draws it again: once each
 
 
 def test_odd_modes_are_converted_not_rejected():
