@@ -4,7 +4,9 @@ Each sample of a shard is ``KEY.{jpg,jpeg,png,webp}`` + ``KEY.txt`` (the caption
 brace patterns, lists, local paths or URLs (webdataset handles ``pipe:``, http(s) and s3 itself). Labels
 are extracted from the caption (``labels``), shuffled per sample, and tokenized after the prompt. Shards
 are split by node and by worker, so with resampling off every sample is seen once per epoch.
-A sample that cannot be decoded is skipped, logged with its shard and key, and counted in the batch.
+Bad data never stops a run: a sample that cannot be used (broken or oversized image, missing, empty or
+non-UTF-8 caption, no labels) is skipped, and so is a shard that stays unreachable after retries or the rest
+of a truncated one; each is logged, counted by reason in the next batch, and listed in ``rejects.jsonl``.
 """
 
 from __future__ import annotations
