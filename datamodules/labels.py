@@ -9,6 +9,12 @@ One deliberate difference: the reference deduplicates *before* lemmatizing (so
 "dog" and "dogs" could both survive as "dog") and returns them in random order.
 Here duplicates are removed after lemmatization and the order of first
 appearance is kept; shuffling belongs to the data pipeline.
+
+The tokens, tags and lemmas are exactly NLTK's (``word_tokenize``, ``pos_tag``,
+``WordNetLemmatizer``), computed several times faster than NLTK's own calls so
+that one data worker extracts well over 5,000 captions/s
+(``experiments/bench_labels.py``); :func:`extract_labels_nltk` is the same
+extraction through NLTK's calls, kept as the yardstick.
 """
 
 from __future__ import annotations
@@ -130,7 +136,6 @@ _FINAL_PERIOD_1 = re.compile("([^\\.])(\\.)([\\]\\)}>\"'\u00bb\u201d\u2019 ]*+)\
 _ELLIPSIS = re.compile(r"\.{2,}")
 _FINAL_PERIOD_2 = re.compile(r"([^\.])(\.)([\]\)}>\"\']*)\s*$")
 _QUOTE_BEFORE_SPACE = re.compile(r"([^'])' ")
-_DOUBLE_QUOTES = re.compile(r"''")
 _SPACES = re.compile(r"\s+")
 _CLITICS_1 = re.compile(r"([^' ])('[sS]|'[mM]|'[dD]|') ")
 _CLITICS_2 = re.compile(r"([^' ])('ll|'LL|'re|'RE|'ve|'VE|n't|N'T) ")
@@ -194,7 +199,8 @@ class _PerceptronTags:
     scores are the running sum of its rows, added in the same order as NLTK adds
     them, so every score is bit-identical (adding the 0.0 of an absent tag changes
     nothing). Ties go to the larger tag name, as in NLTK, by ordering the columns
-    from the largest name down so that ``argmax`` picks the first.
+    from the largest name down so that ``argmax`` picks the first. The matrix
+    takes about 34 MB (94k features x 45 tags in float64; float32 would round).
     """
 
     def __init__(self, tagger: nltk.tag.PerceptronTagger) -> None:
@@ -226,7 +232,7 @@ class _PerceptronTags:
         if not rows:
             return self.tags[0]  # all scores 0.0: the largest name wins
         # cumsum adds the rows strictly one after the other, like NLTK's loop.
-        scores = self.weights[rows].cumsum(axis=0)[-1]
+        scores = self.weights.take(rows, axis=0).cumsum(axis=0)[-1]
         return self.tags[int(scores.argmax())]
 
     def tag(self, tokens: list[str]) -> list[str]:

@@ -5,11 +5,20 @@ from pathlib import Path
 
 os.environ.setdefault("NLTK_DATA", str(Path(__file__).parent / "fixtures" / "nltk_data"))
 
+import random  # noqa: E402
+
 import nltk  # noqa: E402
 import pytest  # noqa: E402
 
 from datamodules import labels  # noqa: E402
-from datamodules.labels import clean_caption, ensure_nltk_data, extract_labels, extract_labels_batch  # noqa: E402
+from datamodules.labels import (  # noqa: E402
+    clean_caption,
+    ensure_nltk_data,
+    extract_labels,
+    extract_labels_batch,
+    extract_labels_nltk,
+    tokenize,
+)
 
 CAPTIONS = {
     "Two dogs playing with a frisbee on the grass.": ["dog", "frisbee", "grass"],
@@ -25,9 +34,46 @@ CAPTIONS = {
 }
 
 
+# Web-style captions with the usual troublemakers (contractions, possessives, abbreviations, hyphens,
+# numbers, several sentences, noise words inside other words), labels worked out by hand from the rules.
+WEB_CAPTIONS = {
+    "Don't miss the view: a lighthouse on the rocky coast.": ["view", "lighthouse", "coast"],
+    # WordNet does not know "sandcastle", so the plural is its own lemma.
+    "It's a sunny afternoon at the beach. Kids build sandcastles near the water.": [
+        "afternoon", "beach", "kid", "sandcastles", "water"],
+    "Close-up of a woman's hands kneading dough on a floured counter.": ["close-up", "woman", "hand", "dough", "counter"],
+    # Lowercased, "u.s." reads as an adjective and "d.c" (its final period split off) as a noun.
+    "Vintage photo of the U.S. Capitol building in Washington, D.C.": [
+        "photo", "capitol", "building", "washington", "d.c"],
+    "Stock image of a red-and-white striped umbrella on the sand": ["umbrella", "sand"],
+    "Two 4x4 trucks and 3 SUVs parked outside a café.": ["truck", "suv", "caf"],  # "é" is stripped
+    # The tagger takes "slicing" between a noun and plural nouns for a noun, and so does the reference.
+    "A chef in a white apron slicing tomatoes, onions & peppers.": [
+        "chef", "apron", "slicing", "tomato", "onion", "pepper"],
+    "Aerial view of New York City at night": ["view", "york", "city", "night"],
+    # "birthday" and "today" lose their "day": "birth" stays, "to" is too short anyway.
+    "Happy birthday card with balloons -- 50% off today!": ["birth", "card", "balloon"],
+    "Portrait of a smiling girl holding her cat's paw.": ["portrait", "girl", "cat", "paw"],
+    "The dogs' owner walks them along the river every morning.": ["dog", "owner", "river", "morning"],
+    "Rock 'n' roll band performing on stage in the 1980s.": ["rock", "roll", "band", "stage"],
+    # Lowercased, the title "mr." is a common noun of three characters.
+    "Mr. Smith's old car... rusting in the yard.": ["mr.", "smith", "car", "yard"],
+    "Glasses of wine on a table at sunset; a great evening with friends!": [
+        "glass", "wine", "table", "sunset", "evening", "friend"],
+    "An illustration of a T-shirt design with a skull and roses": ["t-shirt", "design", "skull", "rose"],
+    "Three women in saris walking past a temple, India": ["woman", "sari", "temple", "india"],
+    "Kids' bikes leaning against the fence of a school.": ["kid", "bike", "fence", "school"],
+}
+
+
 @pytest.mark.parametrize("caption", list(CAPTIONS))
 def test_real_captions(caption):
     assert extract_labels(caption) == CAPTIONS[caption]
+
+
+@pytest.mark.parametrize("caption", list(WEB_CAPTIONS))
+def test_web_captions(caption):
+    assert extract_labels(caption) == WEB_CAPTIONS[caption]
 
 
 def test_digits_are_dropped():
@@ -100,3 +146,63 @@ def test_download_errors_count_as_missing(tmp_path, monkeypatch):
     monkeypatch.setattr(labels, "_nltk_ready", False)
     with pytest.raises(RuntimeError, match="punkt_tab"):
         ensure_nltk_data()
+
+
+# --- The fast path against NLTK's own calls --------------------------------------
+
+SUBJECTS = ["a dog", "Two CATS", "the man's wife", "kids'", "an old fisherman", "3 horses", "a U.S. soldier",
+            "Mr. Brown", "the t-shirt", "a well-known chef", "rock'n'roll fans", "a 4x4", "our neighbours' kids"]
+VERBS = ["sitting on", "isn't running across", "can't stand near", "is gonna jump over", "won't leave",
+         "cannot find", "wanna play in", "'s parked by", "walks along", "looks at", "-- waiting for --"]
+OBJECTS = ["the grass", "a sandy beach", "N.Y.C. streets", "the kitchen counter", "a snowy mountain (Alps)",
+           "'the sofa'", "a 1990s car", "the 'old' bridge", "rock 'n' roll posters", "e.g. apples & pears",
+           "two ''quoted'' words", "the dog's bowl", "St. Paul's cathedral", "a café", "10.5 km of road"]
+ENDINGS = [".", "!", "?", "...", "", " .", ". It's sunny.", ". Don't they look happy?", "; stock photo",
+           ", background image.", " - illustration", ". 'Tis the season.", " in the U.S.", " at 5 p.m."]
+PIECES = ["'", "''", "'s", "n't", "'ll", "'re", "'ve", "'m", "'d", "'t", "'tis", "'twas", ".", "..", "...", "-", "--",
+          " ", "  ", "cannot", "gonna", "gotta", "wanna", "gimme", "lemme", "d'ye", "more'n", "u.s.", "e.g.", "mr.",
+          "don't", "it's", "dog", "cats", "t-shirt", "3.5", "1990", "'90s", "o'clock", "a", "the", "st.", "no."]
+ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789'.- "
+
+
+def _captions(n: int, seed: int = 0) -> list[str]:
+    """Real-looking captions built from phrases full of punctuation, contractions and abbreviations."""
+    rng = random.Random(seed)
+    return [f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}{rng.choice(ENDINGS)}"
+            for _ in range(n)]
+
+
+def _cleaned_noise(n: int, seed: int = 0) -> list[str]:
+    """Strings over the alphabet a cleaned caption can have, dense in quotes, periods and dashes."""
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(n):
+        if rng.random() < 0.5:
+            texts.append("".join(rng.choice(PIECES) if rng.random() < 0.7 else rng.choice(ALPHABET)
+                                 for _ in range(rng.randint(1, 12))))
+        else:
+            words = PIECES + ["".join(rng.choice(ALPHABET) for _ in range(rng.randint(1, 6)))]
+            texts.append(" ".join(rng.choice(words) for _ in range(rng.randint(1, 12))))
+    return texts
+
+
+def test_tokenizer_matches_nltk():
+    for text in _cleaned_noise(3000) + [clean_caption(c) for c in _captions(1000)]:
+        assert tokenize(text) == nltk.word_tokenize(text), text
+
+
+def test_tokenizer_falls_back_to_nltk_outside_the_cleaned_alphabet():
+    text = 'He said "Hello, World!" (twice) & left; costs $3.50.'
+    assert tokenize(text) == nltk.word_tokenize(text)
+
+
+def test_tagger_matches_nltk():
+    tagger = labels._tagger()
+    for text in _cleaned_noise(1000, seed=1) + [clean_caption(c) for c in _captions(1000, seed=1)]:
+        tokens = nltk.word_tokenize(text)
+        assert tagger.tag(tokens) == [tag for _, tag in nltk.pos_tag(tokens)], text
+
+
+def test_labels_match_nltk():
+    captions = _captions(2000, seed=2) + list(CAPTIONS) + list(WEB_CAPTIONS)
+    assert extract_labels_batch(captions) == [extract_labels_nltk(c) for c in captions]
