@@ -20,7 +20,7 @@ The same rule comes in three forms, one per attention path of the decoder (``dec
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
