@@ -5,6 +5,7 @@ import torch
 from conftest import LLAMA_TOKENIZER, tiny_nxtp
 
 from lightning_modules.decoder import DecoderConfig
+from lightning_modules.lit_nxtp import LitNXTP
 from lightning_modules.masking import prefix_attention
 from lightning_modules.nxtp import NXTP
 from lightning_modules.sampling import Branch, decode_branches, rank_labels, recognize
@@ -174,3 +175,27 @@ def test_frozen_vision_blocks_run_without_autograd_and_keep_the_gradients(traina
     assert frozen.keys() == full.keys()
     for name in full:
         torch.testing.assert_close(frozen[name], full[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_compiled_decoder_keeps_parameter_names_loss_and_gradients():
+    def module(compile: bool) -> LitNXTP:
+        torch.manual_seed(0)
+        decoder = DecoderConfig(config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=4))
+        return LitNXTP(VisionConfig(model_name="nxtp-tiny-vit"), decoder, str(LLAMA_TOKENIZER), semantic_metric=False,
+                       compile=compile, pad_to_multiple=32)
+
+    eager, compiled = module(False), module(True)
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints stay interchangeable
+    model = eager.model
+    text = collate_text([model.sequences(model.prompt, ["dog", "cat"])] * 2, model.sequences.pad_id)
+    pixels = torch.randn(2, 3, 64, 64)
+    losses = []
+    for m in (eager, compiled):
+        loss, _ = m.model(pixels, text)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
