@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 IMAGE_TOKEN = "<|image|>"
@@ -159,11 +160,10 @@ def position_ids(seg: Tensor, reset_label_positions: bool = False) -> Tensor:
     if not reset_label_positions:
         return pos
     first_label_pos = (seg <= 0).long().cumprod(1).sum(1, keepdim=True)  # prefix length incl. image
-    start = torch.zeros_like(pos)
-    for k in range(1, int(seg.max().item()) + 1):
-        in_k = seg == k
-        start_k = torch.where(in_k, pos, length).min(1, keepdim=True).values
-        start = torch.where(in_k, start_k, start)
+    # A label block is one run of positions: its start is the latest run start at or before each position
+    # (computed without a host sync, so that a GPU step does not wait here).
+    run_start = (seg > 0) & (seg != F.pad(seg, (1, 0), value=-3)[:, :-1])
+    start = torch.where(run_start, pos, 0).cummax(1).values
     return torch.where(seg > 0, first_label_pos + pos - start, pos)
 
 
