@@ -8,8 +8,9 @@ Configs:
 * ``medium``: 256 image tokens from a 4-block ViT (the first 2 blocks frozen), a LLaMA-type decoder of width 1024
   with 6 blocks, 10 labels per image, batch 4: runs in a few minutes on a small CPU;
 * ``paper``: ``configs/model/nxtp_paper.yaml`` (ViT-L/14 + the first 6 blocks of LLaMA-2-7B, the paper's trainable
-  parts) with random weights built from the architecture (nothing is downloaded), batch 16, bf16 autocast;
-  GPU only.
+  parts) with random weights built from the architecture (nothing is downloaded), batch 16; GPU only.
+
+On a GPU every step runs under bf16 autocast (as ``trainer.precision: bf16-mixed``); on the CPU in float32.
 
 Each config is timed with every attention path of ``NXTP`` that can train on the device (``dense``: the full
 boolean mask, the reference; ``compact``; ``flex`` on a GPU) and with a plain causal step over the same sequence
@@ -21,8 +22,8 @@ other than ``dense``.
 FLOPs per image are counted from the model and the batch's shapes: every weight matrix costs 2 FLOPs per
 parameter and token forward (tokens: 257 per image for ViT-L/14, the padded sequence length for the decoder, the
 loss rows only for the output layer), and 2 more each for the input gradient (needed when anything upstream trains)
-and the weight gradient (when the weights train); frozen blocks with nothing trainable before them count forward
-only. Attention adds 4 x S^2 x width FLOPs per block forward (scores and weighted sum over the full S x S matrix,
+and the weight gradient (when the weights train): 6 x parameters x tokens for a trained block, 2 x for a frozen
+block with nothing trainable before it (forward only). Attention adds 4 x S^2 x width FLOPs per block forward (scores and weighted sum over the full S x S matrix,
 for every path, so that all paths are credited the same work) and twice that backward. On a GPU the achieved
 TFLOP/s is compared with the card's dense bf16 peak (MFU).
 
@@ -190,7 +191,8 @@ def bench(name: str, device: torch.device, steps: int, warmup: int, compile: boo
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
     paths = ["dense", "compact"] + (["flex"] if flex_available(device) else []) + ["causal"]
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=name == "paper")
+    # GPU steps run as ``trainer.precision: bf16-mixed`` does; CPU steps in float32 (bf16 is slow on most CPUs).
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step(path: str) -> float:
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
