@@ -73,17 +73,21 @@ def test_flex_path_gives_the_dense_loss_on_cpu(compat, dtype, monkeypatch):
     torch.testing.assert_close(losses["flex"][0], losses["dense"][0], rtol=tol, atol=tol)
 
 
-def test_compact_path_trains_under_bf16_autocast_on_cpu():
-    model = tiny_nxtp().train()
-    pixels, text = torch.randn(3, 3, 64, 64), batch(model)
+@pytest.mark.parametrize("device, path", [
+    ("cpu", "compact"),
+    pytest.param("cuda", "flex", marks=pytest.mark.skipif(not CUDA, reason="FlexAttention trains on a GPU only")),
+])
+def test_fast_paths_train_under_bf16_autocast(device, path):
+    model = tiny_nxtp().train().to(device)
+    pixels, text = torch.randn(3, 3, 64, 64, device=device), batch(model).to(device)
     losses = {}
-    for path in ("dense", "compact"):
-        model.attention = path
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+    for attention in ("dense", path):
+        model.attention = attention
+        with torch.autocast(device, dtype=torch.bfloat16):
             loss, _ = model(pixels, text)
         loss.backward()
-        losses[path] = loss.item()
-    assert losses["compact"] == pytest.approx(losses["dense"], rel=2e-2)
+        losses[attention] = loss.item()
+    assert losses[path] == pytest.approx(losses["dense"], rel=2e-2)
 
 
 def test_flex_refuses_to_train_on_cpu_and_auto_falls_back():
@@ -109,17 +113,3 @@ def test_flex_path_gives_the_dense_loss_and_gradients_on_gpu(compat):
             torch.testing.assert_close(grads_p[name], grads[name], rtol=1e-3, atol=1e-5, msg=f"{path}: {name}")
     model.attention = "auto"
     assert model.attention_path(torch.device("cuda")) == "flex"
-
-
-@pytest.mark.skipif(not CUDA, reason="FlexAttention trains on a GPU only")
-def test_flex_path_trains_under_bf16_autocast_on_gpu():
-    model = tiny_nxtp().train().cuda()
-    pixels, text = torch.randn(3, 3, 64, 64, device="cuda"), batch(model).to("cuda")
-    losses = {}
-    for path in ("dense", "flex"):
-        model.attention = path
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, _ = model(pixels, text)
-        loss.backward()
-        losses[path] = loss.item()
-    assert losses["flex"] == pytest.approx(losses["dense"], rel=2e-2)

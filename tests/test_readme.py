@@ -34,7 +34,11 @@ def blocks() -> list[tuple[str, list[str]]]:
 def dry(command: str) -> str:
     """The form of a long command that checks it without doing the long work."""
     words = shlex.split(command)
+    env = []
+    while "=" in words[0]:  # VAR=value prefixes stay in front
+        env.append(words.pop(0))
     program = Path(words[0]).name
+    command = shlex.join(env + words) if env else command
     if program == "make":
         return f"make -n {shlex.join(words[1:])}"
     if program in ("sbatch", "bash"):
@@ -43,7 +47,7 @@ def dry(command: str) -> str:
         return f"{command} --print_config > /dev/null"
     if program == "nxtp" and words[1] == "sweep":
         return f"{command} --dry-run"
-    return f"{shlex.join(words[:2] if program == 'nxtp' else words[:2])} --help > /dev/null"
+    return f"{shlex.join(env + words[:2])} --help > /dev/null"
 
 
 def test_every_bash_block_is_tagged():
