@@ -50,7 +50,7 @@ class ConvStem(nn.Sequential):
     def __init__(self, width: int, patch_size: int) -> None:
         stages = int(math.log2(patch_size))
         if 2**stages != patch_size:
-            raise ValueError(f"conv_stem needs a power-of-two patch size, got {patch_size}")
+            raise ValueError(f"vision.conv_stem needs a power-of-two patch size, got {patch_size}")
         channels = [3] + [min(width, 16 * 2**i) for i in range(stages)]
         layers: list[nn.Module] = []
         for c_in, c_out in zip(channels[:-1], channels[1:]):
@@ -89,10 +89,16 @@ def build_vision_tower(cfg: VisionConfig) -> tuple[nn.Module, object, object]:
         raise ValueError(f"vision.model_name: {cfg.model_name!r} is not a ViT; NXTP needs its patch tokens")
     if visual.attn_pool is not None or visual.pool_type != "tok" or visual.final_ln_after_pool:
         raise ValueError(f"vision.model_name: {cfg.model_name!r} does not expose its tokens after ln_post with CLS first")
+    image, patch = tuple(visual.image_size), tuple(visual.patch_size)
+    if image[0] % patch[0] or image[1] % patch[1]:
+        # The patchify convolution would silently drop the pixels past the last whole patch.
+        raise ValueError(f"vision: image size {image[0]}x{image[1]} of {cfg.model_name!r} is not a multiple of its patch "
+                         f"size {patch[0]}x{patch[1]}; set vision_cfg.image_size (in vision.config or the model's "
+                         "JSON config) to a multiple")
     visual.proj = None  # NXTP learns its own projection into the decoder
     visual.output_tokens = True
     if cfg.conv_stem:
-        visual.conv1 = ConvStem(visual.conv1.out_channels, visual.patch_size[0])
+        visual.conv1 = ConvStem(visual.conv1.out_channels, patch[0])
     return visual, train_tf, eval_tf
 
 

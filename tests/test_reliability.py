@@ -9,7 +9,7 @@ from lightning_modules.checkpoint_io import AtomicCheckpointIO
 from lightning_modules.decoder import DecoderConfig
 from lightning_modules.lit_nxtp import LitNXTP
 from lightning_modules.sequence import collate_text
-from lightning_modules.vision import VisionConfig
+from lightning_modules.vision import VisionConfig, build_vision_tower
 
 
 def test_a_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -52,3 +52,15 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run():
     assert module.nonfinite_steps == 2
     with pytest.raises(RuntimeError, match=r"max_nonfinite_steps=2\); batch samples \['k1', 'k2'\]"):
         module.training_step(batch, 3)
+
+
+@pytest.mark.parametrize("image_size, patch_size, conv_stem, message", [
+    (70, 16, False, "image size 70x70 .* not a multiple of its patch size 16x16"),
+    (72, 12, True, "vision.conv_stem needs a power-of-two patch size, got 12"),
+])
+def test_an_image_size_the_tower_cannot_take_is_named(image_size, patch_size, conv_stem, message):
+    tower = {"embed_dim": 32, "vision_cfg": {"image_size": image_size, "layers": 1, "width": 32, "head_width": 16,
+                                             "patch_size": patch_size},
+             "text_cfg": {"context_length": 4, "vocab_size": 8, "width": 16, "heads": 1, "layers": 1}}
+    with pytest.raises(ValueError, match=message):
+        build_vision_tower(VisionConfig(model_name="custom", config=tower, conv_stem=conv_stem))
