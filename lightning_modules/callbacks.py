@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
 import lightning as L
 import numpy as np
 import torch
 import yaml
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.cli import SaveConfigCallback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.tensorboard.summary import hparams
 
@@ -130,3 +137,41 @@ class SaveConfigToTensorBoard(SaveConfigCallback):
         writer = experiment._get_file_writer()
         for summary in hparams(params, {tag: 0.0 for tag in tags}):
             writer.add_summary(summary)
+
+
+class SlurmRequeue(L.Callback):
+    """SLURM pre-emption: on the warning signal (``#SBATCH --signal=USR1@120``), write ``hpc_ckpt_N.ckpt`` in
+    ``trainer.default_root_dir``, ask ``scontrol requeue`` for the job, and stop; the requeued job resumes from
+    that checkpoint (see ``cli.resume_point``).
+
+    Lightning's own requeue does all of this inside the signal handler, which deadlocks when the signal lands
+    while the TensorBoard writer is flushing (the handler flushes it again). Here the handler only sets a flag,
+    and the work happens at the end of the next training step, on every rank together.
+    """
+
+    def __init__(self, signum: int = signal.SIGUSR1) -> None:
+        self.signum = signum
+        self.signalled = False
+        self.requeued = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Registered before the trainer sets its handlers, Lightning leaves this signal to us.
+        if stage == "fit" and SLURMEnvironment.detect() and threading.current_thread() is threading.main_thread():
+            signal.signal(self.signum, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signalled = True
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if self.requeued or not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
+            return
+        folder = Path(trainer.default_root_dir)
+        numbers = [int(p.stem.split("_")[-1]) for p in folder.glob("hpc_ckpt_*.ckpt") if p.stem.split("_")[-1].isdigit()]
+        trainer.save_checkpoint(folder / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt")
+        if trainer.is_global_zero:
+            array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+            job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
+            code = subprocess.call(["scontrol", "requeue", job])
+            (rank_zero_info if code == 0 else rank_zero_warn)(f"requeue of SLURM job {job}: scontrol exit code {code}")
+        self.requeued = True
+        trainer.should_stop = True

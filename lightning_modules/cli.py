@@ -30,8 +30,8 @@ def resume_point(root: Path) -> tuple[Path, str] | None:
     logger's ``save_dir/name``, and that version's folder name.
 
     The candidates are the version's ``last.ckpt`` (written every validation and on SIGTERM / Ctrl-C) and the
-    ``hpc_ckpt_N.ckpt`` files that Lightning writes in ``root`` when SLURM signals a job before pre-empting it
-    (``#SBATCH --signal=USR1@120``); the most recently written wins.
+    ``hpc_ckpt_N.ckpt`` files written in ``root`` when SLURM signals a job before pre-empting it
+    (``#SBATCH --signal=USR1@120``, see ``callbacks.SlurmRequeue``); the most recently written wins.
     """
     number = lambda p: int(p.name.split("_")[-1]) if p.name.split("_")[-1].isdigit() else -1  # noqa: E731
     versions = sorted(root.glob("version_*"), key=number)
@@ -74,6 +74,8 @@ class NXTPCLI(LightningCLI):
             print(f"resuming from {found[0]} (--resume false starts a new run)")
 
     def after_fit(self) -> None:
+        if any(getattr(c, "requeued", False) for c in self.trainer.callbacks):
+            return  # stopped for a SLURM requeue: the requeued job finishes the run
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()}
         if self.config.fit.get("test_after_fit"):
             results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best")
@@ -223,11 +225,11 @@ def main() -> None:
         sys.exit(import_main(sys.argv[2:]))
     from datamodules import NXTPDataModule
 
-    from .callbacks import AttentionMaskImage, SaveConfigToTensorBoard
+    from .callbacks import AttentionMaskImage, SaveConfigToTensorBoard, SlurmRequeue
     from .lit_nxtp import LitNXTP
 
     NXTPCLI(LitNXTP, NXTPDataModule, seed_everything_default=0, save_config_callback=SaveConfigToTensorBoard,
-            save_config_kwargs={"overwrite": True}, trainer_defaults={"callbacks": [AttentionMaskImage()]})
+            save_config_kwargs={"overwrite": True}, trainer_defaults={"callbacks": [AttentionMaskImage(), SlurmRequeue()]})
 
 
 if __name__ == "__main__":
