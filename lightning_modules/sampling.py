@@ -59,20 +59,27 @@ def decode_branches(model: NXTP, pixels: Tensor, topk: int, max_label_tokens: in
     tokens = [first_tokens.reshape(-1)]
     token_probs = [first_probs.reshape(-1)]
     done = torch.zeros_like(tokens[0], dtype=torch.bool) if compat else torch.isin(tokens[0], stop_ids)
+    # Branches that have ended leave the batch (and the cache): later steps run the unfinished ones only.
+    # Their later tokens are filled with a stop token; ``split_branches`` cuts every branch at its first stop.
+    active = torch.arange(batch * topk, device=pixels.device)
     for step in range(1, max_label_tokens):
-        if done.all():
+        keep = ~done[active]
+        if not keep.any():
             break
-        step_pos = torch.full((batch * topk, 1), length + step - 1, device=pixels.device)
+        if not keep.all():
+            cache.batch_select_indices(keep.nonzero().squeeze(1))
+            active = active[keep]
+        step_pos = torch.full((len(active), 1), length + step - 1, device=pixels.device)
         step_out = base(
-            inputs_embeds=model.embed_text(tokens[-1][:, None]).to(image.dtype),
+            inputs_embeds=model.embed_text(tokens[-1][active][:, None]).to(image.dtype),
             position_ids=step_pos,
             use_cache=True,
             **cache_kwarg,
         )
         p, t = model.logits(step_out.last_hidden_state[:, -1]).float().softmax(-1).max(-1)
-        tokens.append(t)
-        token_probs.append(p)
-        done |= torch.isin(t, stop_ids)
+        tokens.append(torch.full_like(tokens[0], int(stop_ids[0])).index_copy(0, active, t))
+        token_probs.append(torch.ones_like(token_probs[0]).index_copy(0, active, p))
+        done[active] |= torch.isin(t, stop_ids)
 
     tok = torch.stack(tokens, 1).view(batch, topk, -1).tolist()
     prob = torch.stack(token_probs, 1).view(batch, topk, -1).tolist()

@@ -77,8 +77,16 @@ def test_cached_sampling_matches_brute_force(seed):
     with torch.no_grad():
         model.decoder.get_output_embeddings().weight[model.sequences.delimiter_id] *= 4
     pixels = torch.randn(3, 3, 64, 64)
+    rows = []  # batch rows of every decoder call: the prefix, then one call per step
+    hook = model.decoder.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(len(kwargs["inputs_embeds"])), with_kwargs=True)
     cached = decode_branches(model, pixels, topk=6, max_label_tokens=5)
+    hook.remove()
     brute = brute_force_branches(model, pixels, topk=6, max_label_tokens=5)
+    # A step decodes only the branches that have not ended (18 = 3 images x 6 branches).
+    lengths = [len(b.tokens) + (b.stop_prob is not None) for image in cached for b in image]
+    assert rows[0] == 3 and rows[1:] == [sum(n > step for n in lengths) for step in range(1, len(rows))]
+    assert rows[-1] < 18
     ended = 0
     for got_image, want_image in zip(cached, brute):
         for got, (tokens, probs, stop) in zip(got_image, want_image):
