@@ -276,6 +276,7 @@ class NXTPDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.model = None
         self.rejects_path: Path | None = None
+        self._seen_rejects: set[tuple] = set()
 
     def bind(self, model) -> None:
         """Take the tokenizer, prompt and image preprocessing from an ``NXTP`` model."""
@@ -292,13 +293,21 @@ class NXTPDataModule(L.LightningDataModule):
         """Append the rejects that came with a batch to the rejects file (in the main process, as workers cannot
         share a file handle with it); they leave the batch, which goes on to the device without them."""
         if isinstance(batch, dict) and "rejects" in batch:
-            records = batch.pop("rejects")
+            # Validation and test read the same shards at every pass; their rejects are written once.
+            records = [r for r in batch.pop("rejects") if r["split"] == "train" or self._first_time(r)]
             if records and self.rejects_path is not None:
                 self.rejects_path.parent.mkdir(parents=True, exist_ok=True)
                 step = self.trainer.global_step if self.trainer is not None else None
                 with self.rejects_path.open("a") as f:
                     f.writelines(json.dumps({**r, "step": step}) + "\n" for r in records)
         return batch
+
+    def _first_time(self, record: dict[str, Any]) -> bool:
+        key = (record["split"], record["shard"], record["key"], record["reason"])
+        if key in self._seen_rejects:
+            return False
+        self._seen_rejects.add(key)
+        return True
 
     def _urls(self, shards: Shards, name: str) -> list[str]:
         """The shard URLs of ``data.<name>_shards``, failing before any heavy work with a message naming the key."""

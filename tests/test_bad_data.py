@@ -200,6 +200,7 @@ def test_a_run_writes_every_reject_to_its_log_dir(tmp_path):
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, log_every_n_steps=1)
     trainer.fit(module, datamodule=dm)
+    trainer.validate(module, datamodule=dm)  # a second pass over the same val shard: its rejects are not repeated
     trainer.test(module, datamodule=dm)
     records = [json.loads(line) for line in (tmp_path / "logs/lightning_logs/version_0/rejects.jsonl").open()]
     reasons = {split: Counter(r["reason"] for r in records if r["split"] == split) for split in ("train", "val", "test")}
