@@ -36,6 +36,7 @@ import os
 import random
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -167,23 +168,43 @@ def read_status(sweep: Sweep, index: int, params: dict[str, Any]) -> dict[str, A
 
 
 def run_one(sweep: Sweep, index: int, params: dict[str, Any]) -> dict[str, Any]:
-    """Run (or resume) one trial in a subprocess; its output goes to ``RUN.log``; a failure is recorded."""
+    """Run (or resume) one trial in a subprocess; its output goes to ``RUN.log``; a failure is recorded.
+
+    SIGTERM and SLURM's pre-emption warning (SIGUSR1) are passed on to the run, which checkpoints (and, for the
+    warning, asks for a requeue); a run stopped that way is not a failure. After a SIGTERM the sweep stops too.
+    """
     name = run_name(index, params)
     sweep.folder.mkdir(parents=True, exist_ok=True)
     (sweep.folder / f"{name}.failed").unlink(missing_ok=True)
     command = [sys.executable, "-m", "lightning_modules.cli"] + fit_args(sweep, index, params)
     started = time.perf_counter()
-    with open(sweep.folder / f"{name}.log", "w") as log:
+    received: list[int] = []
+    with open(sweep.folder / f"{name}.log", "a") as log:  # a resumed run appends to its log
         log.write(shlex.join(command) + "\n")
         log.flush()
-        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+        def forward(signum, frame) -> None:
+            received.append(signum)
+            proc.send_signal(signum)
+
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            code = proc.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
     status = read_status(sweep, index, params)
-    if code != 0 or status["status"] != "done":
+    if status["status"] != "done" and received:
+        status = {"status": "interrupted", "error": f"stopped by signal {received[-1]}; run the sweep again to resume"}
+    elif code != 0 or status["status"] != "done":
         lines = (sweep.folder / f"{name}.log").read_text().strip().splitlines()
         error = f"exit code {code}: {lines[-1] if lines else ''}"
         (sweep.folder / f"{name}.failed").write_text(error + "\n")
         status = {"status": "failed", "error": error}
     status["seconds"] = round(time.perf_counter() - started)
+    if signal.SIGTERM in received:
+        raise SystemExit(f"sweep {sweep.name}: stopped by SIGTERM during {name}")
     return status
 
 

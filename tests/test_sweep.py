@@ -4,12 +4,16 @@ import csv
 import json
 import math
 import os
+import signal
 import stat
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
-from conftest import NXTP_CLI, fit_command, run
+from conftest import NXTP_CLI, ROOT, fit_command, run
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -128,3 +132,27 @@ def test_a_real_sweep_records_every_run_and_goes_on_after_a_failure(tmp_path, sh
 
     again = run(NXTP_CLI + ["sweep", str(path)])  # finished runs are not run twice
     assert again.stdout.count("done already") == 2
+
+
+@pytest.mark.slow
+def test_sigterm_reaches_the_run_and_the_sweep_resumes_it(tmp_path, shapes):
+    base = fit_command(shapes, tmp_path / "logs", 40)
+    start = base.index("--model.tokenizer")
+    fixed = {k.lstrip("-"): v for k, v in zip(base[start::2], base[start + 1::2]) if not k.startswith("--trainer.logger")}
+    path = sweep_file(tmp_path, parameters={"model.decoder.num_blocks": [1]}, fixed=fixed, metric="val/loss", mode="min")
+    run_dir = tmp_path / "logs" / "sweeps" / "t" / "00-num_blocks=1"
+    proc = subprocess.Popen(NXTP_CLI + ["sweep", str(path)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (run_dir / "version_0/checkpoints/last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "stopped by SIGTERM" in err
+    assert not list(run_dir.parent.glob("*.failed"))  # interrupted, not failed
+    assert torch.load(run_dir / "version_0/checkpoints/last.ckpt", weights_only=False)["global_step"] < 40
+
+    again = run(NXTP_CLI + ["sweep", str(path)])
+    assert again.returncode == 0, again.stdout[-2000:]
+    assert "resuming from" in (run_dir.parent / "00-num_blocks=1.log").read_text()
+    assert json.loads((run_dir / "version_0/metrics.json").read_text())["global_step"] == 40
