@@ -33,10 +33,7 @@ def _allowed(q_seg: Tensor, kv_seg: Tensor, causal: Tensor) -> Tensor:
 
 def label_masked_attention(seg: Tensor) -> Tensor:
     """Boolean mask [B, 1, S, S] from block ids [B, S]; True means "may attend"."""
-    length = seg.shape[1]
-    pos = torch.arange(length, device=seg.device)
-    causal = pos[None, :, None] >= pos[None, None, :]  # [1, q, kv]
-    return _allowed(seg[:, :, None], seg[:, None, :], causal)[:, None]
+    return _query_rows(seg, 0)
 
 
 def compact_label_mask(seg: Tensor, n_image: int) -> Tensor:
@@ -45,10 +42,14 @@ def compact_label_mask(seg: Tensor, n_image: int) -> Tensor:
     The first ``n_image`` positions must be the image block; their rows (all image columns, nothing else) are
     left out, which ``decoder.LABEL_MASKED`` reads as "the leading queries attend to the leading keys only".
     """
-    length = seg.shape[1]
-    pos = torch.arange(length, device=seg.device)
-    causal = pos[None, n_image:, None] >= pos[None, None, :]
-    return _allowed(seg[:, n_image:, None], seg[:, None, :], causal)[:, None]
+    return _query_rows(seg, n_image)
+
+
+def _query_rows(seg: Tensor, first: int) -> Tensor:
+    """The rows of the mask from query position ``first`` on: [B, 1, S - first, S]."""
+    pos = torch.arange(seg.shape[1], device=seg.device)
+    causal = pos[None, first:, None] >= pos[None, None, :]  # [1, q, kv]
+    return _allowed(seg[:, first:, None], seg[:, None, :], causal)[:, None]
 
 
 def label_mask_mod(seg: Tensor) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:

@@ -160,7 +160,7 @@ def read_status(sweep: Sweep, index: int, params: dict[str, Any]) -> dict[str, A
     folder = run_dir(sweep, index, params)
     versions = sorted(folder.glob("version_*/metrics.json"), key=lambda p: p.stat().st_mtime)
     if versions:
-        return {"status": "done", "metrics": json.loads(versions[-1].read_text()), "log_dir": str(versions[-1].parent)}
+        return {"status": "done", "metrics": json.loads(versions[-1].read_text())}
     failed = sweep.folder / f"{run_name(index, params)}.failed"
     if failed.exists():
         return {"status": "failed", "error": failed.read_text().strip()}
