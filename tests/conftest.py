@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,17 @@ def run(cmd: list[str], env: dict[str, str] | None = None, **kwargs) -> subproce
     """Run a command from the repository root with the project importable; output captured as text."""
     env = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def start_until(cmd: list[str], path: Path, env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
+    """Start a command as ``run`` does and return it once ``path`` exists (or it ended, or 300 s passed): the
+    moment to interrupt a training run that has written its first checkpoint."""
+    env = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, **kwargs)
+    deadline = time.time() + 300
+    while not path.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    return proc
 
 
 @pytest.fixture(scope="session")

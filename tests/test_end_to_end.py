@@ -5,13 +5,12 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import NXTP_CLI, ROOT, fit_command, run
+from conftest import NXTP_CLI, fit_command, run, start_until
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -83,12 +82,8 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes_at_the_same_step(tmp_pa
 
     interrupted = tmp_path / "interrupted"
     checkpoints = interrupted / "default" / "version_0" / "checkpoints"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(fit_command(data, interrupted, steps), cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (checkpoints / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.5)
+    proc = start_until(fit_command(data, interrupted, steps), checkpoints / "last.ckpt",
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=300)
     stopped_at = torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"]
@@ -111,16 +106,14 @@ def test_slurm_preemption_signal_checkpoints_requeues_and_the_requeued_job_resum
     fake.parent.mkdir()
     fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
     fake.chmod(0o755)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}",
+    env = {"PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}",
            "SLURM_JOB_ID": "77", "SLURM_JOB_NAME": "nxtp", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",
            "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}
     steps = 60
     root = tmp_path / "logs" / "default"
     command = fit_command(shapes, tmp_path / "logs", steps)
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (root / "version_0" / "checkpoints" / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.5)
+    proc = start_until(command, root / "version_0" / "checkpoints" / "last.ckpt", env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     proc.send_signal(signal.SIGUSR1)
     assert proc.wait(timeout=300) == 0  # stopped by itself, without waiting for SLURM's SIGTERM
     assert calls.read_text().split() == ["requeue", "77"]

@@ -7,13 +7,12 @@ import os
 import signal
 import stat
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import NXTP_CLI, ROOT, fit_command, run
+from conftest import NXTP_CLI, fit_command, run, start_until
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -25,6 +24,14 @@ def sweep_file(tmp_path: Path, **spec) -> Path:
     path.write_text(yaml.safe_dump({"name": "t", "config": "configs/experiment/default.yaml",
                                     "save_dir": str(tmp_path / "logs"), **spec}))
     return path
+
+
+def fit_overrides(shapes: Path, tmp_path: Path, max_steps: int) -> dict[str, str]:
+    """The end-to-end tests' short fit (``conftest.fit_command``) as a sweep's ``fixed`` keys, logger excluded."""
+    command = fit_command(shapes, tmp_path / "logs", max_steps)
+    start = command.index("--model.tokenizer")
+    return {k.lstrip("-"): v for k, v in zip(command[start::2], command[start + 1::2])
+            if not k.startswith("--trainer.logger")}
 
 
 def test_a_grid_is_every_combination(tmp_path):
@@ -110,9 +117,7 @@ def test_the_slurm_launcher_submits_an_array_and_a_table_job(tmp_path):
 @pytest.mark.slow
 def test_a_real_sweep_records_every_run_and_goes_on_after_a_failure(tmp_path, shapes):
     # The fixed settings are those of the end-to-end tests' short fit; num_blocks=9 is deeper than the decoder.
-    base = fit_command(shapes, tmp_path / "logs", 6)
-    overrides = dict(zip(base[base.index("--model.tokenizer")::2], base[base.index("--model.tokenizer") + 1::2]))
-    fixed = {k.lstrip("-"): v for k, v in overrides.items() if not k.startswith("--trainer.logger")}
+    fixed = fit_overrides(shapes, tmp_path, 6)
     fixed.update({"model.decoder.config.num_hidden_layers": 2, "trainer.val_check_interval": 3})
     path = sweep_file(tmp_path, parameters={"model.decoder.num_blocks": [2, 9, 1]}, fixed=fixed,
                       metric="val/loss", mode="min")
@@ -136,16 +141,11 @@ def test_a_real_sweep_records_every_run_and_goes_on_after_a_failure(tmp_path, sh
 
 @pytest.mark.slow
 def test_sigterm_reaches_the_run_and_the_sweep_resumes_it(tmp_path, shapes):
-    base = fit_command(shapes, tmp_path / "logs", 40)
-    start = base.index("--model.tokenizer")
-    fixed = {k.lstrip("-"): v for k, v in zip(base[start::2], base[start + 1::2]) if not k.startswith("--trainer.logger")}
+    fixed = fit_overrides(shapes, tmp_path, 40)
     path = sweep_file(tmp_path, parameters={"model.decoder.num_blocks": [1]}, fixed=fixed, metric="val/loss", mode="min")
     run_dir = tmp_path / "logs" / "sweeps" / "t" / "00-num_blocks=1"
-    proc = subprocess.Popen(NXTP_CLI + ["sweep", str(path)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not (run_dir / "version_0/checkpoints/last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.5)
+    proc = start_until(NXTP_CLI + ["sweep", str(path)], run_dir / "version_0/checkpoints/last.ckpt",
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode != 0 and "stopped by SIGTERM" in err
