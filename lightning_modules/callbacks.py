@@ -151,6 +151,7 @@ class SlurmRequeue(L.Callback):
 
     def __init__(self, signum: int = signal.SIGUSR1) -> None:
         self.signum = signum
+        self.listening = False  # only on SLURM; elsewhere the per-step check (a collective with DDP) is skipped
         self.signalled = False
         self.requeued = False
 
@@ -158,12 +159,13 @@ class SlurmRequeue(L.Callback):
         # Registered before the trainer sets its handlers, Lightning leaves this signal to us.
         if stage == "fit" and SLURMEnvironment.detect() and threading.current_thread() is threading.main_thread():
             signal.signal(self.signum, self._on_signal)
+            self.listening = True
 
     def _on_signal(self, signum, frame) -> None:
         self.signalled = True
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        if self.requeued or not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
+        if not self.listening or self.requeued or not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
             return
         folder = Path(trainer.default_root_dir)
         numbers = [int(p.stem.split("_")[-1]) for p in folder.glob("hpc_ckpt_*.ckpt") if p.stem.split("_")[-1].isdigit()]
