@@ -142,7 +142,7 @@ class SaveConfigToTensorBoard(SaveConfigCallback):
 class SlurmRequeue(L.Callback):
     """SLURM pre-emption: on the warning signal (``#SBATCH --signal=USR1@120``), write ``hpc_ckpt_N.ckpt`` in
     ``trainer.default_root_dir``, ask ``scontrol requeue`` for the job, and stop; the requeued job resumes from
-    that checkpoint (see ``cli.resume_point``).
+    that checkpoint (see ``cli.train.resume_point``).
 
     Lightning's own requeue does all of this inside the signal handler, which deadlocks when the signal lands
     while the TensorBoard writer is flushing (the handler flushes it again). Here the handler only sets a flag,

@@ -8,7 +8,7 @@ import torch
 from conftest import OFFICIAL, tiny_nxtp
 from PIL import Image
 
-from lightning_modules.cli import label_main
+from lightning_modules.cli.label import label_main
 from lightning_modules.recognizer import Recognizer
 
 

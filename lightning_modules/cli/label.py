@@ -1,0 +1,122 @@
+"""``nxtp label``: name the objects in image files, as JSON lines or CSV."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def image_paths(inputs: list[str], files_from: str | None = None) -> list[Path]:
+    """Files as given, glob patterns expanded, image files inside directories (recursively, sorted), and the
+    paths listed one per line in ``files_from``."""
+    items = list(inputs)
+    if files_from:
+        items += [line.strip() for line in Path(files_from).read_text().splitlines() if line.strip()]
+    paths: list[Path] = []
+    for item in items:
+        if not Path(item).exists() and glob.has_magic(item):
+            paths += [Path(p) for p in sorted(glob.glob(item, recursive=True))]
+        elif Path(item).is_dir():
+            paths += sorted(p for p in Path(item).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            paths.append(Path(item))  # a missing file is reported as an error entry, like an unreadable one
+    return paths
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Preprocessed images for ``nxtp label``; an unreadable file yields its error instead of pixels."""
+
+    def __init__(self, paths: list[Path], transform) -> None:
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            with Image.open(self.paths[i]) as image:
+                return str(self.paths[i]), self.transform(image.convert("RGB")), None
+        except Exception as e:  # reported, never fatal: one bad file must not cost the others
+            return str(self.paths[i]), None, f"{type(e).__name__}: {e}"
+
+
+class LabelWriter:
+    """Writes ``nxtp label`` results as JSON lines or CSV (one row per label) to a file or stdout."""
+
+    def __init__(self, fmt: str, output: str | None) -> None:
+        self.stream = open(output, "w", newline="") if output else sys.stdout
+        self.csv = csv.writer(self.stream) if fmt == "csv" else None
+        if self.csv:
+            self.csv.writerow(["image", "label", "prob", "error"])
+
+    def write(self, image: str, labels: list[tuple[str, float]] | None = None, error: str | None = None) -> None:
+        if self.csv:
+            rows = [[image, label, prob, ""] for label, prob in labels or []] or [[image, "", "", error or ""]]
+            self.csv.writerows(rows)
+        else:
+            entry = {"image": image, "error": error} if error else \
+                {"image": image, "labels": [{"label": l, "prob": p} for l, p in labels]}
+            self.stream.write(json.dumps(entry) + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.stream is not sys.stdout:
+            self.stream.close()
+
+
+def label_main(argv: list[str]) -> int:
+    """``nxtp label``: labels sorted by probability for every image, as JSON lines (default) or CSV."""
+    parser = argparse.ArgumentParser(prog="nxtp label", description="Name the objects in images.")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a Lightning checkpoint (.ckpt) written by `nxtp fit`, or a folder written by "
+                             "`nxtp export` / `nxtp import-official`")
+    parser.add_argument("--topk", type=int, default=10, help="first tokens to branch from (at most this many labels)")
+    parser.add_argument("--min-prob", type=float, default=0.0, help="drop labels below this probability")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers that read and preprocess images")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=["32", "bf16", "16"], default="32", help="autocast dtype")
+    parser.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    parser.add_argument("--output", help="write here instead of stdout")
+    parser.add_argument("--files-from", help="a text file with one image path per line")
+    parser.add_argument("paths", nargs="*", help="image files, directories or glob patterns")
+    args = parser.parse_args(argv)
+    paths = image_paths(args.paths, args.files_from)
+    if not paths:
+        parser.error("no images: give files, directories, glob patterns or --files-from")
+
+    from ..recognizer import Recognizer
+
+    recognizer = Recognizer.from_checkpoint(args.checkpoint, args.device)
+    loader = torch.utils.data.DataLoader(ImageFiles(paths, recognizer.model.eval_transform), batch_size=args.batch_size,
+                                         num_workers=args.workers, collate_fn=list)
+    dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(args.precision)
+    writer = LabelWriter(args.format, args.output)
+    failed = 0
+    for batch in tqdm(loader, desc="labelling", unit="batch", file=sys.stderr, disable=not sys.stderr.isatty()):
+        for path, _, error in (item for item in batch if item[2]):
+            failed += 1
+            print(f"nxtp label: cannot read {path}: {error}", file=sys.stderr)
+            writer.write(path, error=error)
+        good = [item for item in batch if item[2] is None]
+        if not good:
+            continue
+        with torch.autocast(torch.device(args.device).type, dtype=dtype, enabled=dtype is not None):
+            results = recognizer.label([pixels for _, pixels, _ in good], topk=args.topk, min_prob=args.min_prob,
+                                       batch_size=args.batch_size)
+        for (path, _, _), labels in zip(good, results):
+            writer.write(path, labels)
+    writer.close()
+    if failed:
+        print(f"nxtp label: {failed} of {len(paths)} images could not be read", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,96 @@
+"""``nxtp fit | validate | test | predict``: LightningCLI over ``LitNXTP`` and ``NXTPDataModule``, with automatic
+resume of interrupted runs and ``--test_after_fit``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+
+
+def resume_point(root: Path) -> tuple[Path, str] | None:
+    """Where an interrupted run continues: the newest checkpoint of the newest ``version_N`` under a TensorBoard
+    logger's ``save_dir/name``, and that version's folder name.
+
+    The candidates are the version's ``last.ckpt`` (written every validation and on SIGTERM / Ctrl-C) and the
+    ``hpc_ckpt_N.ckpt`` files written in ``root`` when SLURM signals a job before pre-empting it
+    (``#SBATCH --signal=USR1@120``, see ``callbacks.SlurmRequeue``); the most recently written wins.
+    """
+    number = lambda p: int(p.name.split("_")[-1]) if p.name.split("_")[-1].isdigit() else -1  # noqa: E731
+    versions = sorted(root.glob("version_*"), key=number)
+    if not versions:
+        return None
+    candidates = [p for v in reversed(versions) if (p := v / "checkpoints" / "last.ckpt").is_file()][:1]
+    candidates += root.glob("hpc_ckpt_*.ckpt")
+    if not candidates:
+        return None
+    newest = max(candidates, key=lambda p: p.stat().st_mtime)
+    version = newest.parents[1].name if newest.name == "last.ckpt" else versions[-1].name
+    return newest, version
+
+
+class NXTPCLI(LightningCLI):
+    """LightningCLI with ``--test_after_fit`` (evaluate the best checkpoint after training) and ``--resume``
+    (continue the newest run of the same logger from its newest checkpoint, in the same log folder; see
+    ``resume_point``)."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--test_after_fit", type=bool, default=False, help="run `test` on the best checkpoint after `fit`")
+        parser.add_argument("--resume", type=bool, default=True,
+                            help="resume from the last checkpoint of the newest run when one exists (false: start anew)")
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand != "fit":
+            return
+        config = self.config.fit
+        logger = config.trainer.logger
+        if not hasattr(logger, "init_args") or not str(logger.class_path).endswith("TensorBoardLogger"):
+            return
+        args = logger.init_args
+        root = Path(args.save_dir) / (args.name or "lightning_logs")
+        if config.trainer.default_root_dir is None:
+            # SLURM pre-emption checkpoints (hpc_ckpt_N.ckpt) go here, next to the runs they belong to.
+            config.trainer.default_root_dir = str(root)
+        found = resume_point(root) if config.get("resume") and not config.get("ckpt_path") else None
+        if found is not None:
+            config.ckpt_path, args.version = str(found[0]), found[1]  # continue in the interrupted run's folder
+            print(f"resuming from {found[0]} (--resume false starts a new run)")
+
+    def after_fit(self) -> None:
+        if any(getattr(c, "requeued", False) for c in self.trainer.callbacks):
+            return  # stopped for a SLURM requeue: the requeued job finishes the run
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()}
+        if self.config.fit.get("test_after_fit"):
+            results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best")
+            if self.trainer.is_global_zero and results:
+                metrics.update(results[0])
+                summary = {k: round(v, 4) for k, v in results[0].items() if "/f1" in k or k.endswith("/f")}
+                print("test results:", json.dumps(summary))
+        self._write_metrics(metrics)
+
+    def after_test(self) -> None:
+        self._write_metrics({k: float(v) for k, v in self.trainer.callback_metrics.items()})
+
+    def _write_metrics(self, metrics: dict[str, float]) -> None:
+        """The run's final metrics as ``metrics.json`` in its log folder (what ``nxtp sweep`` tabulates)."""
+        if not self.trainer.is_global_zero or self.trainer.log_dir is None:
+            return
+        checkpoint = self.trainer.checkpoint_callback
+        metrics = {"global_step": self.trainer.global_step, **metrics}
+        if checkpoint is not None and checkpoint.best_model_score is not None:
+            metrics.update(best_checkpoint=checkpoint.best_model_path, best_score=float(checkpoint.best_model_score))
+        path = Path(self.trainer.log_dir) / "metrics.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(metrics, indent=1) + "\n")
+
+
+def lightning_main() -> None:
+    """Run LightningCLI with the project's module, data module and default callbacks."""
+    from datamodules import NXTPDataModule
+
+    from ..callbacks import AttentionMaskImage, SaveConfigToTensorBoard, SlurmRequeue
+    from ..lit_nxtp import LitNXTP
+
+    NXTPCLI(LitNXTP, NXTPDataModule, seed_everything_default=0, save_config_callback=SaveConfigToTensorBoard,
+            save_config_kwargs={"overwrite": True}, trainer_defaults={"callbacks": [AttentionMaskImage(), SlurmRequeue()]})
