@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import re
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -46,18 +48,44 @@ def meta_to_hf_rotary(weight: Tensor, n_heads: int) -> Tensor:
     return weight.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
+def is_torchscript(path: str | Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (what OpenAI ships as ``ViT-L-14.pt``) rather than a state dict."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:  # TorchScript zips hold code/ and constants.pkl; torch.save ones do not
+        return any(name.split("/")[-1] == "constants.pkl" for name in archive.namelist())
+
+
+def read_clip_state(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of an OpenAI CLIP file: a TorchScript archive (OpenAI's own) or a plain state dict.
+
+    A TorchScript archive is read with ``torch.jit.load`` on the CPU for its state dict only; its code is never
+    called. A state dict is read with ``weights_only=True`` (no pickled code runs).
+    """
+    if is_torchscript(path):
+        with warnings.catch_warnings():  # torch.jit is deprecated, but it is the only reader of OpenAI's archive
+            warnings.simplefilter("ignore", FutureWarning)
+            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state)
+
+
 def load_clip_visual(clip: str) -> dict[str, Tensor]:
-    """The OpenAI CLIP vision weights with ``visual.`` stripped, from ``openai`` (via open_clip) or a state-dict path."""
+    """The OpenAI CLIP vision weights with ``visual.`` stripped, from ``openai`` (via open_clip) or a file.
+
+    The file is OpenAI's TorchScript archive (e.g. ``ViT-L-14.pt``) or a state dict with OpenAI's key names.
+    """
     if clip == "openai":
         import open_clip
 
         model = open_clip.create_model("ViT-L-14-quickgelu", pretrained="openai")
         return {k: v for k, v in model.visual.state_dict().items()}
-    state = torch.load(clip, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
+    if not Path(clip).is_file():
+        raise FileNotFoundError(f"--clip {clip}: no such file (give 'openai' or an OpenAI CLIP .pt file)")
+    state = read_clip_state(clip)
     visual = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
     if not visual:
-        raise ValueError(f"{clip}: no 'visual.*' keys; expected an OpenAI CLIP state dict")
+        raise ValueError(f"--clip {clip}: no 'visual.*' keys; expected an OpenAI CLIP file (TorchScript or state dict)")
     return visual
 
 
@@ -145,7 +173,8 @@ def import_main(argv: list[str]) -> int:
     """``nxtp import-official``."""
     parser = argparse.ArgumentParser(prog="nxtp import-official", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="official ckpt_epoch_03_iter_*.pth")
-    parser.add_argument("--clip", default="openai", help="'openai' (downloaded by open_clip) or an OpenAI CLIP state-dict path")
+    parser.add_argument("--clip", default="openai", help="'openai' (downloaded by open_clip), or an OpenAI CLIP "
+                        "file: OpenAI's TorchScript archive (ViT-L-14.pt) or a state dict with OpenAI's key names")
     parser.add_argument("--tokenizer", required=True, help="LLaMA-2 tokenizer name or folder")
     parser.add_argument("--out", required=True, help="output folder (model.safetensors, config.yaml, tokenizer/)")
     parser.add_argument("--vision-heads", type=int, default=None, help="default: width / 64")
