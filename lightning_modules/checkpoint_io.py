@@ -1,17 +1,83 @@
-"""Checkpoints that survive a crash while being written."""
+"""Reading and writing ``.ckpt`` files: safe loading by default, and writes that survive a crash.
+
+A ``.ckpt`` is a pickle, and unpickling can run any code the file names. ``load_checkpoint`` therefore reads
+it with ``torch.load(weights_only=True)``, which builds only tensors, plain containers and the few classes
+allow-listed here (what the project's own checkpoints contain); anything else is refused before it runs.
+"""
 
 from __future__ import annotations
 
 import os
 import pickle
+import re
+from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from .decoder import DecoderConfig
+from .vision import VisionConfig
+
+# What the project's checkpoints pickle beyond torch's own weights-only set (tensors, storages, containers,
+# numbers, strings): the config dataclasses that ``LitNXTP`` keeps as hyperparameters when it is built from
+# Python (``nxtp fit`` stores them as dicts). Optimizer, scheduler, callback and RNG states are plain data.
+SAFE_GLOBALS: list[type] = [VisionConfig, DecoderConfig]
+
+TRUST_HINT = ("If you trust this file (you wrote it, or know who did), load it on purpose with "
+              "`--trust-checkpoint` (nxtp label / nxtp export), `trust=True` (Recognizer.from_checkpoint, "
+              "load_checkpoint) or `weights_only=False` (Trainer.fit)")
+
+
+class UntrustedCheckpointError(pickle.UnpicklingError):
+    """A checkpoint that names Python objects outside the allow-list; nothing in it was run."""
+
+
+def _open(path: str | Path):
+    if "://" in str(path):  # s3://, gs://, ...: through fsspec, as Lightning reads them
+        import fsspec
+
+        return fsspec.open(str(path), "rb").open()
+    return open(path, "rb")
+
+
+def load_checkpoint(path: str | Path, trust: bool = False, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a ``.ckpt`` without running code from it, unless ``trust`` is set.
+
+    Args:
+        path: the checkpoint file (a local path or an fsspec URL).
+        trust: unpickle anything the file names (``weights_only=False``); only for files you trust.
+        map_location: as for ``torch.load``.
+
+    Raises:
+        UntrustedCheckpointError: the file names globals outside ``SAFE_GLOBALS`` and torch's weights-only
+            set; the message lists them and says how to trust the file.
+    """
+    if trust:
+        with _open(path) as f:
+            return torch.load(f, map_location=map_location, weights_only=False)
+    with torch.serialization.safe_globals(SAFE_GLOBALS):
+        try:
+            with _open(path) as f:
+                return torch.load(f, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            try:  # every offending global, read from the pickle without running it
+                with _open(path) as f:
+                    names = torch.serialization.get_unsafe_globals_in_checkpoint(f)
+            except Exception:  # e.g. the legacy (non-zip) format: the first one, from torch's message
+                names = re.findall(r"GLOBAL (\S+) was not an allowed global", str(e))
+            if not names:
+                raise  # not a refusal: a corrupt file, for the caller to report
+            raise UntrustedCheckpointError(
+                f"refusing to load checkpoint {path}: it pickles {', '.join(names)} outside the "
+                f"allow-list of what this project's checkpoints contain, and unpickling them could run code. "
+                f"{TRUST_HINT}.") from None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write to a temporary file and rename it over the target, so that a run killed mid-write keeps the
-    previous checkpoint intact; a checkpoint that cannot be read raises an error naming the file.
+    previous checkpoint intact; read through ``load_checkpoint`` (safe unless ``weights_only=False``), and a
+    checkpoint that cannot be read raises an error naming the file.
 
     Remote paths (``s3://...``) are written as Lightning does by default.
     """
@@ -29,15 +95,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.remove(tmp)
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        # Lightning passes None unless the user chose: only an explicit weights_only=False trusts the file.
         try:
-            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
-        except FileNotFoundError:
+            return load_checkpoint(path, trust=weights_only is False,
+                                   map_location=map_location or (lambda storage, loc: storage))
+        except (FileNotFoundError, UntrustedCheckpointError):
             raise
-        except pickle.UnpicklingError as e:
-            if "weights_only" in str(e) or "Weights only" in str(e):
-                raise  # a readable file holding objects that weights-only loading refuses: not corruption
-            raise RuntimeError(f"checkpoint {path} is corrupt or was only partly written ({e}); "
-                               f"resume from an earlier checkpoint") from e
         except Exception as e:  # truncated or corrupt: say which file, keep the cause
             raise RuntimeError(f"checkpoint {path} is corrupt or was only partly written ({type(e).__name__}: {e}); "
                                f"resume from an earlier checkpoint") from e

@@ -20,6 +20,7 @@ import argparse
 import copy
 import importlib.util
 import json
+import sys
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -154,18 +155,20 @@ def _export_graph(module: nn.Module, args: tuple[Tensor, ...], path: Path, input
                         location=path.name + ".data", size_threshold=1024)
 
 
-def _load_model(checkpoint_or_model: NXTP | str | Path) -> NXTP:
+def _load_model(checkpoint_or_model: NXTP | str | Path, trust: bool = False) -> NXTP:
     if isinstance(checkpoint_or_model, NXTP):
         return checkpoint_or_model
     from .recognizer import Recognizer
 
-    return Recognizer.from_checkpoint(checkpoint_or_model).model
+    return Recognizer.from_checkpoint(checkpoint_or_model, trust=trust).model
 
 
 @torch.no_grad()
 def export(checkpoint_or_model: NXTP | str | Path, out_dir: str | Path, format: ExportFormat = "safetensors",
-           opset: int = 17) -> Path:
+           opset: int = 17, trust: bool = False) -> Path:
     """Write a model (or a ``.ckpt`` / ``save_pretrained`` folder) to ``out_dir`` in ``format``; return it.
+
+    A ``.ckpt`` is read safely (see ``checkpoint_io.load_checkpoint``) unless ``trust`` is set.
 
     ``safetensors`` writes ``save_pretrained``'s folder. ``onnx`` writes the same folder (config and
     tokenizer are needed to serve) plus ``prefix.onnx``, ``step.onnx`` and ``onnx_meta.json``.
@@ -174,7 +177,7 @@ def export(checkpoint_or_model: NXTP | str | Path, out_dir: str | Path, format: 
         raise ValueError(f"unknown export format {format!r}: use 'safetensors' or 'onnx'")
     if format == "onnx" and importlib.util.find_spec("onnx") is None:  # fail before loading anything
         raise ImportError("ONNX export needs the onnx package: pip install 'nxtp-lightning[export]'")
-    model = _load_model(checkpoint_or_model)
+    model = _load_model(checkpoint_or_model, trust)
     out = model.save_pretrained(out_dir)
     if format == "safetensors":
         return out
@@ -279,7 +282,16 @@ def export_main(argv: list[str]) -> int:
     parser.add_argument("--format", choices=["safetensors", "onnx"], default="safetensors")
     parser.add_argument("--out", required=True, help="folder to write")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset version")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="let a .ckpt's pickle create any Python object, which can run code: only for files you "
+                             "trust (by default only what the project's own checkpoints contain is loaded)")
     args = parser.parse_args(argv)
-    out = export(args.checkpoint, args.out, args.format, args.opset)
+    from .checkpoint_io import UntrustedCheckpointError
+
+    try:
+        out = export(args.checkpoint, args.out, args.format, args.opset, trust=args.trust_checkpoint)
+    except UntrustedCheckpointError as e:
+        print(f"nxtp export: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {args.format} export to {out}")
     return 0

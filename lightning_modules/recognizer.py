@@ -29,14 +29,20 @@ class Recognizer:
         self.model = model.to(self.device).eval()
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> "Recognizer":
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", trust: bool = False,
+                        **options) -> "Recognizer":
         """Load a Lightning ``.ckpt`` written by ``nxtp fit`` or a folder written by ``save_pretrained`` /
-        ``nxtp import-official``."""
+        ``nxtp import-official``; ``options`` go to ``Recognizer``.
+
+        A ``.ckpt`` is read without running code from its pickle (see ``checkpoint_io.load_checkpoint``) unless
+        ``trust`` is set; a folder holds safetensors and JSON only.
+        """
         if Path(path).is_dir():
-            return cls(NXTP.from_pretrained(path), device)
+            return cls(NXTP.from_pretrained(path), device, **options)
+        from .checkpoint_io import SAFE_GLOBALS, load_checkpoint
         from .lit_nxtp import TOKENIZER_KEY, LitNXTP
 
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = load_checkpoint(path, trust=trust)
         overrides = {}
         if not Path(checkpoint["hyper_parameters"]["tokenizer"]).exists() and TOKENIZER_KEY in checkpoint:
             # moved to another machine or folder: use the copy of the tokenizer stored in the checkpoint
@@ -44,8 +50,13 @@ class Recognizer:
             for name, data in checkpoint[TOKENIZER_KEY].items():
                 (folder / name).write_bytes(data)
             overrides["tokenizer"] = str(folder)
-        module = LitNXTP.load_from_checkpoint(path, map_location="cpu", semantic_metric=False, **overrides)
-        return cls(module.model, device)
+        del checkpoint
+        # Lightning reads the file again (its hyperparameter and version migrations are not public API),
+        # under the same allow-list.
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            module = LitNXTP.load_from_checkpoint(path, map_location="cpu", weights_only=not trust,
+                                                  semantic_metric=False, **overrides)
+        return cls(module.model, device, **options)
 
     def preprocess(self, image: ImageInput) -> Tensor:
         """Pixels [3, H, W] for one image: a path, a PIL image, or an already preprocessed tensor."""

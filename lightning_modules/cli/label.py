@@ -80,6 +80,9 @@ def label_main(argv: list[str]) -> int:
     parser.add_argument("--checkpoint", required=True,
                         help="a Lightning checkpoint (.ckpt) written by `nxtp fit`, or a folder written by "
                              "`nxtp export` / `nxtp import-official`")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="let a .ckpt's pickle create any Python object, which can run code: only for files you "
+                             "trust (by default only what the project's own checkpoints contain is loaded)")
     parser.add_argument("--topk", type=int, default=10, help="first tokens to branch from (at most this many labels)")
     parser.add_argument("--min-prob", type=float, default=0.0, help="drop labels below this probability")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -95,9 +98,14 @@ def label_main(argv: list[str]) -> int:
     if not paths:
         parser.error("no images: give files, directories, glob patterns or --files-from")
 
+    from ..checkpoint_io import UntrustedCheckpointError
     from ..recognizer import Recognizer
 
-    recognizer = Recognizer.from_checkpoint(args.checkpoint, args.device)
+    try:
+        recognizer = Recognizer.from_checkpoint(args.checkpoint, args.device, trust=args.trust_checkpoint)
+    except UntrustedCheckpointError as e:
+        print(f"nxtp label: {e}", file=sys.stderr)
+        return 2
     loader = torch.utils.data.DataLoader(ImageFiles(paths, recognizer.model.eval_transform), batch_size=args.batch_size,
                                          num_workers=args.workers, collate_fn=list)
     dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(args.precision)
