@@ -4,12 +4,16 @@ Both metrics take, per image, a list of predicted label strings (already top-k a
 thresholded by the caller) and a list of reference label strings, and report the
 mean over images of per-image recall, precision and F1.
 
-Empty cases are handled the same way by both metrics:
+Empty cases:
 
-* an image with no predictions counts, with recall = precision = F1 = 0 (and
-  diversity 0 for :class:`SemanticLabelScore`);
+* an image with no predictions counts, scored as the official evaluation scores it
+  (kaiyuyue/nxtp ``src/evals/engine.py``): as if the empty label ``""`` had been
+  predicted. :class:`SemanticLabelScore` embeds ``""`` and scores it against the
+  references like any label (so its recall and precision are small, not 0; diversity
+  is 0); for :class:`ExactLabelScore` ``""`` matches nothing: recall = precision = F1 = 0;
 * an image with no references is skipped: its scores are undefined, so it is left
-  out of every mean and only counted in the ``num_skipped`` state.
+  out of every mean and only counted in the ``num_skipped`` state. (The official
+  evaluation cannot score one; the data module rejects such images, "no labels".)
 
 All states are sums (``dist_reduce_fx="sum"``), so they reduce correctly across
 DDP ranks and merge with :meth:`torchmetrics.Metric.merge_state`.
@@ -99,7 +103,8 @@ class ExactLabelScore(_LabelScoreBase):
     ``R = |P & T| / |T|``, ``P = |P & T| / |P|``, ``F1 = 2RP / (R + P)`` (0 when R + P = 0).
 
     :meth:`compute` returns ``{"recall", "precision", "f1"}``: means over images, where an
-    image without predictions scores 0 and an image without references is skipped.
+    image without predictions scores 0 (the official empty label ``""`` matches nothing) and an
+    image without references is skipped.
     """
 
     _score_names = ("recall", "precision", "f1")
@@ -137,8 +142,8 @@ class SemanticLabelScore(_LabelScoreBase):
 
     :meth:`compute` returns ``{"recall", "precision", "f", "div_avg", "div_std"}``: the
     means over images of the per-image values (F is the mean of per-image F, not the F of
-    mean R and mean P). An image without predictions scores 0 everywhere; an image without
-    references is skipped.
+    mean R and mean P). An image without predictions is scored as if it predicted the empty
+    label ``""``, as the official evaluation does; an image without references is skipped.
 
     Args:
         embedder: a local sentence-transformers folder or a hub name such as
@@ -199,6 +204,8 @@ class SemanticLabelScore(_LabelScoreBase):
     def update(self, preds: Sequence[Sequence[str]], refs: Sequence[Sequence[str]]) -> None:
         """Score a batch: ``preds[i]`` and ``refs[i]`` are the label lists of image ``i``."""
         _check_inputs(preds, refs)
+        # The official evaluation's "dummy voc": an image without predictions predicts "".
+        preds = [labels if len(labels) else [""] for labels in preds]
         # Encode every distinct label of the batch once, in a single call.
         vocab = list(dict.fromkeys(s for labels in (*preds, *refs) for s in labels))
         index = {s: i for i, s in enumerate(vocab)}
@@ -206,14 +213,9 @@ class SemanticLabelScore(_LabelScoreBase):
 
         scores: dict[str, list[Tensor]] = {name: [] for name in self._score_names}
         skipped = 0
-        zero = torch.tensor(0.0, device=emb.device)
         for pred_labels, ref_labels in zip(preds, refs):
             if not ref_labels:
                 skipped += 1
-                continue
-            if not pred_labels:
-                for name in self._score_names:
-                    scores[name].append(zero)
                 continue
             x_pred = emb[[index[s] for s in pred_labels]]
             x_ref = emb[[index[s] for s in ref_labels]]

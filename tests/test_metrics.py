@@ -94,11 +94,27 @@ def test_semantic_split_updates_and_merge(semantic: SemanticLabelScore, referenc
 
 def test_semantic_empty_cases(semantic: SemanticLabelScore, reference: dict[str, Any]) -> None:
     preds, refs = reference["predictions"], reference["references"]
-    # An empty prediction list scores 0 and counts; an empty reference list is skipped.
+    # An empty prediction list is scored as the official evaluation scores it, as the prediction "" (its "dummy
+    # voc"): with one reference and one prediction, R = P = F = cos("cat", "") and there is no diversity.
+    # An empty reference list is skipped.
     semantic.update([*preds, [], ["dog"]], [*refs, ["cat"], []])
+    cos = float(semantic.embed(["cat"])[0] @ semantic.embed([""])[0])
+    assert 0.05 < cos < 0.95  # a real score, neither 0 nor a match
+    empty = {"recall": cos, "precision": cos, "f": cos, "div_avg": 0.0, "div_std": 0.0}
     got = _as_floats(semantic.compute())
-    _assert_close(got, {k: reference[k] * 3 / 4 for k in SEMANTIC_KEYS})
+    _assert_close(got, {k: (reference[k] * 3 + empty[k]) / 4 for k in SEMANTIC_KEYS})
     assert int(semantic.num_images) == 4 and int(semantic.num_skipped) == 1
+
+
+def test_semantic_empty_prediction_among_others(semantic: SemanticLabelScore) -> None:
+    # Only an image without any prediction gets the empty label; the others in the batch are scored as given.
+    semantic.update([[], ["dog"]], [["cat"], ["dog"]])
+    both = _as_floats(semantic.compute())
+    semantic.reset()
+    semantic.update([[""], ["dog"]], [["cat"], ["dog"]])
+    _assert_close(both, _as_floats(semantic.compute()))
+    assert math.isclose(both["recall"], (float(semantic.embed(["cat"])[0] @ semantic.embed([""])[0]) + 1) / 2,
+                        abs_tol=TOL)
 
 
 def test_semantic_keeps_embedder_out_of_state(semantic: SemanticLabelScore) -> None:
@@ -137,7 +153,7 @@ def test_exact_normalization_and_duplicates() -> None:
 
 def test_exact_empty_cases() -> None:
     metric = ExactLabelScore()
-    metric.update([[]], [["a"]])
+    metric.update([[]], [["a"]])  # the official evaluation's empty label "" matches no reference
     _assert_close(_as_floats(metric.compute()), {"recall": 0.0, "precision": 0.0, "f1": 0.0})
     # No references: skipped, the means stay those of the scored images.
     metric.update([["a", "b", "c"], ["a"]], [["a", "d"], []])
