@@ -15,30 +15,48 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from datamodules.images import MAX_IMAGE_PIXELS, decode_image
+
 from .nxtp import NXTP
 from .sampling import recognize
 
-ImageInput = str | Path | Image.Image | Tensor
+ImageInput = str | Path | bytes | Image.Image | Tensor
 
 
 class Recognizer:
-    """An ``NXTP`` model in eval mode with its preprocessing, for labelling images."""
+    """An ``NXTP`` model in eval mode with its preprocessing, for labelling images.
 
-    def __init__(self, model: NXTP, device: str | torch.device = "cpu") -> None:
+    Images are read as in training (``datamodules.images.decode_image``): EXIF orientation applied, transparency
+    over white, any mode to RGB, images of more than ``max_image_pixels`` refused, and large JPEGs decoded at
+    reduced scale unless ``draft`` is off.
+    """
+
+    def __init__(self, model: NXTP, device: str | torch.device = "cpu", max_image_pixels: int = MAX_IMAGE_PIXELS,
+                 draft: bool = True) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        self.max_image_pixels, self.draft = max_image_pixels, draft
+
+    @property
+    def draft_input_size(self) -> tuple[int, int] | None:
+        """The input size that large JPEGs are draft-decoded for (``decode_image``'s ``input_size``)."""
+        return self.model.visual.image_size if self.draft else None
+
+    def read(self, image: str | Path | bytes | Image.Image) -> Image.Image:
+        """An image as the model is given it before resizing: upright RGB (see ``decode_image``)."""
+        return decode_image(image, self.max_image_pixels, self.draft_input_size)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", trust: bool = False,
-                        **options) -> "Recognizer":
+                        max_image_pixels: int = MAX_IMAGE_PIXELS, draft: bool = True) -> "Recognizer":
         """Load a Lightning ``.ckpt`` written by ``nxtp fit`` or a folder written by ``save_pretrained`` /
-        ``nxtp import-official``; ``options`` go to ``Recognizer``.
+        ``nxtp import-official``; ``max_image_pixels`` and ``draft`` as for ``Recognizer``.
 
         A ``.ckpt`` is read without running code from its pickle (see ``checkpoint_io.load_checkpoint``) unless
         ``trust`` is set; a folder holds safetensors and JSON only.
         """
         if Path(path).is_dir():
-            return cls(NXTP.from_pretrained(path), device, **options)
+            return cls(NXTP.from_pretrained(path), device, max_image_pixels, draft)
         from .checkpoint_io import SAFE_GLOBALS, load_checkpoint
         from .lit_nxtp import TOKENIZER_KEY, LitNXTP
 
@@ -56,16 +74,13 @@ class Recognizer:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             module = LitNXTP.load_from_checkpoint(path, map_location="cpu", weights_only=not trust,
                                                   semantic_metric=False, **overrides)
-        return cls(module.model, device, **options)
+        return cls(module.model, device, max_image_pixels, draft)
 
     def preprocess(self, image: ImageInput) -> Tensor:
-        """Pixels [3, H, W] for one image: a path, a PIL image, or an already preprocessed tensor."""
+        """Pixels [3, H, W] for one image: a path, encoded bytes, a PIL image, or an already preprocessed tensor."""
         if isinstance(image, Tensor):
             return image
-        if isinstance(image, (str, Path)):
-            with Image.open(image) as img:
-                return self.model.eval_transform(img.convert("RGB"))
-        return self.model.eval_transform(image.convert("RGB"))
+        return self.model.eval_transform(self.read(image))
 
     @torch.no_grad()
     def label(self, images: ImageInput | list[ImageInput], topk: int = 10, min_prob: float = 0.0,

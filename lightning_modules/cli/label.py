@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 import torch
-from PIL import Image
 from tqdm import tqdm
+
+from datamodules.images import MAX_IMAGE_PIXELS, decode_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -34,18 +35,22 @@ def image_paths(inputs: list[str], files_from: str | None = None) -> list[Path]:
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Preprocessed images for ``nxtp label``; an unreadable file yields its error instead of pixels."""
+    """Preprocessed images for ``nxtp label``, read as in training (``decode_image``: upright RGB, at most
+    ``max_image_pixels``, large JPEGs decoded at reduced scale for a tower of ``input_size``, None: full scale);
+    an unreadable file yields its error instead of pixels."""
 
-    def __init__(self, paths: list[Path], transform) -> None:
+    def __init__(self, paths: list[Path], transform, max_image_pixels: int = MAX_IMAGE_PIXELS,
+                 input_size: int | tuple[int, int] | None = None) -> None:
         self.paths, self.transform = paths, transform
+        self.max_image_pixels, self.input_size = max_image_pixels, input_size
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            with Image.open(self.paths[i]) as image:
-                return str(self.paths[i]), self.transform(image.convert("RGB")), None
+            image = decode_image(self.paths[i], self.max_image_pixels, self.input_size)
+            return str(self.paths[i]), self.transform(image), None
         except Exception as e:  # reported, never fatal: one bad file must not cost the others
             return str(self.paths[i]), None, f"{type(e).__name__}: {e}"
 
@@ -87,6 +92,11 @@ def label_main(argv: list[str]) -> int:
     parser.add_argument("--min-prob", type=float, default=0.0, help="drop labels below this probability")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers that read and preprocess images")
+    parser.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                        help="refuse larger images (width x height, read from the header), as data.max_image_pixels")
+    parser.add_argument("--no-draft", action="store_true",
+                        help="decode large JPEGs at full scale (slower; by default they are decoded at 1/2-1/8 "
+                             "scale, never below twice the tower's input)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", choices=["32", "bf16", "16"], default="32", help="autocast dtype")
     parser.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
@@ -102,12 +112,13 @@ def label_main(argv: list[str]) -> int:
     from ..recognizer import Recognizer
 
     try:
-        recognizer = Recognizer.from_checkpoint(args.checkpoint, args.device, trust=args.trust_checkpoint)
+        recognizer = Recognizer.from_checkpoint(args.checkpoint, args.device, trust=args.trust_checkpoint,
+                                                max_image_pixels=args.max_image_pixels, draft=not args.no_draft)
     except UntrustedCheckpointError as e:
         print(f"nxtp label: {e}", file=sys.stderr)
         return 2
-    loader = torch.utils.data.DataLoader(ImageFiles(paths, recognizer.model.eval_transform), batch_size=args.batch_size,
-                                         num_workers=args.workers, collate_fn=list)
+    files = ImageFiles(paths, recognizer.model.eval_transform, recognizer.max_image_pixels, recognizer.draft_input_size)
+    loader = torch.utils.data.DataLoader(files, batch_size=args.batch_size, num_workers=args.workers, collate_fn=list)
     dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(args.precision)
     writer = LabelWriter(args.format, args.output)
     failed = 0
