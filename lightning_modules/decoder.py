@@ -26,6 +26,11 @@ from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, P
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+try:
+    from transformers import GgufConfig
+except ImportError:  # older transformers always dequantize GGUF weights
+    GgufConfig = None
+
 LABEL_MASKED = "nxtp_label_masked"
 
 
@@ -113,8 +118,16 @@ def build_decoder(cfg: DecoderConfig, vocab_size: int) -> nn.Module:
         hf_config.vocab_size = vocab_size
         model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=LABEL_MASKED)
     else:
-        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, config=hf_config, gguf_file=cfg.gguf_file,
-                                                     dtype=getattr(torch, cfg.dtype), attn_implementation=LABEL_MASKED)
+        gguf = {}
+        if cfg.gguf_file is not None:
+            gguf["gguf_file"] = cfg.gguf_file
+            if GgufConfig is not None:  # newer transformers may keep GGUF weights packed, which cannot train
+                gguf["quantization_config"] = GgufConfig(dequantize=True)
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, config=hf_config, dtype=getattr(torch, cfg.dtype),
+                                                     attn_implementation=LABEL_MASKED, **gguf)
+        if getattr(model, "hf_quantizer", None) is not None and cfg.gguf_file is not None:
+            # Dense float weights now: drop the GGUF quantization record, which would otherwise go into config.yaml.
+            model.hf_quantizer.remove_quantization_config(model)
         if model.get_input_embeddings().num_embeddings != vocab_size:
             model.resize_token_embeddings(vocab_size, mean_resizing=False)
     return model

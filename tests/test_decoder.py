@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from lightning_modules.decoder import DecoderConfig, build_decoder
 from lightning_modules.lit_nxtp import LitNXTP
 from lightning_modules.nxtp import NXTP
+from lightning_modules.sequence import collate_text
 from lightning_modules.vision import VisionConfig
 
 
@@ -106,7 +107,7 @@ def cut_smollm2(smollm2_dir, smollm2_tokenizer, small_recipe) -> NXTP:
 
 
 @needs_smollm2
-@pytest.mark.slow  # dequantizing the GGUF file twice and parsing its tokenizer: about a minute on 2 cores
+@pytest.mark.slow  # dequantizing the GGUF file twice and parsing its tokenizer: 1-2 minutes on 2 cores
 def test_gguf_decoder_is_smollm2_135m_cut_to_the_first_blocks(full_smollm2, cut_smollm2, small_recipe):
     n = small_recipe["decoder"]["num_blocks"]
     full, cut = full_smollm2, cut_smollm2.decoder
@@ -114,6 +115,10 @@ def test_gguf_decoder_is_smollm2_135m_cut_to_the_first_blocks(full_smollm2, cut_
         **{k: v for k, v in SMOLLM2_135M.items() if k != "rope_theta"}, "rms_norm_eps": pytest.approx(1e-5)}
     assert full.config.rope_parameters["rope_theta"] == SMOLLM2_135M["rope_theta"]
     assert len(cut.model.layers) == cut.config.num_hidden_layers == n
+    # dequantized into plain trainable layers, with no GGUF quantization left to save or to block training
+    assert not cut.is_quantized and "quantization_config" not in cut.config.to_diff_dict()
+    assert type(cut.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert all(p.dtype == torch.float32 for p in cut.parameters())
     full_state, vocab = full.state_dict(), SMOLLM2_135M["vocab_size"]
     for name, value in cut.state_dict().items():
         if name in ("model.embed_tokens.weight", "lm_head.weight"):
@@ -157,6 +162,35 @@ def test_new_tokens_are_appended_after_smollm2s_vocabulary(full_smollm2, cut_smo
     assert embed.shape == (vocab + 2, SMOLLM2_135M["hidden_size"]) and head is embed  # still tied, as SmolLM2 is
     assert torch.equal(embed[:vocab], full_smollm2.get_input_embeddings().weight)
     assert torch.isfinite(embed[vocab:]).all() and embed[vocab:].abs().sum(1).gt(0).all()  # initialised rows
+
+
+@needs_smollm2
+@pytest.mark.slow
+def test_smollm2_nxtp_trains_on_label_masks_and_round_trips(cut_smollm2, tmp_path):
+    """SmolLM2 has grouped-query attention (9 heads, 3 key-value heads), which no random test decoder has."""
+    model = cut_smollm2
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, 64, 64)
+    text = collate_text([model.sequences(model.prompt, ["dog", "traffic light"]), model.sequences(model.prompt, ["tree"])],
+                        model.sequences.pad_id)
+    losses = {}
+    try:
+        for path in ("dense", "compact"):
+            model.attention = path
+            losses[path], _ = model(pixels, text)
+    finally:
+        model.attention = "auto"
+    torch.testing.assert_close(losses["compact"], losses["dense"], rtol=1e-5, atol=1e-5)
+    losses["dense"].backward()
+    embed = model.decoder.get_input_embeddings().weight
+    assert embed.grad[model.sequences.image_id].abs().sum() > 0  # the new <|image|> row learns
+    model.zero_grad(set_to_none=True)
+
+    model.save_pretrained(tmp_path / "small")
+    reloaded = NXTP.from_pretrained(tmp_path / "small")
+    assert reloaded.decoder.get_output_embeddings().weight is reloaded.decoder.get_input_embeddings().weight
+    with torch.no_grad():
+        assert torch.equal(reloaded(pixels, text)[0], model(pixels, text)[0])
 
 
 # The small recipe: CLIP ViT-B/16 + SmolLM2-135M cut to a few blocks, built on the meta device ------------------
