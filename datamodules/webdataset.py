@@ -30,6 +30,7 @@ from PIL import Image
 
 from lightning_modules.sequence import SequenceBuilder, collate_text
 
+from .even_epochs import StopTogether
 from .labels import extract_labels
 
 log = logging.getLogger(__name__)
@@ -349,7 +350,10 @@ class NXTPDataModule(L.LightningDataModule):
                              persistent_workers=workers > 0)
 
     def train_dataloader(self):
-        return self._loader(self.hparams.train_shards, True, "train")
+        loader = self._loader(self.hparams.train_shards, True, "train")
+        if self.hparams.resampled or self.trainer is None or self.trainer.world_size == 1:
+            return loader  # resampled shards never run out; one rank has nobody to wait for
+        return StopTogether(loader, self.trainer.strategy)
 
     def val_dataloader(self):
         return self._loader(self.hparams.val_shards, False, "val")

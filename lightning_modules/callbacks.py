@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import yaml
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch import callbacks
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
@@ -176,4 +177,97 @@ class SlurmRequeue(L.Callback):
             code = subprocess.call(["scontrol", "requeue", job])
             (rank_zero_info if code == 0 else rank_zero_warn)(f"requeue of SLURM job {job}: scontrol exit code {code}")
         self.requeued = True
+        trainer.should_stop = True
+
+
+# Interrupted runs ---------------------------------------------------------------------------------------------
+
+
+class ModelCheckpoint(callbacks.ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` whose ``last.ckpt`` is always the newest state: written at every validation
+    and when training ends.
+
+    Lightning 2.6 writes ``last.ckpt`` only at a step where it also writes a top-k checkpoint, so once the monitored
+    metric stops improving ``last.ckpt`` falls behind, and a resumed run could end with a ``last.ckpt`` from an
+    earlier step than its last.
+    """
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self.save_last_now(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A run stopped by a callback has saved what it needs (GracefulStop: last.ckpt, SlurmRequeue: hpc_ckpt).
+        if not trainer.should_stop:
+            self.save_last_now(trainer)
+
+    def save_last_now(self, trainer: L.Trainer) -> None:
+        """Write ``last.ckpt`` for the current step unless it is written already (on every rank: a collective)."""
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class GracefulStop(L.Callback):
+    """SIGTERM or Ctrl-C (SIGINT) stop a run at the end of the current training step, on every rank together,
+    after writing ``last.ckpt``; running the same command again resumes there (see ``cli.train.resume_point``).
+
+    Lightning's own handling raises wherever each rank happens to be when the signal lands (inside validation,
+    inside a checkpoint write, or between two collectives of different kinds on different ranks), which can leave
+    the ranks waiting on each other for ever. Here the handler only records the signal (and passes it on to the
+    ranks this process launched); the ranks agree on it once per training step, where they are in step anyway.
+    A second signal to the launching process stops at once.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signalled: signal.Signals | None = None
+        self.stopped_by: signal.Signals | None = None
+        self._launcher = None
+        self._launching = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._listen(trainer)
+
+    # Lightning installs its own handlers after on_fit_start; take the signals back before the loops start.
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._listen(trainer)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._listen(trainer)
+
+    def _listen(self, trainer: L.Trainer) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._launcher = trainer.strategy.launcher
+        self._launching = trainer.global_rank == 0
+        for signum in self.SIGNALS:
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        if self.signalled is not None:
+            if self._launching:  # asked twice: stop now, without a checkpoint
+                for s in self.SIGNALS:
+                    signal.signal(s, signal.SIG_DFL)
+                raise KeyboardInterrupt
+            return  # a launched rank gets the signal twice (from its launcher and from the terminal's group)
+        self.signalled = signal.Signals(signum)
+        rank_zero_info(f"{self.signalled.name} received: stopping after this training step, with a checkpoint")
+        if hasattr(self._launcher, "procs"):  # `--trainer.devices N` started the other ranks from this process
+            self._launcher.kill(signum)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if self.stopped_by is not None:
+            return
+        if not trainer.strategy.reduce_boolean_decision(self.signalled is not None, all=False):
+            return
+        if 0 < trainer.max_steps <= trainer.global_step:
+            return  # the last step is done: the run ends as it would have (and is not resumed later)
+        self.stopped_by = self.signalled or signal.SIGTERM  # a rank that saw no signal stops with the others
+        for checkpoint in trainer.checkpoint_callbacks:
+            if isinstance(checkpoint, ModelCheckpoint):
+                checkpoint.save_last_now(trainer)
+            elif isinstance(checkpoint, callbacks.ModelCheckpoint) and checkpoint.save_last:
+                checkpoint._save_last_checkpoint(trainer, checkpoint._monitor_candidates(trainer))
         trainer.should_stop = True

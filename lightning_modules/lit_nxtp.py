@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import grad_norm, rank_zero_warn
 from PIL import Image, ImageDraw
+from torchmetrics import MeanMetric, SumMetric
 
 from .decoder import DecoderConfig
 from .metrics import ExactLabelScore, SemanticLabelScore
@@ -26,6 +27,7 @@ from .vision import VisionConfig
 
 TOKENIZER_KEY = "nxtp_tokenizer_files"
 RNG_KEY = "nxtp_rng_states"
+MAX_STEPS_KEY = "nxtp_max_steps"
 
 
 def tokenizer_files(tokenizer) -> dict[str, bytes]:
@@ -128,6 +130,11 @@ class LitNXTP(L.LightningModule):
             for block in self.model.decoder.get_decoder().layers:
                 block.compile()
         self.nonfinite_steps = 0
+        # Evaluation keeps only sums (torchmetrics states) and syncs them once per epoch: ranks may hold different
+        # numbers of batches (shards are split between ranks), so no collective may run per batch.
+        self.eval_loss = MeanMetric()  # weighted by counted tokens: the same mean whatever the batching
+        self.eval_images = SumMetric()  # every sample is evaluated once: this is the size of the split
+        self.eval_skipped: dict[str, float] = {}
         self.metrics = torch.nn.ModuleDict()
         for k in eval_topk:
             self.metrics[f"exact_top{k}"] = ExactLabelScore()
@@ -157,6 +164,8 @@ class LitNXTP(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The tokenizer travels inside the checkpoint, so that a checkpoint copied elsewhere still loads.
         checkpoint[TOKENIZER_KEY] = tokenizer_files(self.model.tokenizer)
+        if self._trainer is not None:  # how long the run is meant to be: a run that got there is finished
+            checkpoint[MAX_STEPS_KEY] = self.trainer.max_steps
         _, keys, pos, has_gauss, gauss = np.random.get_state()
         checkpoint[RNG_KEY] = {"torch": torch.get_rng_state(), "python": random.getstate(),
                                "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
@@ -236,32 +245,71 @@ class LitNXTP(L.LightningModule):
     # evaluation -----------------------------------------------------------------------------------------
 
     def _evaluate(self, batch, batch_idx: int, stage: str):
-        bs = len(batch["keys"])
-        loss, _ = self.model(batch["pixels"], batch["text"])
-        self.log(f"{stage}/loss", loss, batch_size=bs, sync_dist=True)
-        self._log_skipped(batch, stage)
-        predictions = recognize(self.model, batch["pixels"], topk=max(self.hparams.eval_topk),
-                                min_prob=self.hparams.eval_min_prob)
-        for k in self.hparams.eval_topk:
-            labels = [[label for label, _ in p[:k]] for p in predictions]
+        loss, n_tokens = self.model(batch["pixels"], batch["text"])
+        self.eval_loss.update(loss, n_tokens)
+        self.eval_images.update(len(batch["keys"]))
+        for reason, count in batch["skipped"].items():
+            self.eval_skipped[reason] = self.eval_skipped.get(reason, 0) + count
+        # The paper's protocol: the top-k labels come from a sampling with exactly k branches (cutting a top-10
+        # sampling would let branches 6-10 merge into and outrank the top-5 labels).
+        predictions = {k: recognize(self.model, batch["pixels"], topk=k, min_prob=self.hparams.eval_min_prob)
+                       for k in self.hparams.eval_topk}
+        for k, labels in predictions.items():
+            labels = [[label for label, _ in p] for p in labels]
             self.metrics[f"exact_top{k}"].update(labels, batch["labels"])
             if self.hparams.semantic_metric:
                 self.metrics[f"semantic_top{k}"].update(labels, batch["labels"])
-        if stage == "val" and batch_idx == 0:
-            self._log_predictions(batch, predictions)
-        return predictions
+        if stage == "val" and batch_idx == 0 and self.trainer.is_global_zero:
+            self._log_predictions(batch, predictions[max(predictions)])
+
+    def _sync_buffers(self) -> None:
+        """Give every rank rank 0's buffers (BatchNorm statistics) before an evaluation, once, and stop DDP from
+        doing it in the first evaluation forward: that is a collective per batch, and a rank with fewer batches
+        than the others (or none) would leave them waiting in it for ever."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        for buffer in self.buffers():
+            torch.distributed.broadcast(buffer.data, src=0)
+        wrapper = self.trainer.strategy.model
+        if isinstance(wrapper, torch.nn.parallel.DistributedDataParallel):
+            wrapper.require_forward_param_sync = False  # set again by the next training forward
 
     def _log_metrics(self, stage: str) -> None:
+        """Log the epoch's loss, scores and skip counts, reduced over every rank (each rank calls this once).
+
+        ``compute()`` has already summed the states of all ranks, so every rank logs the same values; ``sync_dist``
+        only averages those equal values (one collective per key, the same keys in the same order on every rank).
+        """
+        for name, metric in (("loss", self.eval_loss), ("images", self.eval_images)):
+            self.log(f"{stage}/{name}", metric.compute(), sync_dist=True)
+            metric.reset()
         for name, metric in self.metrics.items():
             for key, value in metric.compute().items():
-                self.log(f"{stage}/{name}/{key}", value, prog_bar=key == "f1" and name.startswith("exact"))
+                self.log(f"{stage}/{name}/{key}", value, prog_bar=key == "f1" and name.startswith("exact"), sync_dist=True)
             metric.reset()
+        skipped = [self.eval_skipped]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            skipped = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(skipped, self.eval_skipped)
+        totals: dict[str, float] = {}
+        for counts in skipped:
+            for reason, count in counts.items():
+                totals[reason] = totals.get(reason, 0) + count
+        for reason, count in totals.items():
+            self.log(f"{stage}/skipped/{reason}", float(count), sync_dist=True)
+        self.eval_skipped = {}
+
+    def on_validation_epoch_start(self):
+        self._sync_buffers()
 
     def validation_step(self, batch, batch_idx):
         self._evaluate(batch, batch_idx, "val")
 
     def on_validation_epoch_end(self):
         self._log_metrics("val")
+
+    def on_test_epoch_start(self):
+        self._sync_buffers()
 
     def test_step(self, batch, batch_idx):
         self._evaluate(batch, batch_idx, "test")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -43,10 +44,22 @@ ROOT = Path(__file__).parents[1]
 NXTP_CLI = [sys.executable, "-m", "lightning_modules.cli"]
 
 
-def run(cmd: list[str], env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
-    """Run a command from the repository root with the project importable; output captured as text."""
+def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command from the repository root with the project importable; output captured as text.
+
+    The command runs in a process group of its own that is killed whole after ``timeout`` seconds, so that a hung
+    run (and every rank or worker it started) fails the test instead of stalling the suite.
+    """
     env = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kwargs)
+    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True, **kwargs) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            raise AssertionError(f"{' '.join(cmd[:6])} ... did not end within {timeout} s\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def start_until(cmd: list[str], path: Path, env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:

@@ -128,3 +128,35 @@ def test_slurm_preemption_signal_checkpoints_requeues_and_the_requeued_job_resum
     assert torch.load(root / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == steps
     assert not (root / "version_1").exists()
     assert (root / "version_0" / "metrics.json").exists()  # written once, by the job that finished the run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment, step", [("training", 14), ("validation", 10), ("checkpoint", 10)])
+def test_a_run_interrupted_at_any_moment_resumes_and_ends_with_its_final_checkpoint(tmp_path, shapes, moment, step):
+    steps = 30
+    command = fit_command(shapes, tmp_path / "logs", steps)
+    version = tmp_path / "logs" / "default" / "version_0"
+    interrupted = run(command + ["--trainer.callbacks+=tests.signal_at.SignalAt", "--trainer.callbacks.moment", moment,
+                                 "--trainer.callbacks.step", str(step)])
+    assert interrupted.returncode == 128 + signal.SIGTERM, interrupted.stderr[-3000:]
+    assert "stopped by SIGTERM" in interrupted.stdout
+    stopped_at = torch.load(version / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    assert step <= stopped_at <= step + 1  # at the end of the step under way (after the validation under way)
+    assert not (version / "metrics.json").exists()  # the run is not over
+
+    resumed = run(command)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {stopped_at}" in resumed.stdout
+    assert torch.load(version / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == steps
+    assert json.loads((version / "metrics.json").read_text())["global_step"] == steps
+    assert not (version.parent / "version_1").exists()
+
+
+@pytest.mark.slow
+def test_a_run_shorter_than_the_validation_interval_tests_its_last_weights(tmp_path, shapes):
+    fit = run(fit_command(shapes, tmp_path / "logs", 4) + [
+        "--test_after_fit", "true", "--data.test_shards", str(shapes / "test/shard-000000.tar")])
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert "no validation ran, so there is no best checkpoint: testing the last weights" in fit.stdout
+    metrics = json.loads((tmp_path / "logs" / "default" / "version_0" / "metrics.json").read_text())
+    assert metrics["global_step"] == 4 and metrics["test/images"] == 32

@@ -4,9 +4,17 @@ resume of interrupted runs and ``--test_after_fit``."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
+
+from ..callbacks import AttentionMaskImage, GracefulStop, SaveConfigToTensorBoard, SlurmRequeue
+from ..checkpoint_io import load_checkpoint
+from ..lit_nxtp import MAX_STEPS_KEY
+
+say = rank_zero_only(print)  # every rank runs the command line; one of them speaks
 
 
 def resume_point(root: Path) -> tuple[Path, str] | None:
@@ -35,6 +43,8 @@ class NXTPCLI(LightningCLI):
     (continue the newest run of the same logger from its newest checkpoint, in the same log folder; see
     ``resume_point``)."""
 
+    exit_code = 0
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=False, help="run `test` on the best checkpoint after `fit`")
         parser.add_argument("--resume", type=bool, default=True,
@@ -53,16 +63,35 @@ class NXTPCLI(LightningCLI):
             # SLURM pre-emption checkpoints (hpc_ckpt_N.ckpt) go here, next to the runs they belong to.
             config.trainer.default_root_dir = str(root)
         found = resume_point(root) if config.get("resume") and not config.get("ckpt_path") else None
-        if found is not None:
-            config.ckpt_path, args.version = str(found[0]), found[1]  # continue in the interrupted run's folder
-            print(f"resuming from {found[0]} (--resume false starts a new run)")
+        if found is None:
+            return
+        path, version = found
+        state = load_checkpoint(path)
+        step, planned = state.get("global_step", 0), state.get(MAX_STEPS_KEY) or config.trainer.max_steps
+        if planned is not None and 0 < planned <= step:
+            say(f"not resuming {path}: its run is finished (step {step} of {planned}), so a new run starts; "
+                f"`--ckpt_path {path}` continues it on purpose")
+            return
+        config.ckpt_path, args.version = str(path), version  # continue in the interrupted run's folder
+        say(f"resuming from {path} at step {step} (--resume false starts a new run)")
 
     def after_fit(self) -> None:
         if any(getattr(c, "requeued", False) for c in self.trainer.callbacks):
             return  # stopped for a SLURM requeue: the requeued job finishes the run
+        stop = next((c for c in self.trainer.callbacks if isinstance(c, GracefulStop)), None)
+        if stop is not None and stop.stopped_by is not None:
+            if self.trainer.is_global_zero:
+                print(f"stopped by {stop.stopped_by.name} at step {self.trainer.global_step}; run the same command "
+                      f"to resume")
+            self.exit_code = 128 + stop.stopped_by  # what a process ended by this signal reports
+            return
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()}
         if self.config.fit.get("test_after_fit"):
-            results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best")
+            checkpoint = self.trainer.checkpoint_callback
+            best = "best" if checkpoint is not None and checkpoint.best_model_path else None
+            if best is None and self.trainer.is_global_zero:
+                print("no validation ran, so there is no best checkpoint: testing the last weights")
+            results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best)
             if self.trainer.is_global_zero and results:
                 metrics.update(results[0])
                 summary = {k: round(v, 4) for k, v in results[0].items() if "/f1" in k or k.endswith("/f")}
@@ -74,13 +103,14 @@ class NXTPCLI(LightningCLI):
 
     def _write_metrics(self, metrics: dict[str, float]) -> None:
         """The run's final metrics as ``metrics.json`` in its log folder (what ``nxtp sweep`` tabulates)."""
-        if not self.trainer.is_global_zero or self.trainer.log_dir is None:
+        log_dir = self.trainer.log_dir  # on every rank: with several ranks this is a collective
+        if not self.trainer.is_global_zero or log_dir is None:
             return
         checkpoint = self.trainer.checkpoint_callback
         metrics = {"global_step": self.trainer.global_step, **metrics}
         if checkpoint is not None and checkpoint.best_model_score is not None:
             metrics.update(best_checkpoint=checkpoint.best_model_path, best_score=float(checkpoint.best_model_score))
-        path = Path(self.trainer.log_dir) / "metrics.json"
+        path = Path(log_dir) / "metrics.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(metrics, indent=1) + "\n")
 
@@ -89,8 +119,9 @@ def lightning_main() -> None:
     """Run LightningCLI with the project's module, data module and default callbacks."""
     from datamodules import NXTPDataModule
 
-    from ..callbacks import AttentionMaskImage, SaveConfigToTensorBoard, SlurmRequeue
     from ..lit_nxtp import LitNXTP
 
-    NXTPCLI(LitNXTP, NXTPDataModule, seed_everything_default=0, save_config_callback=SaveConfigToTensorBoard,
-            save_config_kwargs={"overwrite": True}, trainer_defaults={"callbacks": [AttentionMaskImage(), SlurmRequeue()]})
+    cli = NXTPCLI(LitNXTP, NXTPDataModule, seed_everything_default=0, save_config_callback=SaveConfigToTensorBoard,
+                  save_config_kwargs={"overwrite": True},
+                  trainer_defaults={"callbacks": [AttentionMaskImage(), SlurmRequeue(), GracefulStop()]})
+    sys.exit(cli.exit_code)

@@ -1,0 +1,193 @@
+"""Multi-process training as users launch it: 2 gloo ranks on the CPU through Lightning (`--trainer.devices 2`) and
+through `torchrun` as two "nodes" on 127.0.0.1. Every run has a deadline (conftest.run kills its whole process
+group), so a hang fails the test in minutes."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import NXTP_CLI, ROOT, fit_command, run, start_until
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+DEADLINE = 300  # seconds for one multi-process run; the tiny runs take well under a minute alone
+
+
+def write_uneven_shards(source: Path, out: Path, sizes: list[int]) -> list[Path]:
+    """Split the samples of ``source`` (a shard) into shards of the given numbers of samples."""
+    with tarfile.open(source) as tar:
+        members = tar.getmembers()
+        keys = list(dict.fromkeys(m.name.split(".")[0] for m in members))
+        assert sum(sizes) <= len(keys), (sizes, len(keys))
+        out.mkdir(parents=True)
+        shards, start = [], 0
+        for i, size in enumerate(sizes):
+            chosen = set(keys[start:start + size])
+            start += size
+            shards.append(out / f"shard-{i:06d}.tar")
+            with tarfile.open(shards[-1], "w") as dst:
+                for m in members:
+                    if m.name.split(".")[0] in chosen:
+                        dst.addfile(m, tar.extractfile(m))
+    return shards
+
+
+def count_samples(shards: list[Path]) -> int:
+    keys = set()
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            keys |= {(shard, m.name.split(".")[0]) for m in tar.getmembers()}
+    return len(keys)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def event_files(version: Path) -> list[Path]:
+    return sorted(version.glob("events.out.tfevents.*"))
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, shapes):
+    """One 2-rank DDP fit with test_after_fit: one validation shard for two ranks (one rank gets none), and a test
+    split of three shards of very different sizes read by 2 ranks x 2 workers."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    test_shards = write_uneven_shards(shapes / "test" / "shard-000000.tar", tmp / "test", [23, 7, 2])
+    command = fit_command(shapes, tmp / "logs", 8) + DDP + [
+        "--test_after_fit", "true", "--model.eval_min_prob", "0", "--data.num_workers", "2",
+        "--data.test_shards", str(tmp / "test" / "shard-{000000..000002}.tar"), "--trainer.val_check_interval", "4",
+        "--trainer.callbacks+=lightning_modules.callbacks.GlobalBatchSize",
+        "--trainer.callbacks.global_batch_size", "64",  # 16 per device x 2 devices x 2 accumulation steps
+    ]
+    started = time.perf_counter()
+    result = run(command, timeout=DEADLINE)
+    return {"result": result, "seconds": time.perf_counter() - started, "test_shards": test_shards,
+            "version": tmp / "logs" / "default" / "version_0", "tmp": tmp, "command": command}
+
+
+@pytest.mark.slow
+def test_a_ddp_fit_runs_to_the_end_and_writes_its_metrics(ddp_run):
+    result, version = ddp_run["result"], ddp_run["version"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test results:" in result.stdout
+    assert "global batch 64 = 16 per device x 2 devices x 2 accumulation steps" in result.stdout + result.stderr
+    metrics = json.loads((version / "metrics.json").read_text())
+    assert metrics["global_step"] == 8
+    assert metrics["test/images"] == count_samples(ddp_run["test_shards"]) == 32  # every test sample, once
+    assert torch.load(version / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 8
+    # TensorBoard is written by rank 0 alone: one process's files, each training step logged once.
+    pids = {f.name.split(".")[4] for f in event_files(version)}
+    assert len(pids) == 1, event_files(version)
+    steps = [e.step for e in EventAccumulator(str(version)).Reload().Scalars("train/loss")]
+    assert steps == sorted(set(steps)) and len(steps) == 8
+
+
+@pytest.mark.slow
+def test_ddp_test_metrics_equal_a_single_process_test_of_the_same_checkpoint(ddp_run):
+    assert ddp_run["result"].returncode == 0, ddp_run["result"].stderr[-3000:]
+    ddp = json.loads((ddp_run["version"] / "metrics.json").read_text())
+    command = [a if a != "fit" else "test" for a in ddp_run["command"][:ddp_run["command"].index("--trainer.strategy")]]
+    single = run(command + [
+        "--model.eval_min_prob", "0", "--data.num_workers", "0", "--data.test_shards",
+        str(ddp_run["tmp"] / "test" / "shard-{000000..000002}.tar"), "--ckpt_path", ddp["best_checkpoint"],
+        "--trainer.logger.init_args.save_dir", str(ddp_run["tmp"] / "single"),
+    ], timeout=DEADLINE)
+    assert single.returncode == 0, single.stderr[-3000:]
+    alone = json.loads((ddp_run["tmp"] / "single" / "default" / "version_0" / "metrics.json").read_text())
+    keys = [k for k in alone if k.startswith("test/")]
+    assert {"test/loss", "test/images", "test/exact_top5/recall", "test/exact_top10/f1"} <= set(keys)
+    assert alone["test/exact_top10/recall"] > 0  # labels were predicted and some were right: not a 0 == 0 check
+    for key in keys:
+        assert ddp[key] == pytest.approx(alone[key], abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_a_finished_run_is_not_resumed_and_a_new_version_starts(ddp_run, shapes):
+    # The same command with other training shards (a user's own data) must not "resume" the finished run.
+    assert ddp_run["result"].returncode == 0
+    again = run(fit_command(shapes, ddp_run["tmp"] / "logs", 8) + DDP + [
+        "--data.train_shards", str(ddp_run["tmp"] / "test" / "shard-{000000..000002}.tar"),
+        "--trainer.limit_val_batches", "0"], timeout=DEADLINE)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "its run is finished (step 8 of 8), so a new run starts" in again.stdout
+    assert json.loads((ddp_run["version"].parent / "version_1" / "metrics.json").read_text())["global_step"] == 8
+
+
+@pytest.mark.slow
+def test_torchrun_on_two_nodes_trains_epochs_over_uneven_shards_and_stops_them_together(tmp_path, shapes):
+    # Rank 0 reads shards 0 and 2 (96 + 8 samples: 13 batches of 8), rank 1 shard 1 (24: 3 batches). Every epoch
+    # stops after 3 steps on both ranks; 2 epochs are 6 steps. Without that, rank 0 waits for rank 1 for ever.
+    write_uneven_shards(shapes / "train" / "shard-000000.tar", tmp_path / "train", [96, 24, 8])
+    port = free_port()
+    fit = fit_command(shapes, tmp_path / "logs", 1000)[len(NXTP_CLI):] + [  # max_steps sizes the lr schedule only
+        "--data.train_shards", str(tmp_path / "train" / "shard-{000000..000002}.tar"), "--data.resampled", "false",
+        "--data.batch_size", "8", "--trainer.max_epochs", "2", "--trainer.val_check_interval", "1.0",
+        "--trainer.check_val_every_n_epoch", "1", "--trainer.strategy", "ddp", "--trainer.num_nodes", "2",
+        "--trainer.devices", "1", "--trainer.accelerator", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank",
+         str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "lightning_modules.cli", *fit],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        for rank in (0, 1)]
+    outputs = []
+    try:
+        for node in nodes:
+            outputs.append(node.communicate(timeout=DEADLINE))
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+    for node, (_, err) in zip(nodes, outputs):
+        assert node.returncode == 0, err[-3000:]
+    metrics = json.loads((tmp_path / "logs" / "default" / "version_0" / "metrics.json").read_text())
+    assert metrics["global_step"] == 6
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launching_process_stops_both_ranks_and_the_same_command_resumes_them(tmp_path, shapes):
+    steps = 30
+    command = fit_command(shapes, tmp_path / "logs", steps) + DDP
+    version = tmp_path / "logs" / "default" / "version_0"
+    proc = start_until(command, version / "checkpoints" / "last.ckpt", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True, start_new_session=True)
+    try:
+        proc.send_signal(signal.SIGTERM)  # rank 0 alone, as a scheduler or `kill PID` would
+        out, err = proc.communicate(timeout=DEADLINE)
+        deadline = time.time() + 60
+        while time.time() < deadline and group_alive(proc.pid):  # rank 1, started by rank 0, ends too
+            time.sleep(0.5)
+        assert not group_alive(proc.pid)
+    finally:
+        if group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "stopped by SIGTERM" in out
+    stopped_at = torch.load(version / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    assert 10 <= stopped_at < steps
+
+    resumed = run(command, timeout=DEADLINE)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {version / 'checkpoints' / 'last.ckpt'} at step {stopped_at}" in resumed.stdout
+    assert torch.load(version / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == steps
+    assert json.loads((version / "metrics.json").read_text())["global_step"] == steps
+    assert not (version.parent / "version_1").exists()
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
