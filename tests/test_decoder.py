@@ -11,7 +11,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from lightning_modules.decoder import DecoderConfig, build_decoder
+from lightning_modules.decoder import DecoderConfig, GgufConfig, build_decoder
 from lightning_modules.lit_nxtp import LitNXTP
 from lightning_modules.nxtp import NXTP
 from lightning_modules.sequence import collate_text
@@ -90,7 +90,9 @@ def smollm2_tokenizer(gguf_tokenizer, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def full_smollm2(smollm2_dir):
     """All 30 blocks, loaded by transformers alone: the truth the truncated decoder is checked against."""
-    return AutoModelForCausalLM.from_pretrained(smollm2_dir, gguf_file=GGUF_FILE).eval()
+    # unpacked to float weights even where transformers could keep them packed (with the `kernels` package)
+    dense = {"quantization_config": GgufConfig(dequantize=True)} if GgufConfig is not None else {}
+    return AutoModelForCausalLM.from_pretrained(smollm2_dir, gguf_file=GGUF_FILE, **dense).eval()
 
 
 @pytest.fixture(scope="module")
