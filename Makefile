@@ -6,9 +6,6 @@ BIN := $(VENV)/bin
 DATA ?= data/shapes
 EXPERIMENT ?= configs/experiment/default.yaml
 SWEEP ?= configs/sweep/decoder_depth.yaml
-# Offline copy of the NLTK data used by label extraction; NLTK also searches its usual folders,
-# and downloads what is missing when it can.
-export NLTK_DATA ?= $(CURDIR)/tests/fixtures/nltk_data
 
 .PHONY: install data train sweep test test-fast tensorboard clean
 

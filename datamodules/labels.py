@@ -1,49 +1,70 @@
 """Object labels from free-form captions, following the NXTP reference.
 
-The reference turns a caption into training labels by lowercasing it, deleting a
-short list of "noise" words that web captions are full of, stripping unusual
-characters, POS-tagging it with NLTK and keeping the common nouns (``NN``/``NNS``)
-that contain no digit, lemmatized with WordNet and longer than two letters.
+The reference (kaiyuyue/nxtp ``src/utils.py`` at its latest commit, 11cf60c) turns a caption into training labels
+by lowercasing it, turning newlines into spaces, deleting a short list of "noise" words that web captions are full
+of, stripping unusual characters, POS-tagging it with NLTK and keeping the common nouns (``NN``/``NNS``) that
+contain no digit, lemmatized with WordNet and longer than two letters. ``reference_compat=True`` does exactly that.
 
-One deliberate difference: the reference deduplicates *before* lemmatizing (so
-"dog" and "dogs" could both survive as "dog") and returns them in random order.
-Here duplicates are removed after lemmatization and the order of first
-appearance is kept; shuffling belongs to the data pipeline.
+By default four things differ, each a fix of something that turns web captions into wrong labels:
 
-The tokens, tags and lemmas are exactly NLTK's (``word_tokenize``, ``pos_tag``,
-``WordNetLemmatizer``), computed several times faster than NLTK's own calls so
-that one data worker extracts well over 5,000 captions/s
-(``experiments/bench_labels.py``); :func:`extract_labels_nltk` is the same
-extraction through NLTK's calls, kept as the yardstick.
+* noise words are removed as whole words (a noise word or its plural, not joined to letters, digits or a hyphen),
+  where the reference removes raw substrings ("laptop" -> "lap", "stop sign" -> "s sign", "birthday" -> "birth");
+* every kind of whitespace (tabs, carriage returns, no-break spaces) separates words, where the reference only
+  turns newlines into spaces and deletes the rest ("dog\\tcat" -> "dogcat");
+* HTML entities are decoded first ("dogs &amp; cats" gives no label "amp");
+* leading and trailing periods, hyphens and apostrophes leave a label ("dr." -> "dr", too short, so dropped;
+  "mr." likewise; "d.c" keeps its inner period).
+
+Both ways, duplicates are removed after lemmatization (the reference deduplicates before, so "dog" and "dogs" could
+both survive as "dog") and the order of first appearance is kept (the reference shuffles; the data pipeline does).
+
+Self-contained: the NLTK data (tokenizer, tagger, WordNet) ships in ``datamodules/nltk_data`` and is the only data
+read, whatever ``NLTK_DATA`` says and without ever downloading, so a caption gives the same labels on every machine.
+``nltk_data=`` (or the ``NXTP_NLTK_DATA`` environment variable) selects another folder of the same layout.
+
+The tokens, tags and lemmas are exactly NLTK's (``word_tokenize``, ``pos_tag``, ``WordNetLemmatizer``), computed
+several times faster than NLTK's own calls so that one data worker extracts well over 5,000 captions/s
+(``experiments/bench_labels.py``); :func:`extract_labels_nltk` is the same extraction through NLTK's calls, kept as
+the yardstick.
 """
 
 from __future__ import annotations
 
+import html
+import os
 import re
+import warnings
 from functools import lru_cache
+from pathlib import Path
 
 import nltk
 import numpy as np
+from nltk.corpus.reader.wordnet import WordNetCorpusReader
+from nltk.tokenize.punkt import PunktSentenceTokenizer, load_punkt_params
 
 __all__ = [
+    "NLTK_DATA_ENV",
     "NLTK_RESOURCES",
     "NOISE_WORDS",
+    "PACKAGED_NLTK_DATA",
+    "NLTKDataError",
     "clean_caption",
     "ensure_nltk_data",
     "extract_labels",
     "extract_labels_batch",
     "extract_labels_nltk",
+    "nltk_data_dir",
     "tokenize",
 ]
 
-# Removed as raw substrings, in this order, exactly like the reference does (so
-# "daylight" loses its "day" too): these words dominate web captions without
+# Removed in this order (as raw substrings under reference_compat): these words dominate web captions without
 # naming anything that is visible.
 NOISE_WORDS: tuple[str, ...] = (
     "person",
     "persons",
     "stock",
     "illustration",
+    "foreground",
     "background",
     "photography",
     "image",
@@ -51,70 +72,101 @@ NOISE_WORDS: tuple[str, ...] = (
     "front",
     "day",
     "ounce",
+    "top",
 )
+_NOISE_WORD = re.compile(r"(?<![\w-])(?:%s)s?(?![\w-])" % "|".join(sorted(NOISE_WORDS, key=len, reverse=True)))
 
 # Everything except letters, digits, spaces and ' . , & - is dropped; commas and
 # ampersands then become spaces so that lists of nouns tokenize cleanly.
 _DROP_CHARS = re.compile(r"[^a-zA-Z' 0-9.,&-]")
 _SEPARATORS = re.compile(r"[,&]")
+_WHITESPACE = re.compile(r"\s+")
+# Stripped from both ends of a label by default: "dr." -> "dr", "-notch" -> "notch".
+_LABEL_EDGES = ".-'"
 
 _NOUN_TAGS = frozenset({"NN", "NNS"})
 _MIN_LABEL_LEN = 3
 
-# nltk.data.find path -> name for nltk.download.
+PACKAGED_NLTK_DATA = Path(__file__).parent / "nltk_data"
+NLTK_DATA_ENV = "NXTP_NLTK_DATA"
+# nltk.data.find names of what label extraction reads -> name for nltk.download.
 NLTK_RESOURCES: dict[str, str] = {
-    "tokenizers/punkt_tab": "punkt_tab",
-    "taggers/averaged_perceptron_tagger_eng": "averaged_perceptron_tagger_eng",
-    "corpora/wordnet": "wordnet",
+    "tokenizers/punkt_tab/english/": "punkt_tab",
+    "taggers/averaged_perceptron_tagger_eng/": "averaged_perceptron_tagger_eng",
+    "corpora/wordnet/": "wordnet",
 }
 
-_nltk_ready = False
+
+class NLTKDataError(RuntimeError):
+    """The NLTK data for label extraction is missing or unreadable: a set-up error, never one sample's fault."""
 
 
-def _has_resource(path: str) -> bool:
-    # Zipped resources are only found by their folder form ("name/"), plain
-    # folders by either form, so try both.
-    for candidate in (path, path + "/"):
-        try:
-            nltk.data.find(candidate)
-        except LookupError:
-            continue
-        return True
-    return False
+def nltk_data_dir(nltk_data: str | os.PathLike | None = None) -> Path:
+    """The folder label extraction reads: ``nltk_data``, else ``$NXTP_NLTK_DATA``, else the packaged copy."""
+    return _resolved(str(nltk_data or os.environ.get(NLTK_DATA_ENV) or PACKAGED_NLTK_DATA))
 
 
-def ensure_nltk_data() -> None:
-    """Make sure the NLTK tokenizer, tagger and WordNet data can be found.
+@lru_cache(maxsize=16)
+def _resolved(path: str) -> Path:  # cached: label extraction asks once per caption
+    return Path(path).expanduser().resolve()
 
-    A missing resource is downloaded once (quietly); if that is impossible, e.g.
-    offline, a ``RuntimeError`` names the resource and how to provide it.
-    """
-    global _nltk_ready
-    if _nltk_ready:
-        return
+
+def _find(root: Path) -> dict[str, nltk.data.PathPointer]:
+    """The three resources in ``root`` and nowhere else, or an NLTKDataError naming the folder and the resource."""
+    # NLTK only opens files below a folder on its search path (its path sandbox); appended, the folder does not
+    # change what other NLTK users in this process find. paths=[root] keeps every other folder out of our search.
+    if str(root) not in nltk.data.path:
+        nltk.data.path.append(str(root))
+    found = {}
     for path, name in NLTK_RESOURCES.items():
-        if _has_resource(path):
-            continue
         try:
-            nltk.download(name, quiet=True)
-        except Exception:  # noqa: BLE001 - any failure means "not available"
-            pass
-        if not _has_resource(path):
-            raise RuntimeError(
-                f"NLTK resource '{path}' was not found and could not be downloaded. "
-                f"Set NLTK_DATA to a folder that holds it, or run "
-                f"`python -m nltk.downloader {name}`."
-            )
-    _nltk_ready = True
+            found[path] = nltk.data.find(path, paths=[str(root)])
+        except LookupError as e:
+            raise NLTKDataError(
+                f"NLTK resource '{path.rstrip('/')}' was not found in {root}, the NLTK data label extraction reads "
+                f"(set by the nltk_data argument, else ${NLTK_DATA_ENV}, else the copy packaged with nxtp-lightning); "
+                f"NLTK also refuses folders that other accounts can write to. Point it at a folder holding "
+                f"{name} (`python -m nltk.downloader -d DIR {name}`)."
+            ) from e
+    return found
 
 
-def clean_caption(caption: str) -> str:
-    """Lowercase a caption, delete noise words and strip unusual characters."""
-    text = caption.lower()
-    for word in NOISE_WORDS:
-        text = text.replace(word, " ")
+def ensure_nltk_data(nltk_data: str | os.PathLike | None = None) -> Path:
+    """Check that the NLTK data label extraction reads is complete; return its folder.
+
+    Raises:
+        NLTKDataError: naming the folder and the missing resource.
+    """
+    root = nltk_data_dir(nltk_data)
+    _find(root)
+    return root
+
+
+class _Lemmas(WordNetCorpusReader):
+    """NLTK's WordNet reader without the mapping to other WordNet versions, which only multilingual lookups use
+    and which would read ``index.sense`` (7 MB) from whatever WordNet NLTK's search path finds."""
+
+    def map_wn(self, version: str = "wordnet") -> None:
+        return None
+
+    def lemmatize(self, noun: str) -> str:
+        """``WordNetLemmatizer().lemmatize(noun, pos="n")``: the shortest WordNet lemma, else the word itself."""
+        lemmas = self._morphy(noun, "n")
+        return min(lemmas, key=len) if lemmas else noun
+
+
+def clean_caption(caption: str, reference_compat: bool = False) -> str:
+    """Lowercase a caption, delete noise words and strip unusual characters (see the module docstring)."""
+    if reference_compat:
+        text = caption.lower().replace("\n", " ")
+        for word in NOISE_WORDS:
+            text = text.replace(word, " ")
+    else:
+        text = _WHITESPACE.sub(" ", html.unescape(caption).lower())
+        text = _NOISE_WORD.sub(" ", text)
     text = _DROP_CHARS.sub("", text)
-    return _SEPARATORS.sub(" ", text)
+    text = _SEPARATORS.sub(" ", text)
+    return _WHITESPACE.sub(" ", text).strip()
 
 
 # --- Fast path -------------------------------------------------------------------
@@ -184,11 +236,18 @@ def _tokenize_sentence(text: str) -> list[str]:
     return text.split()
 
 
-def tokenize(text: str) -> list[str]:
-    """Exactly ``nltk.word_tokenize(text)`` for a cleaned caption, several times faster."""
-    if not _CLEAN_TEXT.fullmatch(text):
-        return nltk.word_tokenize(text)
-    return [token for sentence in nltk.sent_tokenize(text) for token in _tokenize_sentence(sentence)]
+def tokenize(text: str, nltk_data: str | os.PathLike | None = None) -> list[str]:
+    """Exactly ``nltk.word_tokenize(text)`` for a cleaned caption, several times faster (NLTK data: see
+    :func:`nltk_data_dir`)."""
+    return _tokenize(text, _data(nltk_data_dir(nltk_data)))
+
+
+def _tokenize(text: str, data: _NLTKData) -> list[str]:
+    tokenize_sentence = _tokenize_sentence if _CLEAN_TEXT.fullmatch(text) else _WORDS.tokenize
+    return [token for sentence in data.sentences.tokenize(text) for token in tokenize_sentence(sentence)]
+
+
+_WORDS = nltk.tokenize.NLTKWordTokenizer()  # what nltk.word_tokenize runs on each sentence
 
 
 class _PerceptronTags:
@@ -266,61 +325,87 @@ class _PerceptronTags:
         return tags
 
 
-@lru_cache(maxsize=1)
-def _tagger() -> _PerceptronTags:
-    ensure_nltk_data()
-    return _PerceptronTags(nltk.tag.PerceptronTagger())
+class _NLTKData:
+    """Sentence splitter, tagger and lemmatizer read from one folder of NLTK data, and from no other."""
+
+    def __init__(self, root: Path) -> None:
+        found = _find(root)
+        self.sentences = PunktSentenceTokenizer()  # what nltk.sent_tokenize's PunktTokenizer("english") loads
+        self.sentences._params = load_punkt_params(found["tokenizers/punkt_tab/english/"])
+        tagger = nltk.tag.PerceptronTagger(load=False)
+        tagger.load_from_json("eng", found["taggers/averaged_perceptron_tagger_eng/"])
+        self.tagger = _PerceptronTags(tagger)
+        with warnings.catch_warnings():  # "multilingual functions are not available": none is used
+            warnings.simplefilter("ignore")
+            self.wordnet = _Lemmas(found["corpora/wordnet/"], None)
 
 
-@lru_cache(maxsize=1)
-def _lemmatizer() -> nltk.stem.WordNetLemmatizer:
-    return nltk.stem.WordNetLemmatizer()
+@lru_cache(maxsize=4)
+def _data(root: Path) -> _NLTKData:
+    return _NLTKData(root)
 
 
 @lru_cache(maxsize=1 << 18)
-def _label(noun: str) -> str | None:
+def _label(word: str, reference_compat: bool, root: Path) -> str | None:
     """The label a noun gives, or None when it has a digit or its lemma is too short."""
-    if any(c.isdigit() for c in noun):
+    if not reference_compat:
+        word = word.strip(_LABEL_EDGES)
+    if not word or any(c.isdigit() for c in word):
         return None
-    lemma = _lemmatizer().lemmatize(noun, pos="n")
+    lemma = _data(root).wordnet.lemmatize(word)
     return lemma if len(lemma) >= _MIN_LABEL_LEN else None
 
 
 @lru_cache(maxsize=65536)
-def _extract(caption: str) -> tuple[str, ...]:
-    ensure_nltk_data()
-    tokens = tokenize(clean_caption(caption))
+def _extract(caption: str, reference_compat: bool, root: Path) -> tuple[str, ...]:
+    tokens = _tokenize(clean_caption(caption, reference_compat), _data(root))
     if not tokens:
         return ()
     labels: dict[str, None] = {}  # insertion-ordered set
-    for word, tag in zip(tokens, _tagger().tag(tokens)):
+    for word, tag in zip(tokens, _data(root).tagger.tag(tokens)):
         if tag in _NOUN_TAGS:
-            label = _label(word)
+            label = _label(word, reference_compat, root)
             if label is not None:
                 labels.setdefault(label, None)
     return tuple(labels)
 
 
-def extract_labels(caption: str) -> list[str]:
-    """Return the deduplicated noun lemmas of ``caption`` in order of first appearance."""
-    return list(_extract(caption))
+def extract_labels(caption: str, reference_compat: bool = False, nltk_data: str | os.PathLike | None = None
+                   ) -> list[str]:
+    """Return the deduplicated noun lemmas of ``caption`` in order of first appearance.
+
+    Args:
+        caption: any text.
+        reference_compat: clean the caption exactly as the reference does, its raw-substring noise-word rule
+            included, and keep labels' edge punctuation (see the module docstring).
+        nltk_data: the folder of NLTK data to read; default ``$NXTP_NLTK_DATA``, else the packaged copy.
+
+    Raises:
+        NLTKDataError: the NLTK data is missing or unreadable.
+    """
+    return list(_extract(caption, reference_compat, nltk_data_dir(nltk_data)))
 
 
-def extract_labels_batch(captions: list[str]) -> list[list[str]]:
+def extract_labels_batch(captions: list[str], reference_compat: bool = False,
+                         nltk_data: str | os.PathLike | None = None) -> list[list[str]]:
     """Apply :func:`extract_labels` to each caption."""
-    return [extract_labels(c) for c in captions]
+    return [extract_labels(c, reference_compat, nltk_data) for c in captions]
 
 
-def extract_labels_nltk(caption: str) -> list[str]:
-    """:func:`extract_labels` through NLTK's public calls only: slow, the yardstick for the fast path."""
-    ensure_nltk_data()
-    tokens = nltk.word_tokenize(clean_caption(caption))
+def extract_labels_nltk(caption: str, reference_compat: bool = False) -> list[str]:
+    """:func:`extract_labels` through NLTK's public calls only: slow, the yardstick for the fast path.
+
+    It reads whatever NLTK data NLTK's own search path finds (``NLTK_DATA``, ``~/nltk_data``...), so that a test
+    can compare the packaged copy with independent data.
+    """
+    tokens = nltk.word_tokenize(clean_caption(caption, reference_compat))
     if not tokens:
         return []
-    lemmatize = _lemmatizer().lemmatize
+    lemmatize = nltk.stem.WordNetLemmatizer().lemmatize
     labels: dict[str, None] = {}
     for word, tag in nltk.pos_tag(tokens):
-        if tag in _NOUN_TAGS and not any(c.isdigit() for c in word):
+        word = word if reference_compat else word.strip(_LABEL_EDGES)
+        if tag in _NOUN_TAGS and word and not any(c.isdigit() for c in word):
             lemma = lemmatize(word, pos="n")
             if len(lemma) >= _MIN_LABEL_LEN:
                 labels.setdefault(lemma, None)

@@ -1,17 +1,25 @@
-"""Label extraction from captions, as the NXTP reference does it (nouns, lemmatized, filtered)."""
+"""Label extraction from captions, as the NXTP reference does it (nouns, lemmatized, filtered).
 
+NLTK's own calls (the yardstick) read tests/fixtures/nltk_data through NLTK_DATA (set in conftest); label extraction
+reads only its packaged copy, so every comparison of the two also checks that copy.
+"""
+
+import json
 import os
+import random
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
-os.environ.setdefault("NLTK_DATA", str(Path(__file__).parent / "fixtures" / "nltk_data"))
+import nltk
+import pytest
 
-import random  # noqa: E402
-
-import nltk  # noqa: E402
-import pytest  # noqa: E402
-
-from datamodules import labels  # noqa: E402
-from datamodules.labels import (  # noqa: E402
+from datamodules import labels
+from datamodules.labels import (
+    PACKAGED_NLTK_DATA,
+    NLTKDataError,
     clean_caption,
     ensure_nltk_data,
     extract_labels,
@@ -20,9 +28,12 @@ from datamodules.labels import (  # noqa: E402
     tokenize,
 )
 
+ROOT = Path(__file__).parents[1]
+FIXTURE_NLTK_DATA = Path(__file__).parent / "fixtures" / "nltk_data"
+
 CAPTIONS = {
     "Two dogs playing with a frisbee on the grass.": ["dog", "frisbee", "grass"],
-    "A man riding a wave on top of a surfboard.": ["man", "wave", "top", "surfboard"],
+    "A man riding a wave on top of a surfboard.": ["man", "wave", "surfboard"],  # "top" is a noise word
     "A kitchen with a stove, a sink and wooden cabinets.": ["kitchen", "stove", "sink", "cabinet"],
     "A cat sitting on a laptop keyboard.": ["cat", "laptop", "keyboard"],
     "Three giraffes standing near a tall tree at the zoo.": ["giraffe", "tree", "zoo"],
@@ -51,13 +62,13 @@ WEB_CAPTIONS = {
     "A chef in a white apron slicing tomatoes, onions & peppers.": [
         "chef", "apron", "slicing", "tomato", "onion", "pepper"],
     "Aerial view of New York City at night": ["view", "york", "city", "night"],
-    # "birthday" and "today" lose their "day": "birth" stays, "to" is too short anyway.
-    "Happy birthday card with balloons -- 50% off today!": ["birth", "card", "balloon"],
+    # The tagger reads "birthday" before "card" as an adjective; "today" is a noun.
+    "Happy birthday card with balloons -- 50% off today!": ["card", "balloon", "today"],
     "Portrait of a smiling girl holding her cat's paw.": ["portrait", "girl", "cat", "paw"],
     "The dogs' owner walks them along the river every morning.": ["dog", "owner", "river", "morning"],
     "Rock 'n' roll band performing on stage in the 1980s.": ["rock", "roll", "band", "stage"],
-    # Lowercased, the title "mr." is a common noun of three characters.
-    "Mr. Smith's old car... rusting in the yard.": ["mr.", "smith", "car", "yard"],
+    # Lowercased, the title "mr." is a common noun; without its period it is too short.
+    "Mr. Smith's old car... rusting in the yard.": ["smith", "car", "yard"],
     "Glasses of wine on a table at sunset; a great evening with friends!": [
         "glass", "wine", "table", "sunset", "evening", "friend"],
     "An illustration of a T-shirt design with a skull and roses": ["t-shirt", "design", "skull", "rose"],
@@ -66,14 +77,82 @@ WEB_CAPTIONS = {
 }
 
 
+# Where reference_compat gives other labels: the reference's raw substrings and edge punctuation.
+COMPAT_LABELS = {
+    "A cat sitting on a laptop keyboard.": ["cat", "lap", "keyboard"],  # "laptop" loses "top"
+    # "birthday" and "today" lose their "day": "birth" stays, "to" is too short anyway.
+    "Happy birthday card with balloons -- 50% off today!": ["birth", "card", "balloon"],
+    "Mr. Smith's old car... rusting in the yard.": ["mr.", "smith", "car", "yard"],
+}
+
+
 @pytest.mark.parametrize("caption", list(CAPTIONS))
 def test_real_captions(caption):
     assert extract_labels(caption) == CAPTIONS[caption]
+    assert extract_labels(caption, reference_compat=True) == COMPAT_LABELS.get(caption, CAPTIONS[caption])
 
 
 @pytest.mark.parametrize("caption", list(WEB_CAPTIONS))
 def test_web_captions(caption):
     assert extract_labels(caption) == WEB_CAPTIONS[caption]
+    assert extract_labels(caption, reference_compat=True) == COMPAT_LABELS.get(caption, WEB_CAPTIONS[caption])
+
+
+# --- The reference's current cleaning (kaiyuyue/nxtp src/utils.py, 11cf60c): what changed since its first commit,
+# in both modes, and where the default fixes it.
+
+@pytest.mark.parametrize("compat", [False, True])
+def test_newlines_separate_words(compat):
+    assert clean_caption("A dog\ncat", compat) == "a dog cat"  # was "a dogcat"
+    assert extract_labels("A dog\ncat", compat) == ["dog", "cat"]
+
+
+@pytest.mark.parametrize("compat", [False, True])
+def test_foreground_and_top_are_noise_words(compat):
+    assert extract_labels("A tree in the foreground", compat) == ["tree"]
+    assert extract_labels("A cake on top of the table", compat) == ["cake", "table"]
+
+
+@pytest.mark.parametrize("compat", [False, True])
+def test_spaces_are_squeezed_and_stripped(compat):
+    assert clean_caption("  a   dog,  and  a cat  ", compat) == "a dog and a cat"
+
+
+def test_noise_words_are_whole_words_by_default_and_substrings_in_compat():
+    caption = "A laptop by a stop sign in daylight"
+    assert clean_caption(caption) == "a laptop by a stop sign in daylight"
+    assert clean_caption(caption, reference_compat=True) == "a lap by a s sign in light"  # the reference's bug
+    assert extract_labels(caption) == ["laptop", "stop", "sign", "daylight"]
+    assert extract_labels(caption, reference_compat=True) == ["lap", "sign", "light"]
+    # Plurals of noise words go too; a hyphenated compound is a word of its own.
+    assert clean_caption("Two persons, backgrounds and top-notch days") == "two and top-notch"
+    assert clean_caption("Two persons, backgrounds and top-notch days", True) == "two s s and -notch s"
+
+
+def test_every_whitespace_separates_words_by_default():
+    for caption in ("A dog\tsitting on a couch", "A dog\u00a0sitting on a couch", "A dog\r\nsitting on a couch"):
+        assert clean_caption(caption) == "a dog sitting on a couch", repr(caption)
+        assert extract_labels(caption) == ["dog", "couch"]
+    # The reference only turns newlines into spaces; other whitespace is deleted and joins words.
+    assert extract_labels("A dog\tsitting on a couch", reference_compat=True) == ["dogsitting", "couch"]
+    assert clean_caption("A dog\r\nsitting on a couch", reference_compat=True) == "a dog sitting on a couch"
+
+
+def test_html_entities_are_decoded_by_default():
+    caption = "Dogs &amp; cats on a sofa&nbsp;bed"
+    assert clean_caption(caption) == "dogs cats on a sofa bed"
+    assert extract_labels(caption) == ["dog", "cat", "sofa", "bed"]
+    assert clean_caption(caption, reference_compat=True) == "dogs amp cats on a sofa nbspbed"
+
+
+def test_labels_lose_edge_punctuation_by_default():
+    # NLTK keeps the period of "dr." (an abbreviation) and tags it a noun: without it, "dr" is too short.
+    caption = "Dr. Jones and a nurse in the hallway"
+    assert [w for w, t in nltk.pos_tag(nltk.word_tokenize(clean_caption(caption))) if t in ("NN", "NNS")][0] == "dr."
+    assert extract_labels(caption) == ["jones", "nurse", "hallway"]
+    assert extract_labels(caption, reference_compat=True) == ["dr.", "jones", "nurse", "hallway"]
+    assert extract_labels("The etc. and the u.s.a. team") == [
+        label.strip(".") for label in extract_labels("The etc. and the u.s.a. team", reference_compat=True)]
 
 
 def test_digits_are_dropped():
@@ -92,13 +171,19 @@ def test_plurals_are_lemmatized_and_deduplicated():
     assert extract_labels("A woman holding 3 umbrellas") == ["woman", "umbrella"]
 
 
-def test_noise_words_are_removed_like_the_reference():
-    assert extract_labels("Person holding an umbrella in the rain, background blurred.") == ["umbrella", "rain"]
-    assert extract_labels("Stock photo of a red car parked in front of a house") == ["photo", "car", "house"]
+@pytest.mark.parametrize("compat", [False, True])
+def test_noise_words_are_removed(compat):
+    assert extract_labels("Person holding an umbrella in the rain, background blurred.", compat) == ["umbrella", "rain"]
+    assert extract_labels("Stock photo of a red car parked in front of a house", compat) == ["photo", "car", "house"]
+    assert extract_labels("Images & stock, Day!", compat) == []
+
+
+def test_noise_substrings_like_the_reference_in_compat():
     # Noise words go as substrings, so "daylight" keeps only "light", as in the reference.
-    assert extract_labels("Stock illustration of a lighthouse in daylight") == ["lighthouse", "light"]
-    assert clean_caption("Images & stock, Day!").split() == ["s"]  # the "s" of "images" stays
-    assert extract_labels("Images & stock, Day!") == []
+    assert extract_labels("Stock illustration of a lighthouse in daylight", True) == ["lighthouse", "light"]
+    assert extract_labels("Stock illustration of a lighthouse in daylight") == ["lighthouse", "daylight"]
+    assert clean_caption("Images & stock, Day!", True).split() == ["s"]  # the "s" of "images" stays
+    assert clean_caption("Images & stock, Day!") == ""
 
 
 def test_empty_and_punctuation_only():
@@ -110,6 +195,7 @@ def test_empty_and_punctuation_only():
 def test_batch_matches_single():
     captions = list(CAPTIONS)
     assert extract_labels_batch(captions) == [extract_labels(c) for c in captions]
+    assert extract_labels_batch(captions, True) == [extract_labels(c, True) for c in captions]
     assert extract_labels_batch([]) == []
 
 
@@ -119,33 +205,96 @@ def test_result_is_a_fresh_list():
     assert extract_labels("Two dogs playing with a frisbee on the grass.") == ["dog", "frisbee", "grass"]
 
 
-def test_ensure_nltk_data_finds_the_offline_data():
-    ensure_nltk_data()
+# --- The NLTK data: packaged, used whatever NLTK_DATA says, another folder only when asked for
+
+def test_ensure_nltk_data_finds_the_packaged_data():
+    assert ensure_nltk_data() == PACKAGED_NLTK_DATA.resolve()
 
 
-def test_missing_nltk_data_raises_a_helpful_error(tmp_path, monkeypatch):
+def test_packaged_data_is_small_and_only_what_is_read():
+    files = sorted(str(p.relative_to(PACKAGED_NLTK_DATA)) for p in PACKAGED_NLTK_DATA.rglob("*") if p.is_file())
+    assert files == ["README.md", "corpora/wordnet.zip", "taggers/averaged_perceptron_tagger_eng.zip",
+                     "tokenizers/punkt_tab.zip"]
+    assert sum(p.stat().st_size for p in PACKAGED_NLTK_DATA.rglob("*")) < 6_000_000
+    # The WordNet files kept are the fixture's own bytes.
+    with zipfile.ZipFile(PACKAGED_NLTK_DATA / "corpora/wordnet.zip") as ours, \
+            zipfile.ZipFile(FIXTURE_NLTK_DATA / "corpora/wordnet.zip") as full:
+        assert all(ours.read(name) == full.read(name) for name in ours.namelist() if not name.endswith("/"))
+
+
+def test_another_folder_is_read_only_when_asked_for(tmp_path, monkeypatch):
     tried = []
-    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
-    monkeypatch.setattr(nltk, "download", lambda name, **kwargs: tried.append(name) or False)
-    monkeypatch.setattr(labels, "_nltk_ready", False)
-    with pytest.raises(RuntimeError) as info:
-        ensure_nltk_data()
+    monkeypatch.setattr(nltk, "download", lambda *args, **kwargs: tried.append(args) or False)
+    caption = "Two dogs playing with a frisbee on the grass."
+    assert extract_labels(caption, nltk_data=FIXTURE_NLTK_DATA) == ["dog", "frisbee", "grass"]
+    with pytest.raises(NLTKDataError) as info:
+        extract_labels(caption, nltk_data=tmp_path)
     message = str(info.value)
-    assert "tokenizers/punkt_tab" in message
-    assert "NLTK_DATA" in message
-    assert "python -m nltk.downloader punkt_tab" in message
-    assert tried == ["punkt_tab"]
-
-
-def test_download_errors_count_as_missing(tmp_path, monkeypatch):
-    def offline(name, **kwargs):
-        raise OSError("no network")
-
-    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
-    monkeypatch.setattr(nltk, "download", offline)
-    monkeypatch.setattr(labels, "_nltk_ready", False)
-    with pytest.raises(RuntimeError, match="punkt_tab"):
+    assert "tokenizers/punkt_tab" in message and str(tmp_path) in message and "NXTP_NLTK_DATA" in message
+    monkeypatch.setenv("NXTP_NLTK_DATA", str(tmp_path))
+    with pytest.raises(NLTKDataError, match="punkt_tab"):
         ensure_nltk_data()
+    with pytest.raises(NLTKDataError, match="punkt_tab"):
+        extract_labels("A different caption with a cat.")
+    assert tried == []  # never a download
+
+
+def test_a_folder_missing_one_resource_names_it(tmp_path):
+    shutil.copytree(FIXTURE_NLTK_DATA / "tokenizers", tmp_path / "tokenizers")
+    shutil.copytree(FIXTURE_NLTK_DATA / "corpora", tmp_path / "corpora")
+    with pytest.raises(NLTKDataError, match="taggers/averaged_perceptron_tagger_eng"):
+        ensure_nltk_data(tmp_path)
+
+
+EXTRACT = """
+import json, sys
+from datamodules.labels import extract_labels
+print(json.dumps([extract_labels(c, compat) for c in json.load(sys.stdin) for compat in (False, True)]))
+"""
+
+
+def _garbage_nltk_data(folder: Path) -> Path:
+    """A folder with every resource NLTK would look for, all broken: reading any of it fails."""
+    for name in ("tokenizers/punkt_tab.zip", "taggers/averaged_perceptron_tagger_eng.zip", "corpora/wordnet.zip"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"not a zip file")
+    return folder
+
+
+@pytest.mark.parametrize("nltk_env", ["unset", "garbage", "fixture"])
+def test_same_labels_from_any_folder_whatever_nltk_data_says(tmp_path, nltk_env):
+    # From a temporary folder, without the repository on the path (the installed package), with a HOME that has no
+    # nltk_data, and with NLTK_DATA unset, broken, or pointing at other data.
+    captions = list(CAPTIONS) + list(WEB_CAPTIONS) + list(COMPAT_LABELS)
+    env = {k: v for k, v in os.environ.items() if k not in ("NLTK_DATA", "PYTHONPATH", "NXTP_NLTK_DATA")}
+    env["HOME"] = str(tmp_path)
+    if nltk_env == "garbage":
+        env["NLTK_DATA"] = str(_garbage_nltk_data(tmp_path / "elsewhere"))
+    elif nltk_env == "fixture":
+        env["NLTK_DATA"] = str(FIXTURE_NLTK_DATA)
+    done = subprocess.run([sys.executable, "-c", EXTRACT], input=json.dumps(captions), cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # The truth: NLTK's own calls on the fixture data, in this process.
+    assert json.loads(done.stdout) == [extract_labels_nltk(c, compat) for c in captions for compat in (False, True)]
+
+
+def test_a_wheel_ships_the_nltk_data(tmp_path):
+    # Built from a copy of the sources, so that the build leaves nothing in the repository.
+    src = tmp_path / "src"
+    for name in ("pyproject.toml", "README.md"):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, src / name)
+    for package in ("datamodules", "lightning_modules"):
+        shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                            "-q", "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    packaged = {f"datamodules/nltk_data/{p.relative_to(PACKAGED_NLTK_DATA)}" for p in PACKAGED_NLTK_DATA.rglob("*")
+                if p.is_file()}
+    assert packaged <= names, packaged - names
 
 
 # --- The fast path against NLTK's own calls --------------------------------------
@@ -158,6 +307,7 @@ OBJECTS = ["the grass", "a sandy beach", "N.Y.C. streets", "the kitchen counter"
            "'the sofa'", "a 1990s car", "the 'old' bridge", "rock 'n' roll posters", "e.g. apples & pears",
            "two ''quoted'' words", "the dog's bowl", "St. Paul's cathedral", "a café", "10.5 km of road"]
 ENDINGS = [".", "!", "?", "...", "", " .", ". It's sunny.", ". Don't they look happy?", "; stock photo",
+           "\n#travel #sunset", " &amp; a laptop", " 🌅🔥", "\ton top of a stop sign", " (Dr. Who)",
            ", background image.", " - illustration", ". 'Tis the season.", " in the U.S.", " at 5 p.m."]
 PIECES = ["'", "''", "'s", "n't", "'ll", "'re", "'ve", "'m", "'d", "'t", "'tis", "'twas", ".", "..", "...", "-", "--",
           " ", "  ", "cannot", "gonna", "gotta", "wanna", "gimme", "lemme", "d'ye", "more'n", "u.s.", "e.g.", "mr.",
@@ -197,12 +347,13 @@ def test_tokenizer_falls_back_to_nltk_outside_the_cleaned_alphabet():
 
 
 def test_tagger_matches_nltk():
-    tagger = labels._tagger()
+    tagger = labels._data(labels.nltk_data_dir()).tagger
     for text in _cleaned_noise(1000, seed=1) + [clean_caption(c) for c in _captions(1000, seed=1)]:
         tokens = nltk.word_tokenize(text)
         assert tagger.tag(tokens) == [tag for _, tag in nltk.pos_tag(tokens)], text
 
 
-def test_labels_match_nltk():
+@pytest.mark.parametrize("compat", [False, True])
+def test_labels_match_nltk(compat):
     captions = _captions(2000, seed=2) + list(CAPTIONS) + list(WEB_CAPTIONS)
-    assert extract_labels_batch(captions) == [extract_labels_nltk(c) for c in captions]
+    assert extract_labels_batch(captions, compat) == [extract_labels_nltk(c, compat) for c in captions]
