@@ -1,6 +1,7 @@
 """One-shot sampling speed: the reference's recompute-everything decoding vs the KV-cached sampler.
 
-    python experiments/bench_sampling.py [--device cpu] [--batch 4] [--configs tiny medium]
+    python experiments/bench_sampling.py [--device cpu] [--batch 4] [--configs tiny medium] [--bf16]
+    python experiments/bench_sampling.py --device cuda --configs paper --bf16   # the 1.78B model, random weights
 
 Same random model, same images, same top-k, in one run. The recompute baseline does what the reference does:
 every decoding step runs the decoder over the whole sequence (image + prompt + tokens so far) for all k
@@ -86,21 +87,28 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--topk", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--configs", nargs="+", default=["tiny", "medium"], choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=["tiny", "medium"], choices=[*CONFIGS, "paper"])
+    parser.add_argument("--bf16", action="store_true", help="decode under bf16 autocast (as --precision bf16)")
     args = parser.parse_args()
     torch.manual_seed(0)
     ratios = {}
     for name in args.configs:
-        vision, decoder = CONFIGS[name]
-        model = NXTP(vision, DecoderConfig(config={**decoder, "num_key_value_heads": decoder["num_attention_heads"]}),
-                     str(TOKENIZER)).to(args.device).eval()
+        if name == "paper":  # ViT-L/14 + 6 blocks of LLaMA-2-7B, built as the training benchmark builds it
+            from bench_train import LLAMA2_7B, build
+
+            model, decoder = build(name, torch.device(args.device))[0].eval(), {**LLAMA2_7B, "num_hidden_layers": 6}
+        else:
+            vision, decoder = CONFIGS[name]
+            model = NXTP(vision, DecoderConfig(config={**decoder, "num_key_value_heads": decoder["num_attention_heads"]}),
+                         str(TOKENIZER)).to(args.device).eval()
         with torch.no_grad():  # labels of varied length, ended by the delimiter, as in a trained model
             model.decoder.get_output_embeddings().weight[model.sequences.delimiter_id] *= 3
         size = model.visual.image_size[0]
         pixels = torch.randn(args.batch, 3, size, size, device=args.device)
-        # The recompute baseline is long enough that one-off start-up costs do not matter.
-        slow, ref = timed(lambda: decode_recompute(model, pixels, args.topk), 1, warmup=False)
-        fast, got = timed(lambda: decode_branches(model, pixels, args.topk), args.repeats)
+        amp = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.bf16)
+        with amp:  # the recompute baseline is long enough that one-off start-up costs do not matter
+            slow, ref = timed(lambda: decode_recompute(model, pixels, args.topk), 1, warmup=False)
+            fast, got = timed(lambda: decode_branches(model, pixels, args.topk), args.repeats)
         same = all(a.tokens == b.tokens for x, y in zip(ref, got) for a, b in zip(x, y))
         ratios[name] = slow / fast
         print(f"{name}: {model.n_image_tokens} image tokens, decoder {decoder['hidden_size']} x "
