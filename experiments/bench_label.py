@@ -1,0 +1,144 @@
+"""Labelling speed on large photos, end to end as ``nxtp label`` does it: files -> ``ImageFiles`` (decode,
+orient, convert, resize) in DataLoader workers -> ``Recognizer.label``, with plain and draft JPEG decoding.
+
+    python experiments/bench_label.py [--images 32] [--size 3000x2200] [--workers 0 1 2] [--folder DIR]
+
+It writes ``--images`` photo-like JPEGs (smooth gradients, sensor-like noise, sharp-edged shapes; every other one
+progressive) to ``--folder`` (kept there and reused) or a temporary folder, and labels them with a random model
+of the default configuration (``configs/model/nxtp_tiny.yaml``, a 64-pixel tower, with a tokenizer fitted to the
+synthetic scenes' object names, as ``make data`` makes it) whose labels end after a few tokens, as a trained
+model's do. For each worker count it
+prints images/s and the decode share (the part of the wall time the labelling loop waits for images: decoding
+and preprocessing, as far as the workers do not hide it), for plain decoding and for draft decoding, and the
+draft/plain ratio. The runs alternate within each worker count, so other work on the CPU affects both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image, ImageDraw
+
+from datamodules.synthetic import KINDS
+from datamodules.tokenizer import train_caption_tokenizer
+from lightning_modules import Recognizer
+from lightning_modules.cli.label import ImageFiles, image_paths
+from lightning_modules.decoder import DecoderConfig
+from lightning_modules.nxtp import NXTP
+from lightning_modules.vision import VisionConfig
+
+ROOT = Path(__file__).parents[1]
+
+
+def photo(width: int, height: int, seed: int) -> Image.Image:
+    """Photo-like content: JPEG spends its time on detail, so flat test images would decode unrealistically fast."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32) / max(width, height)
+    a = np.stack([120 + 100 * np.sin(3 * x + rng.uniform(0, 6)), 120 + 100 * np.cos(2 * y + rng.uniform(0, 6)),
+                  128 + 80 * np.sin(4 * (x + y))], -1)
+    a += rng.normal(0, 8, a.shape).astype(np.float32)
+    image = Image.fromarray(a.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(40):
+        x0, y0, side = rng.integers(0, width), rng.integers(0, height), rng.integers(width // 30, width // 5)
+        box = [x0, y0, x0 + side, y0 + side * rng.uniform(0.5, 1.5)]
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+    return image
+
+
+def make_photos(folder: Path, n: int, size: tuple[int, int]) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        path = folder / f"photo_{size[0]}x{size[1]}_{i:04d}.jpg"
+        if not path.exists():
+            photo(*size, seed=i).save(path, quality=90, progressive=i % 2 == 1)
+    return image_paths([str(folder / f"photo_{size[0]}x{size[1]}_*.jpg")])[:n]
+
+
+def default_model(tokenizer: str | None, folder: Path) -> NXTP:
+    """A random model of the default configuration; its labels end after a few tokens, as a trained model's do."""
+    if tokenizer is None:
+        tokenizer = str(folder / "tokenizer")
+        train_caption_tokenizer([f"a {kind} next to a {kind}" for kind in KINDS], tokenizer, required_words=KINDS)
+    config = yaml.safe_load((ROOT / "configs/model/nxtp_tiny.yaml").read_text())
+    torch.manual_seed(0)
+    model = NXTP(VisionConfig(**config["vision"]), DecoderConfig(**config["decoder"]), tokenizer).eval()
+    with torch.no_grad():  # a random model rarely ends a label: every branch would run to the length limit
+        model.decoder.get_output_embeddings().weight[model.sequences.delimiter_id] *= 8
+    return model
+
+
+def label_folder(recognizer: Recognizer, paths: list[Path], workers: int, batch_size: int) -> tuple[float, float]:
+    """Label every image as ``nxtp label`` does; return (seconds, seconds spent waiting for decoded images)."""
+    files = ImageFiles(paths, recognizer.model.eval_transform, recognizer.max_image_pixels,
+                       recognizer.draft_input_size)
+    start = time.perf_counter()
+    loader = iter(torch.utils.data.DataLoader(files, batch_size=batch_size, num_workers=workers, collate_fn=list))
+    waited = 0.0
+    while True:
+        before = time.perf_counter()
+        batch = next(loader, None)
+        waited += time.perf_counter() - before
+        if batch is None:
+            break
+        assert all(error is None for _, _, error in batch), batch
+        recognizer.label([pixels for _, pixels, _ in batch], topk=10, batch_size=batch_size)
+    return time.perf_counter() - start, waited
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=32, help="how many photos to label")
+    parser.add_argument("--size", default="3000x2200", help="photo size WIDTHxHEIGHT")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--folder", help="where the photos are written (and reused); default: a temporary folder")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the labelling process (on a busy 2-core machine 2 threads made the "
+                             "model 20x slower than 1: its small matrix products wait on each other)")
+    parser.add_argument("--tokenizer", help="a tokenizer folder (default: one fitted to the synthetic scenes)")
+    args = parser.parse_args()
+    size = tuple(int(v) for v in args.size.split("x"))
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        paths = make_photos(Path(args.folder or tmp), args.images, size)
+        print(f"{len(paths)} JPEGs of {size[0]}x{size[1]} (half progressive) ready in {time.perf_counter() - start:.0f} s")
+        model = default_model(args.tokenizer, Path(tmp))
+        recognizers = {"plain": Recognizer(model, draft=False), "draft": Recognizer(model, draft=True)}
+        label_folder(recognizers["draft"], paths[:2], 0, args.batch_size)  # warm-up, outside the timings
+        pixels = [torch.randn(3, *model.visual.image_size) for _ in range(args.batch_size)]
+        start = time.perf_counter()
+        labels = recognizers["plain"].label(pixels, topk=10, batch_size=args.batch_size)
+        model_ms = 1000 * (time.perf_counter() - start) / len(pixels)
+        print(f"the model alone: {model_ms:.1f} ms/image ({np.mean([len(x) for x in labels]):.1f} labels per image)")
+        for kind, subset in (("baseline", paths[0::2]), ("progressive", paths[1::2])):
+            times = {}
+            for name, recognizer in recognizers.items():
+                start = time.perf_counter()
+                for path in subset:
+                    recognizer.preprocess(path)
+                times[name] = 1000 * (time.perf_counter() - start) / max(1, len(subset))
+            print(f"reading one {kind} JPEG (decode, orient, resize): plain {times['plain']:.0f} ms, "
+                  f"draft {times['draft']:.0f} ms ({times['plain'] / times['draft']:.1f}x)")
+        print(f"{'workers':>7} {'decoding':>8} {'images/s':>9} {'decode share':>12} {'ms/image':>9}")
+        for workers in args.workers:
+            rates = {}
+            for name, recognizer in recognizers.items():
+                seconds, waited = label_folder(recognizer, paths, workers, args.batch_size)
+                rates[name] = len(paths) / seconds
+                print(f"{workers:>7} {name:>8} {rates[name]:>9.2f} {waited / seconds:>12.0%} "
+                      f"{1000 * seconds / len(paths):>9.1f}")
+            print(f"{workers:>7} {'ratio':>8} {rates['draft'] / rates['plain']:>9.2f}x draft/plain")
+
+
+if __name__ == "__main__":
+    main()
