@@ -111,7 +111,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         paths = make_photos(Path(args.folder or tmp), args.images, size)
-        print(f"{len(paths)} JPEGs of {size[0]}x{size[1]} (half progressive) ready in {time.perf_counter() - start:.0f} s")
+        took = time.perf_counter() - start
+        print(f"{len(paths)} JPEGs of {size[0]}x{size[1]} (half progressive) ready in {took:.0f} s")
         model = default_model(args.tokenizer, Path(tmp))
         recognizers = {"plain": Recognizer(model, draft=False), "draft": Recognizer(model, draft=True)}
         label_folder(recognizers["draft"], paths[:2], 0, args.batch_size)  # warm-up, outside the timings
