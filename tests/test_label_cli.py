@@ -54,3 +54,12 @@ def test_csv_output_file_with_min_prob(setup, tmp_path):
     assert code == 0 and rows and {r["image"].split("/")[-1] for r in rows} == {"a.png", "b.jpg"}
     assert all(r["error"] == "" for r in rows)
     assert all(float(r["prob"]) >= 0.01 for r in rows if r["label"])  # an image with no label left gets one empty row
+
+
+def test_images_over_max_image_pixels_are_reported_with_their_size(setup, capsys):
+    root, folder, _ = setup
+    code = label_main(["--checkpoint", str(root / "model"), "--workers", "0", "--max-image-pixels", "55000",
+                       str(folder / "a.png"), str(folder / "sub" / "b.jpg")])
+    entries = {line["image"].split("/")[-1]: line for line in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert code == 1 and "300x200 = 60000 pixels, more than max_image_pixels=55000" in entries["a.png"]["error"]
+    assert "labels" in entries["b.jpg"]  # 224 x 224 = 50,176 pixels: within the limit
