@@ -73,25 +73,49 @@ class SequenceBuilder:
         return [self.image_id, self.bos_id, *self.tokenizer.encode(prompt, add_special_tokens=False)]
 
     def __call__(self, prompt: str, labels: list[str]) -> TextSequence:
-        """Tokenize ``prompt`` followed by ``labels`` as one text, like the reference does."""
+        """Tokenize ``prompt`` followed by ``labels``, label by label, each closed by the delimiter's own id.
+
+        The ids are those of the whole text ``"PROMPT l1, l2, ... lN,"`` (reference: ``"PROMPT l1, ... lN"``
+        ``</s>``) tokenized at once, as the reference does, except where a label's end would merge with the
+        delimiter into one token (LLaMA-2 has ``".,"``): here the delimiter stays its own token, so every label
+        closes where its block ends whatever characters it ends with.
+
+        Raises:
+            ValueError: the prompt tokenizes differently when labels follow it, or a label has no tokens or
+                contains the delimiter token (it would close its block early).
+        """
         head = self.prompt_ids(prompt)
-        if not labels:
-            return TextSequence(head, len(head) - 1, [])
-        text = f"{prompt} " + f"{self.delimiter} ".join(labels)
-        if not self.reference_compat:
-            text += self.delimiter
-        body = self.tokenizer.encode(text, add_special_tokens=False)
-        if body[: len(head) - 2] != head[2:]:
-            raise ValueError(f"prompt {prompt!r} does not tokenize to the same ids when labels follow it")
-        ids = head + body[len(head) - 2 :]
-        if self.reference_compat:
-            ids.append(self.eos_id)
-        anchor = len(head) - 1
-        label_ends = [j for j in range(anchor + 1, len(ids)) if ids[j] == self.delimiter_id]
-        expected = len(labels) - (1 if self.reference_compat else 0)
-        if len(label_ends) != expected:
-            raise ValueError(f"labels {labels!r} do not split into {len(labels)} labels at {self.delimiter!r}")
+        ids, anchor, label_ends = list(head), len(head) - 1, []
+        for i, label_ids in enumerate(self._label_ids(prompt, labels)):
+            ids += label_ids
+            if self.reference_compat and i == len(labels) - 1:
+                ids.append(self.eos_id)  # the reference's last label has no delimiter
+            else:
+                label_ends.append(len(ids))
+                ids.append(self.delimiter_id)
         return TextSequence(ids, anchor, label_ends)
+
+    def _label_ids(self, prompt: str, labels: list[str]) -> list[list[int]]:
+        """Each label's ids as they are in the whole text: tokenized after the text before it (the prompt for the
+        first label, the delimiter for the others) and cut off from the ids of that text alone."""
+        if not labels:
+            return []
+        contexts = [prompt, *[self.delimiter] * (len(labels) - 1)]
+        texts = [prompt, self.delimiter, *(f"{c} {label}" for c, label in zip(contexts, labels))]
+        encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        before = {prompt: encoded[0], self.delimiter: encoded[1]}
+        out = []
+        for i, (context, label, ids) in enumerate(zip(contexts, labels, encoded[2:])):
+            n = len(before[context])
+            if ids[:n] != before[context]:
+                what = f"prompt {prompt!r}" if i == 0 else f"delimiter {self.delimiter!r}"
+                raise ValueError(f"{what} does not tokenize to the same ids when label {label!r} follows it")
+            if len(ids) == n:
+                raise ValueError(f"label {label!r} has no tokens")
+            if self.delimiter_id in ids[n:]:
+                raise ValueError(f"label {label!r} contains the delimiter token {self.delimiter!r}")
+            out.append(ids[n:])
+        return out
 
 
 @dataclass
