@@ -101,9 +101,9 @@ def decode_image(source: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS,
         if width * height > max_pixels:
             raise ImageError("image too large", f"{width}x{height} = {width * height} pixels, more than "
                                                 f"max_image_pixels={max_pixels}")
-        size = draft_size(image.size, input_size) if image.format == "JPEG" else None
-        if size is not None:
-            image.draft("RGB", size)  # mode stays as stored (RGB, L, CMYK): only the scale changes
+        size = draft_size(image.size, input_size)
+        if size is not None:  # JPEG (and phones' MPO) only, a no-op for other formats
+            image.draft("RGB", size)  # the mode stays as stored (RGB, L, CMYK): only the scale changes
         try:
             image.load()
             # After decoding: the orientation tag may sit in EXIF that follows the image data.
