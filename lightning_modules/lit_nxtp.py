@@ -14,13 +14,13 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import grad_norm, rank_zero_warn
+from lightning.pytorch.utilities import grad_norm, rank_zero_info, rank_zero_warn
 from PIL import Image, ImageDraw
 from torchmetrics import MeanMetric, SumMetric
 
 from .decoder import DecoderConfig
 from .metrics import ExactLabelScore, SemanticLabelScore
-from .nxtp import NXTP, PROMPT
+from .nxtp import NXTP, PROMPT, load_weights, read_weights
 from .sampling import recognize
 from .vision import VisionConfig
 
@@ -83,6 +83,15 @@ class LitNXTP(L.LightningModule):
         log_images: how many validation images to log with their predicted labels.
         max_nonfinite_steps: a step whose loss is NaN or infinite is skipped and counted; after this many the run
             stops with an error naming the batch's samples.
+        init_from: start from these weights (fine-tuning): a folder written by ``save_pretrained``,
+            ``nxtp import-official`` or ``nxtp export --format safetensors``, or a ``.ckpt`` written by
+            ``nxtp fit`` (read safely, see ``checkpoint_io``). Only the weights are taken: the optimizer, lr schedule
+            and step count start afresh, unlike ``--ckpt_path`` (which resumes a run, and wins over this when
+            both are given). The architecture still comes from this config and must match the source's (for a
+            folder: ``--model FOLDER/config.yaml --model.tokenizer FOLDER/tokenizer``); every name and shape
+            must match. Loaded when a Trainer sets the module up (``setup``).
+        init_allow_missing: name patterns (fnmatch, on ``model.state_dict()``) of tensors that ``init_from`` may
+            lack, e.g. ``["projection.*"]`` for a new projection; they keep their fresh initialisation.
     """
 
     def __init__(
@@ -113,6 +122,8 @@ class LitNXTP(L.LightningModule):
         embedder: str | None = None,
         log_images: int = 8,
         max_nonfinite_steps: int = 10,
+        init_from: str | None = None,
+        init_allow_missing: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -129,6 +140,13 @@ class LitNXTP(L.LightningModule):
         if compile:
             for block in self.model.decoder.get_decoder().layers:
                 block.compile()
+        if init_from is not None and Path(init_from).exists():  # a record that holds from any directory
+            self.hparams.init_from = os.path.abspath(init_from)  # (a missing source fails in setup, not here)
+        names = list(self.model.state_dict())
+        for pattern in init_allow_missing or []:
+            if not fnmatch.filter(names, pattern):
+                raise ValueError(f"model.init_allow_missing: pattern {pattern!r} matches no tensor of the model")
+        self._initialized_from: str | None = None
         self.nonfinite_steps = 0
         # Evaluation keeps only sums (torchmetrics states) and syncs them once per epoch: ranks may hold different
         # numbers of batches (shards are split between ranks), so no collective may run per batch.
@@ -151,6 +169,17 @@ class LitNXTP(L.LightningModule):
                 raise ValueError(f"model.trainable: pattern {pattern!r} matches no parameter")
         for name, param in self.model.named_parameters():
             param.requires_grad_(any(fnmatch.fnmatch(name, p) for p in patterns))
+
+    def setup(self, stage: str) -> None:
+        """Load ``init_from`` once, when a Trainer first sets the module up (not in ``__init__``, which
+        ``load_from_checkpoint`` also runs: a fine-tuned checkpoint must not need its source to load). A resumed
+        run's ``--ckpt_path`` is restored after this and replaces these weights."""
+        path = self.hparams.get("init_from")
+        if path is None or self._initialized_from == path:
+            return
+        kept = load_weights(self.model, read_weights(path), self.hparams.get("init_allow_missing") or [], source=path)
+        self._initialized_from = path
+        rank_zero_info(f"model.init_from: loaded {path}" + (f"; kept as built: {kept}" if kept else ""))
 
     @staticmethod
     def _train_rows(weight: torch.nn.Parameter, rows: list[int]) -> None:

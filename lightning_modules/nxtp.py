@@ -9,6 +9,7 @@ the last prompt token and decodes every label from it in parallel (``sampling``)
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 from dataclasses import asdict
 from pathlib import Path
@@ -206,3 +207,68 @@ class NXTP(nn.Module):
         if missing or unexpected:
             raise ValueError(f"{path / 'model.safetensors'}: missing keys {missing}, unexpected keys {unexpected}")
         return model.eval()
+
+
+def read_weights(path: str | Path) -> dict[str, Tensor]:
+    """The NXTP state dict stored at ``path``, read without running code from it.
+
+    ``path`` is a folder written by ``save_pretrained`` (``nxtp import-official``, ``nxtp export --format
+    safetensors``), a ``.safetensors`` file, or a Lightning ``.ckpt`` written by ``nxtp fit`` (read with the
+    allow-list of ``checkpoint_io.load_checkpoint``; only its ``model.*`` tensors are kept).
+    """
+    path = Path(path) if "://" not in str(path) else path
+    if isinstance(path, Path) and not path.exists():
+        raise FileNotFoundError(f"model.init_from={path}: no such file or folder")
+    if isinstance(path, Path) and path.is_dir():
+        path = path / "model.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: a weights folder is one written by save_pretrained, "
+                                    f"nxtp import-official or nxtp export --format safetensors")
+    if str(path).endswith(".safetensors"):
+        return safetensors.torch.load_file(str(path))
+    from .checkpoint_io import load_checkpoint
+
+    checkpoint = load_checkpoint(path)
+    if "state_dict" not in checkpoint:
+        raise ValueError(f"{path}: no 'state_dict'; expected a .ckpt written by nxtp fit")
+    # LitNXTP keeps the recognizer under ``model.``; the rest (metric embedders) is not part of NXTP.
+    return {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+
+
+def _listed(keys: list[str], limit: int = 20) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{shown}, ... ({len(keys) - limit} more)" if len(keys) > limit else shown
+
+
+def load_weights(model: nn.Module, state: dict[str, Tensor], allow_missing: list[str] = (),
+                 source: str = "the source") -> list[str]:
+    """Copy ``state`` into ``model``, whose names and shapes it must match exactly; return the keys left as built.
+
+    Keys of ``model`` absent from ``state`` are allowed only where they match a pattern of ``allow_missing``
+    (fnmatch); they keep the model's own initialisation. Otherwise a ``ValueError`` lists every missing,
+    unexpected and mis-shaped key (with both shapes), in the terms of ``model.init_from`` and
+    ``model.init_allow_missing`` (what ``nxtp fit`` calls them).
+    """
+    expected = model.state_dict(keep_vars=True)
+    # Tied tensors (e.g. lm_head tied to the embeddings) are stored once by safetensors: any alias will do.
+    storage: dict[int | str, set[str]] = {}
+    ptr = {name: t.data_ptr() if t.numel() else name for name, t in expected.items()}  # empty tensors share 0
+    for name in expected:
+        storage.setdefault(ptr[name], set()).add(name)
+    absent = sorted(k for k in expected if not storage[ptr[k]] & state.keys())
+    allowed = [k for k in absent if any(fnmatch.fnmatch(k, p) for p in allow_missing)]
+    missing = [k for k in absent if k not in allowed]
+    unexpected = sorted(state.keys() - expected.keys())
+    mis_shaped = [f"{k}: source {tuple(v.shape)}, model {tuple(expected[k].shape)}"
+                  for k, v in sorted(state.items()) if k in expected and v.shape != expected[k].shape]
+    if missing or unexpected or mis_shaped:
+        problems = [f"missing from the source (name them in model.init_allow_missing to keep them as built): "
+                    f"{_listed(missing)}" if missing else "",
+                    f"not in the model: {_listed(unexpected)}" if unexpected else "",
+                    f"shape mismatches: {_listed(mis_shaped)}" if mis_shaped else ""]
+        raise ValueError(f"model.init_from={source} does not fit the model built from the config (the model config "
+                         f"must describe the source's architecture, e.g. --model FOLDER/config.yaml for a "
+                         f"save_pretrained folder):\n  " + "\n  ".join(p for p in problems if p))
+    with torch.no_grad():
+        model.load_state_dict(state, strict=False)
+    return allowed
