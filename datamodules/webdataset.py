@@ -5,8 +5,11 @@ brace patterns, lists, local paths or URLs (webdataset handles ``pipe:``, http(s
 are extracted from the caption (``labels``), shuffled per sample, and tokenized after the prompt. Shards
 are split by node and by worker, so with resampling off every sample is seen once per epoch.
 Bad data never stops a run: a sample that cannot be used (broken or oversized image, missing, empty or
-non-UTF-8 caption, no labels) is skipped, and so is a shard that stays unreachable after retries or the rest
-of a truncated one; each is logged, counted by reason in the next batch, and listed in ``rejects.jsonl``.
+non-UTF-8 caption, no labels, or any error while extracting its labels, tokenizing them or transforming its
+image) is skipped, and so is a shard that stays unreachable after retries or the rest of a truncated one; each
+is logged, counted by reason in the next batch, and listed in ``rejects.jsonl``. What is not bad data stops the
+run at once with an error that says so: missing NLTK data, or samples failing one after the other with errors
+(see ``SystematicFailure``).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from PIL import Image
 from lightning_modules.sequence import SequenceBuilder, collate_text
 
 from .even_epochs import StopTogether
-from .labels import extract_labels
+from .labels import NLTKDataError, ensure_nltk_data, extract_labels
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +43,23 @@ Shards = str | list[str] | None
 REJECTS_FILE = "rejects.jsonl"
 
 
+class SystematicFailure(RuntimeError):
+    """Samples keep failing with errors: a bug or a broken set-up, not bad data, so the run stops."""
+
+
 class Rejects:
     """What one data worker skipped since its last batch: counts by reason and one record per sample or shard.
 
     Workers run in other processes, so both travel with the next batch (see ``Collate``) to the main process.
+    It also watches for failures that are not bad data: ``max_failures_in_a_row`` samples in a row that raised
+    an error (see :meth:`failed`), or a worker whose every sample failed or was rejected.
     """
 
-    def __init__(self, split: str) -> None:
-        self.split = split
+    def __init__(self, split: str, max_failures_in_a_row: int = 20) -> None:
+        self.split, self.max_failures_in_a_row = split, max_failures_in_a_row
         self.counts: Counter[str] = Counter()
         self.records: list[dict[str, Any]] = []
+        self.failures_in_a_row = self.converted = self.failures = 0
 
     def add(self, reason: str, shard: str | None, key: str | None, error: BaseException | None = None) -> None:
         """Count one rejected sample (or a shard, with ``key`` None) and keep its record."""
@@ -58,6 +68,31 @@ class Rejects:
         self.records.append({"split": self.split, "shard": shard, "key": key, "reason": reason, "error": message})
         what = f"sample {key} in shard {shard}" if key is not None else f"shard {shard}"
         log.warning("skipping %s: %s%s", what, reason, f" ({message})" if message else "")
+
+    def failed(self, reason: str, shard: str | None, key: str | None, error: BaseException) -> None:
+        """Count a sample whose conversion raised ``error``; raise ``SystematicFailure`` when too many in a row did."""
+        self.add(reason, shard, key, error)
+        self.failures += 1
+        self.failures_in_a_row += 1
+        if self.failures_in_a_row >= self.max_failures_in_a_row:
+            raise SystematicFailure(
+                f"{self.failures_in_a_row} {self.split} samples in a row failed, the last one ({key} in shard {shard}) "
+                f"with {reason}: {type(error).__name__}: {error}. Bad data is rejected one sample at a time; "
+                f"this looks like a bug or a broken set-up instead (data.max_failures_in_a_row sets the limit)."
+            ) from error
+
+    def succeeded(self) -> None:
+        """Count a sample that became a training example."""
+        self.converted += 1
+        self.failures_in_a_row = 0
+
+    def check_end(self) -> None:
+        """At the end of a worker's stream: raise ``SystematicFailure`` if samples failed and none was converted."""
+        if self.failures and not self.converted:
+            raise SystematicFailure(
+                f"no {self.split} sample of this data worker became an example: {self.failures} failed with errors "
+                f"and the rest were rejected (see the warnings above for each one)."
+            )
 
     def malformed(self, error: BaseException) -> bool:
         """A webdataset exception handler: count a malformed sample (e.g. a file twice in it) and go on."""
@@ -112,15 +147,25 @@ class SampleDecoder:
     """Turns a raw webdataset sample into ``(pixels, TextSequence, labels, key)``, or None if unusable.
 
     Unusable samples are counted by reason in ``rejects``; they travel with the next batch (see ``Collate``).
+    An error while extracting the labels, tokenizing them or transforming the image rejects the sample
+    (``label extraction failed``, ``tokenization failed``, ``image transform failed``); missing NLTK data and
+    failures that go on (see ``Rejects.failed``) stop the run instead.
+
+    ``labels`` are the labels in the sequence (shuffled and cut to ``max_labels``), or with ``full_references``
+    (evaluation) all of the caption's labels, in caption order, while the sequence keeps the cut.
+    ``reference_compat`` and ``nltk_data`` are passed to :func:`~datamodules.labels.extract_labels`.
     """
 
     def __init__(self, transform: Callable, sequences: SequenceBuilder, prompt: str, shuffle_labels: bool,
                  hflip: bool, max_labels: int, seed: int, rejects: Rejects,
-                 max_image_pixels: int = Image.MAX_IMAGE_PIXELS) -> None:
+                 max_image_pixels: int = Image.MAX_IMAGE_PIXELS, full_references: bool = False,
+                 reference_compat: bool = False, nltk_data: str | None = None) -> None:
         self.transform, self.sequences, self.prompt = transform, sequences, prompt
         self.shuffle_labels, self.hflip, self.max_labels = shuffle_labels, hflip, max_labels
         self.seed, self.rejects, self.max_image_pixels = seed, rejects, max_image_pixels
+        self.full_references, self.reference_compat, self.nltk_data = full_references, reference_compat, nltk_data
         self.rng: random.Random | None = None
+        ensure_nltk_data(nltk_data)  # here, in the main process: missing data fails before any worker starts
 
     def _worker_rng(self) -> random.Random:
         # Seeded per worker and rank, so that workers do not all draw the same label orders and flips.
@@ -147,16 +192,27 @@ class SampleDecoder:
             image = decode_image(image_bytes, self.max_image_pixels)
         except ValueError as e:
             return self.rejects.add(str(e), shard, key, e.__cause__)
-        # Label extraction is not guarded: its errors (e.g. missing NLTK data) would reject every sample.
-        labels = extract_labels(caption)
-        if not labels:
-            return self.rejects.add("no labels", shard, key)
-        if self.shuffle_labels:
-            self.rng.shuffle(labels)
-        labels = labels[: self.max_labels]
-        if self.hflip and self.rng.random() < 0.5:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return self.transform(image), self.sequences(self.prompt, labels), labels, key
+        stage = "label extraction failed"
+        try:
+            labels = extract_labels(caption, self.reference_compat, self.nltk_data)
+            if not labels:
+                return self.rejects.add("no labels", shard, key)
+            references = list(labels) if self.full_references else None
+            if self.shuffle_labels:
+                self.rng.shuffle(labels)
+            labels = labels[: self.max_labels]
+            stage = "tokenization failed"
+            sequence = self.sequences(self.prompt, labels)
+            stage = "image transform failed"
+            if self.hflip and self.rng.random() < 0.5:
+                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            pixels = self.transform(image)
+        except NLTKDataError:
+            raise  # the set-up, not this sample: every sample would fail the same way
+        except Exception as e:  # noqa: BLE001 - whatever one sample triggers, the others still train
+            return self.rejects.failed(stage, shard, key, e)
+        self.rejects.succeeded()
+        return pixels, sequence, references if self.full_references else labels, key
 
 
 def _shard_files(url: str, skip: int) -> Iterator[dict[str, Any]]:
@@ -222,6 +278,7 @@ def carry_leftovers(batches: Iterable[dict[str, Any]], rejects: Rejects) -> Iter
         if held is not None:
             yield held
         held = batch
+    rejects.check_end()
     if held is not None:
         counts, records = rejects.drain()
         for reason, count in counts.items():
@@ -260,19 +317,25 @@ class NXTPDataModule(L.LightningDataModule):
             epochs that see every sample once.
         hflip: random horizontal flips for training images.
         augment: use the vision tower's own training transform (random resized crops) instead of its eval one.
-        max_labels: at most this many labels per image (after shuffling).
+        max_labels: at most this many labels per training sequence (after shuffling). Validation and test
+            batches still carry every label of the caption in ``batch["labels"]``, the references they are scored on.
         seed: seed of shard/sample shuffling and label order.
         max_image_pixels: images with more pixels (width x height, read from the header) are rejected without
             being decoded. PIL's own guard still refuses images of more than twice ``Image.MAX_IMAGE_PIXELS``.
         shard_retries: a shard that cannot be read (a download that fails) is tried again this many times, then
             skipped with a warning naming it.
         shard_retry_wait: seconds before the first retry of a shard, doubled for each further one.
+        nltk_data: folder of NLTK data for label extraction; None: ``$NXTP_NLTK_DATA``, else the packaged copy.
+        max_failures_in_a_row: this many samples in a row failing with an error (label extraction, tokenization,
+            image transform) stop the run: that is a bug or a broken set-up, not bad data.
     """
 
     def __init__(self, train_shards: Shards = None, val_shards: Shards = None, test_shards: Shards = None,
                  batch_size: int = 64, num_workers: int = 2, shuffle_buffer: int = 2000, resampled: bool = False,
                  hflip: bool = False, augment: bool = False, max_labels: int = 16, seed: int = 0,
-                 max_image_pixels: int = 89_478_485, shard_retries: int = 3, shard_retry_wait: float = 1.0) -> None:
+                 max_image_pixels: int = 89_478_485, shard_retries: int = 3, shard_retry_wait: float = 1.0,
+                 nltk_data: str | None = None,
+                 max_failures_in_a_row: int = 20) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = None
@@ -327,12 +390,15 @@ class NXTPDataModule(L.LightningDataModule):
     def _loader(self, shards: Shards, train: bool, name: str):
         urls = self._urls(shards, name)
         hp = self.hparams
-        rejects = Rejects(name)  # shared by the stages below; each worker gets its own copy
+        rejects = Rejects(name, hp.max_failures_in_a_row)  # shared by the stages below; each worker gets its own copy
+        # Labels are extracted the reference's way exactly when the model follows the reference (model.reference_compat).
+        compat = self.model.reference_compat
         # open_clip's training transform crops at random, which can cut objects (and so labels) out of an image.
         transform = self.model.train_transform if train and hp.augment else self.model.eval_transform
         decoder = SampleDecoder(transform, self.model.sequences, self.model.prompt, shuffle_labels=train,
                                 hflip=train and hp.hflip, max_labels=hp.max_labels, seed=hp.seed, rejects=rejects,
-                                max_image_pixels=hp.max_image_pixels)
+                                max_image_pixels=hp.max_image_pixels, full_references=not train,
+                                reference_compat=compat, nltk_data=hp.nltk_data)
         resampled = train and hp.resampled
         stages = [wds.ResampledShards(urls) if resampled else wds.SimpleShardList(urls),
                   wds.split_by_node, wds.split_by_worker]

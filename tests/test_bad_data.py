@@ -3,6 +3,7 @@
 import io
 import json
 import struct
+import types
 import zlib
 from collections import Counter
 
@@ -15,8 +16,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import datamodules.webdataset as pipeline
 from datamodules import NXTPDataModule
-from datamodules.webdataset import Rejects, decode_image, read_shards, to_rgb
+from datamodules.labels import NLTKDataError
+from datamodules.webdataset import Rejects, SampleDecoder, SystematicFailure, decode_image, read_shards, to_rgb
 from lightning_modules.decoder import DecoderConfig
 from lightning_modules.lit_nxtp import LitNXTP
 from lightning_modules.vision import VisionConfig
@@ -212,3 +215,90 @@ def test_a_run_writes_every_reject_to_its_log_dir(tmp_path):
     assert no_labels["key"] == "no_nouns" and no_labels["shard"] == urls[0]
     events = EventAccumulator(str(tmp_path / "logs/lightning_logs/version_0")).Reload()
     assert {"train/skipped/no labels", "val/skipped/image too large"} <= set(events.Tags()["scalars"])
+
+
+# --- Errors while turning a sample into an example: one sample's fault, or the set-up's -------------------------
+
+def sample(key: str, caption: str = "a dog on the grass", color: str = "blue") -> dict:
+    return {"__key__": key, "__url__": "shard.tar", "txt": caption.encode(),
+            "jpg": encode(Image.new("RGB", (40, 30), color), "JPEG")}
+
+
+def sample_decoder(model, rejects: Rejects, transform=None, sequences=None) -> SampleDecoder:
+    return SampleDecoder(transform or model.eval_transform, sequences or model.sequences, model.prompt,
+                         shuffle_labels=False, hflip=False, max_labels=16, seed=0, rejects=rejects)
+
+
+def test_an_error_in_one_sample_is_a_counted_reject(model, monkeypatch):
+    real_extract = pipeline.extract_labels
+
+    def extract(caption, *args):
+        if "boom" in caption:
+            raise IndexError("tagger blew up")
+        return real_extract(caption, *args)
+
+    def sequences(prompt, labels):
+        if "cat" in labels:
+            raise ValueError("cannot tokenize cat")
+        return model.sequences(prompt, labels)
+
+    def transform(image):
+        if image.getpixel((0, 0))[0] > 200:  # the red image
+            raise OSError("transform failed")
+        return model.eval_transform(image)
+
+    monkeypatch.setattr(pipeline, "extract_labels", extract)
+    rejects = Rejects("train", max_failures_in_a_row=2)  # never reached: good samples come in between
+    decode = sample_decoder(model, rejects, transform, sequences)
+    samples = [sample("good_0"), sample("bad_labels", "a boom box"), sample("good_1"),
+               sample("bad_tokens", "a cat on a mat"), sample("good_2"), sample("bad_image", color="red"),
+               sample("good_3")]
+    out = [decode(s) for s in samples]
+    assert [o[3] for o in out if o is not None] == ["good_0", "good_1", "good_2", "good_3"]
+    assert rejects.counts == {"label extraction failed": 1, "tokenization failed": 1, "image transform failed": 1}
+    errors = {r["key"]: r["error"] for r in rejects.records}
+    assert errors == {"bad_labels": "IndexError: tagger blew up", "bad_tokens": "ValueError: cannot tokenize cat",
+                      "bad_image": "OSError: transform failed"}
+
+
+def test_samples_failing_one_after_the_other_stop_the_run(model):
+    def transform(image):
+        raise OSError("no such kernel")
+
+    rejects = Rejects("train", max_failures_in_a_row=3)
+    decode = sample_decoder(model, rejects, transform)
+    assert decode(sample("a")) is None and decode(sample("b")) is None
+    with pytest.raises(SystematicFailure, match=r"3 train samples in a row failed.*image transform failed: "
+                                                r"OSError: no such kernel"):
+        decode(sample("c"))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_worker_whose_every_sample_failed_stops_the_run(tmp_path, model, num_workers):
+    # Fewer samples than max_failures_in_a_row, all failing: the end of the stream says so.
+    for s in range(2):
+        with wds.TarWriter(str(tmp_path / f"{s}.tar")) as sink:
+            for i in range(3):
+                sink.write(sample(f"s{s}_{i}"))
+    broken = types.SimpleNamespace(eval_transform=lambda image: 1 / 0, sequences=model.sequences, prompt=model.prompt,
+                                   reference_compat=False)
+    dm = NXTPDataModule(val_shards=[str(tmp_path / "0.tar"), str(tmp_path / "1.tar")], num_workers=num_workers)
+    dm.bind(broken)
+    per_worker = 6 // max(num_workers, 1)  # both shards in one stream, or one shard per worker
+    with pytest.raises(SystematicFailure, match=f"no val sample of this data worker became an example: {per_worker} "):
+        list(dm.val_dataloader())
+
+
+def test_missing_nltk_data_stops_the_run_before_reading_anything(tmp_path, model, monkeypatch):
+    urls, _, _ = write_bad_shards(tmp_path, tmp_path / "attempts")
+    dm = NXTPDataModule(val_shards=urls[0], nltk_data=str(tmp_path / "no_nltk_data"))
+    dm.bind(model)
+    with pytest.raises(NLTKDataError, match="no_nltk_data"):
+        dm.val_dataloader()
+    # Lost while running (e.g. a deleted folder), it is not taken for one sample's fault either.
+    def missing(*args):
+        raise NLTKDataError("NLTK resource 'corpora/wordnet' was not found")
+
+    monkeypatch.setattr(pipeline, "extract_labels", missing)
+    with pytest.raises(NLTKDataError, match="wordnet"):
+        sample_decoder(model, Rejects("train"))(sample("a"))
