@@ -4,6 +4,8 @@
     recognizer = Recognizer.from_checkpoint("logs/default/version_0/checkpoints/last.ckpt")
     recognizer.label(["cat.jpg", pil_image], topk=10, min_prob=0.1)
     # [[("cat", 0.71), ("sofa", 0.12)], [...]]
+    recognizer.score(["cat.jpg"], ["cat", "dog", ["sofa", "couch"]], topk=2)  # exact, over a closed vocabulary
+    recognizer.map_labels(["cat.jpg"], "classes.txt")  # open-set labels mapped onto a vocabulary
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from datamodules.images import MAX_IMAGE_PIXELS, decode_image
 
 from .nxtp import NXTP
 from .sampling import recognize
+from .vocabulary import Candidates, LabelMapper, Vocabulary, ranked, score_vocabulary, tokenize
 
 ImageInput = str | Path | bytes | Image.Image | Tensor
 
@@ -93,3 +96,47 @@ class Recognizer:
             pixels = torch.stack([self.preprocess(x) for x in images[start : start + batch_size]]).to(self.device)
             results += recognize(self.model, pixels, topk=topk, min_prob=min_prob)
         return results
+
+    def _pixels(self, images: ImageInput | list[ImageInput], batch_size: int):
+        images = images if isinstance(images, list) else [images]
+        for start in range(0, len(images), batch_size):
+            yield torch.stack([self.preprocess(x) for x in images[start : start + batch_size]]).to(self.device)
+
+    def tokenize(self, vocabulary: Vocabulary | str | Path | list) -> tuple[Vocabulary, Candidates]:
+        """A vocabulary (itself, a file or a list of names / name lists) and its names as model tokens; raises
+        ``vocabulary.VocabularyError`` naming the file and line of a name that cannot be scored."""
+        vocabulary = Vocabulary.coerce(vocabulary)
+        return vocabulary, tokenize(self.model, vocabulary)
+
+    @torch.no_grad()
+    def score_tensor(self, images: ImageInput | list[ImageInput], vocabulary, batch_size: int = 32,
+                     chunk_tokens: int = 2048) -> Tensor:
+        """The probability [images, entries] (float64, on the CPU) of every vocabulary entry: the sum over its names
+        of the exact probability of each (see ``vocabulary.score_vocabulary``)."""
+        if not (isinstance(vocabulary, tuple) and isinstance(vocabulary[1], Candidates)):
+            vocabulary = self.tokenize(vocabulary)
+        vocab, candidates = vocabulary
+        return torch.cat([score_vocabulary(self.model, pixels, candidates, len(vocab), chunk_tokens).cpu()
+                          for pixels in self._pixels(images, batch_size)])
+
+    def score(self, images: ImageInput | list[ImageInput], vocabulary, topk: int | None = None, min_prob: float = 0.0,
+              batch_size: int = 32, chunk_tokens: int = 2048) -> list[list[tuple[str, float]]]:
+        """``(entry name, probability)`` for every entry of a closed ``vocabulary``, sorted, one list per image: at
+        most ``topk`` (None: all) and none below ``min_prob``. ``vocabulary`` is a ``Vocabulary``, a file (text, JSON
+        or JSON lines), a list of names and name lists (synonyms, whose probabilities add up), or what
+        :meth:`tokenize` returns (to tokenize once for many calls). The image and prompt run once per batch; the
+        names, ``chunk_tokens`` tokens per forward, share their KV cache."""
+        if not (isinstance(vocabulary, tuple) and isinstance(vocabulary[1], Candidates)):
+            vocabulary = self.tokenize(vocabulary)
+        scores = self.score_tensor(images, vocabulary, batch_size, chunk_tokens)
+        return ranked(scores, vocabulary[0].names, topk, min_prob)
+
+    def map_labels(self, images: ImageInput | list[ImageInput], vocabulary: LabelMapper | Vocabulary | str | Path | list,
+                   topk: int = 10, min_prob: float = 0.0, keep_unmapped: bool = False, batch_size: int = 32
+                   ) -> list[list[tuple[str, float]]]:
+        """Open-set labels (``topk`` branches, as :meth:`label`) mapped onto ``vocabulary`` by a ``LabelMapper``
+        (give one to choose its threshold and methods), probabilities that land on one entry summed, sorted, none
+        below ``min_prob``; labels that map nowhere dropped unless ``keep_unmapped``."""
+        mapper = vocabulary if isinstance(vocabulary, LabelMapper) else \
+            LabelMapper(Vocabulary.coerce(vocabulary), device=self.device)
+        return [mapper.map(labels, keep_unmapped, min_prob) for labels in self.label(images, topk, 0.0, batch_size)]

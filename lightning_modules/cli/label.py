@@ -1,4 +1,5 @@
-"""``nxtp label``: name the objects in image files, as JSON lines or CSV."""
+"""``nxtp label``: name the objects in image files, as JSON lines or CSV; or score a closed vocabulary exactly
+(``--vocabulary``), or map the free labels onto one (``--map-to``), in the same output format."""
 
 from __future__ import annotations
 
@@ -88,8 +89,24 @@ def label_main(argv: list[str]) -> int:
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="let a .ckpt's pickle create any Python object, which can run code: only for files you "
                              "trust (by default only what the project's own checkpoints contain is loaded)")
-    parser.add_argument("--topk", type=int, default=10, help="first tokens to branch from (at most this many labels)")
-    parser.add_argument("--min-prob", type=float, default=0.0, help="drop labels below this probability")
+    parser.add_argument("--topk", type=int, help="first tokens to branch from (at most this many labels; default 10); "
+                                                  "with --vocabulary, the most probable entries to print (default all)")
+    parser.add_argument("--min-prob", type=float, default=0.0,
+                        help="drop labels below this probability (with --map-to: after mapping)")
+    closed = parser.add_mutually_exclusive_group()
+    closed.add_argument("--vocabulary", metavar="FILE",
+                        help="score every entry of this vocabulary exactly instead of naming objects freely: one label "
+                             "per line, or .json / .jsonl entries {\"name\": ..., \"synonyms\": [...]}")
+    closed.add_argument("--map-to", metavar="FILE", help="name objects freely, then map each label onto an entry of "
+                                                         "this vocabulary (same file formats), summing probabilities")
+    parser.add_argument("--map-by", nargs="+", choices=["wordnet", "embedding"], default=["wordnet", "embedding"],
+                        help="--map-to: how a label that is no entry's name is mapped (in this order)")
+    parser.add_argument("--map-threshold", type=float, default=0.6,
+                        help="--map-to: the least sentence-embedding cosine similarity that maps a label")
+    parser.add_argument("--keep-unmapped", action="store_true",
+                        help="--map-to: keep labels that map to no entry (default: drop them)")
+    parser.add_argument("--chunk-tokens", type=int, default=2048,
+                        help="--vocabulary: the most vocabulary tokens per image in one forward (lower it to save memory)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers that read and preprocess images")
     parser.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
@@ -108,13 +125,22 @@ def label_main(argv: list[str]) -> int:
     if not paths:
         parser.error("no images: give files, directories, glob patterns or --files-from")
 
+    if args.topk is not None and args.topk < 1:
+        parser.error(f"--topk {args.topk}: must be at least 1")
+
     from ..checkpoint_io import UntrustedCheckpointError
     from ..recognizer import Recognizer
+    from ..vocabulary import LabelMapper, Vocabulary, VocabularyError
 
-    try:
+    try:  # a bad vocabulary fails before the model loads, naming its file and line
+        vocabulary = Vocabulary.from_file(args.vocabulary or args.map_to) if args.vocabulary or args.map_to else None
         recognizer = Recognizer.from_checkpoint(args.checkpoint, args.device, trust=args.trust_checkpoint,
                                                 max_image_pixels=args.max_image_pixels, draft=not args.no_draft)
-    except UntrustedCheckpointError as e:
+        if args.vocabulary:
+            vocabulary = recognizer.tokenize(vocabulary)
+        elif args.map_to:
+            mapper = LabelMapper(vocabulary, args.map_threshold, args.map_by, device=args.device)
+    except (UntrustedCheckpointError, VocabularyError) as e:
         print(f"nxtp label: {e}", file=sys.stderr)
         return 2
     files = ImageFiles(paths, recognizer.model.eval_transform, recognizer.max_image_pixels, recognizer.draft_input_size)
@@ -131,8 +157,16 @@ def label_main(argv: list[str]) -> int:
         if not good:
             continue
         with torch.autocast(torch.device(args.device).type, dtype=dtype, enabled=dtype is not None):
-            results = recognizer.label([pixels for _, pixels, _ in good], topk=args.topk, min_prob=args.min_prob,
-                                       batch_size=args.batch_size)
+            pixels = [pixels for _, pixels, _ in good]
+            if args.vocabulary:
+                results = recognizer.score(pixels, vocabulary, args.topk, args.min_prob, args.batch_size,
+                                           args.chunk_tokens)
+            elif args.map_to:
+                results = recognizer.map_labels(pixels, mapper, args.topk or 10, args.min_prob, args.keep_unmapped,
+                                                args.batch_size)
+            else:
+                results = recognizer.label(pixels, topk=args.topk or 10, min_prob=args.min_prob,
+                                           batch_size=args.batch_size)
         for (path, _, _), labels in zip(good, results):
             writer.write(path, labels)
     writer.close()
