@@ -252,7 +252,7 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], allow_missing: list
     expected = model.state_dict(keep_vars=True)
     # Tied tensors (e.g. lm_head tied to the embeddings) are stored once by safetensors: any alias will do.
     storage: dict[int | str, set[str]] = {}
-    ptr = {name: t.data_ptr() if t.numel() else name for name, t in expected.items()}  # empty tensors share 0
+    ptr = {name: t.data_ptr() or name for name, t in expected.items()}  # empty and meta tensors all give 0
     for name in expected:
         storage.setdefault(ptr[name], set()).add(name)
     absent = sorted(k for k in expected if not storage[ptr[k]] & state.keys())

@@ -160,3 +160,38 @@ def test_finetune_an_imported_release(tmp_path, shapes, imported):
     assert export.returncode == 0, export.stderr[-3000:]
     exported = safetensors.torch.load_file(tmp_path / "export" / "model.safetensors")
     assert exported.keys() == tuned.keys() and all(torch.equal(exported[k], tuned[k]) for k in tuned)
+
+
+def g70m_release(vocab: int = 32002, dim: int = 4096, ffn: int = 11008, blocks: int = 6) -> tuple[dict, dict]:
+    """Meta tensors shaped as the G70M release's files: OpenAI's CLIP ViT-L/14 visual tower (as open_clip builds
+    it) and the official checkpoint (trained CLIP blocks 18-23, ln_post, projection, LLaMA-2-7B's first blocks)."""
+    import open_clip
+
+    with torch.device("meta"):
+        clip = open_clip.create_model("ViT-L-14-quickgelu", device="meta").visual.state_dict()
+    ckpt = {f"module.vision_encoder.{k}": v for k, v in clip.items()
+            if k.startswith(("transformer.resblocks.1", "transformer.resblocks.2", "ln_post"))}
+    shapes = {"tok_embeddings.weight": (vocab, dim), "norm.weight": (dim,), "output.weight": (vocab, dim)}
+    for i in range(blocks):
+        shapes.update({f"layers.{i}.attention.w{x}.weight": (dim, dim) for x in "qkvo"})
+        shapes.update({f"layers.{i}.feed_forward.w1.weight": (ffn, dim), f"layers.{i}.feed_forward.w3.weight": (ffn, dim),
+                       f"layers.{i}.feed_forward.w2.weight": (dim, ffn), f"layers.{i}.attention_norm.weight": (dim,),
+                       f"layers.{i}.ffn_norm.weight": (dim,)})
+    ckpt.update({f"module.language_decoder.{k}": torch.empty(s, device="meta") for k, s in shapes.items()})
+    ckpt["module.vision_encoder.proj.weight"] = torch.empty(dim, 1024, device="meta")
+    return ckpt, clip
+
+
+def test_the_g70m_recipe_fits_the_imported_release():
+    import yaml
+
+    from lightning_modules.official import convert
+
+    recipe = yaml.safe_load((Path(__file__).parents[1] / "configs/experiment/finetune_g70m.yaml").read_text())["model"]
+    paper = yaml.safe_load((Path(__file__).parents[1] / "configs/model/nxtp_paper.yaml").read_text())
+    assert recipe["trainable"] == paper["trainable"] and recipe["train_new_token_embeddings"]
+    vision, decoder, state = convert(*g70m_release())
+    assert VisionConfig(**recipe["vision"]) == vision and DecoderConfig(**recipe["decoder"]) == decoder
+    with torch.device("meta"):  # the recipe's model takes every tensor of the release, names and shapes
+        model = NXTP(VisionConfig(**recipe["vision"]), DecoderConfig(**recipe["decoder"]), str(LLAMA_TOKENIZER))
+    assert load_weights(model, state) == []
