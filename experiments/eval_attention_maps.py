@@ -1,0 +1,185 @@
+"""Where each label looks, measured: attention maps of the true labels against the synthetic scenes' boxes.
+
+    python experiments/eval_attention_maps.py --checkpoint logs/default/version_0/checkpoints/last.ckpt \
+        --shards 'data/shapes/test/shard-000000.tar' [--limit 500] [--out maps/]
+
+Every image of the shards is teacher-forced with each object kind it shows (``KEY.json``: ``labels`` and every
+object's ``kind`` and ``bbox``); each (image, kind) map is scored by the pointing game (its peak patch overlaps a
+box of that kind; ties count as a random pick) and by the share of its mass inside those boxes. Rows: every map
+method of ``lightning_modules.attention_maps`` on the checkpoint and on a random-init model of the same
+architecture, and the uniform and centre-prior maps. ``+-`` is a 95% normal interval over the pairs.
+Without ``--checkpoint`` only the random-init model (``--model``, ``--tokenizer``) and the baselines are measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from datamodules.images import decode_image  # noqa: E402
+from lightning_modules import attention_maps as am  # noqa: E402
+from lightning_modules.decoder import DecoderConfig  # noqa: E402
+from lightning_modules.nxtp import NXTP  # noqa: E402
+from lightning_modules.vision import VisionConfig  # noqa: E402
+
+
+def read_scenes(patterns: list[str]) -> Iterator[tuple[str, bytes, dict]]:
+    """(key, JPEG bytes, KEY.json) of every sample in the shards (brace patterns as in the data config)."""
+    import webdataset as wds
+
+    for pattern in patterns:
+        for url in wds.shardlists.expand_urls(pattern):
+            with tarfile.open(url) as tar:
+                members: dict[str, dict[str, bytes]] = {}
+                for m in tar:
+                    if m.isfile():
+                        key, ext = m.name.rsplit(".", 1)
+                        members.setdefault(key, {})[ext] = tar.extractfile(m).read()
+            for key, files in members.items():
+                if "jpg" in files and "json" in files:
+                    yield key, files["jpg"], json.loads(files["json"])
+
+
+def load_model(checkpoint: str) -> NXTP:
+    from lightning_modules.recognizer import Recognizer
+
+    return Recognizer.from_checkpoint(checkpoint).model
+
+
+def random_like(model: NXTP, seed: int = 0) -> NXTP:
+    """A model of ``model``'s architecture, tokenizer and prompt, freshly initialised as training starts it."""
+    args = model.init_args
+    folder = Path(tempfile.mkdtemp(prefix="nxtp-tokenizer-"))
+    model.tokenizer.save_pretrained(folder)
+    decoder = DecoderConfig(config={"model_type": model.decoder.config.model_type, **model.decoder.config.to_diff_dict()})
+    torch.manual_seed(seed)
+    return NXTP(VisionConfig(**{**args["vision"], "pretrained": None}), decoder, str(folder), prompt=args["prompt"],
+                reference_compat=args["reference_compat"], reset_label_positions=args["reset_label_positions"]).eval()
+
+
+def random_from_config(config: str, tokenizer: str, seed: int = 0) -> NXTP:
+    cfg = yaml.safe_load(Path(config).read_text())
+    torch.manual_seed(seed)
+    return NXTP(VisionConfig(**cfg["vision"]), DecoderConfig(**cfg["decoder"]), tokenizer,
+                reset_label_positions=cfg.get("reset_label_positions", False)).eval()
+
+
+def variants(record: am.LabelAttention) -> dict[str, torch.Tensor]:
+    """Every map of the record: the aggregates (with and without the delimiter's row) and every single head."""
+    out = {f"{m}": am.maps(record, m) for m in ("rollout", "mean")}
+    out.update({f"{m} (label tokens only)": am.maps(record, m, include_delimiter=False) for m in ("rollout", "mean")})
+    for layer in range(record.n_layers):
+        for head in range(record.n_heads):
+            out[f"head L{layer} H{head}"] = am.maps(record, "head", layer, head)
+    return out
+
+
+def evaluate(model: NXTP, scenes: list[tuple[str, bytes, dict]], batch_size: int, device: torch.device,
+             out: Path | None = None) -> dict[str, tuple[list[float], list[float]]]:
+    """Pointing hits and in-box mass per map kind, over every (image, kind) pair of ``scenes``."""
+    model = model.to(device)
+    size = tuple(model.visual.image_size)
+    results: dict[str, tuple[list[float], list[float]]] = {}
+    for start in range(0, len(scenes), batch_size):
+        chunk = scenes[start : start + batch_size]
+        images = [decode_image(jpg) for _, jpg, _ in chunk]
+        pixels = torch.stack([model.eval_transform(im) for im in images]).to(device)
+        labels = [meta["labels"] for _, _, meta in chunk]
+        record = am.label_attention(model, pixels, labels)
+        grids = {k: v.cpu().numpy() for k, v in variants(record).items()}
+        grids["uniform"] = np.broadcast_to(am.uniform_map(record.grid), (len(record.image_index), *record.grid))
+        grids["centre prior"] = np.broadcast_to(am.centre_prior(record.grid), (len(record.image_index), *record.grid))
+        n = 0
+        for b, ((key, _, meta), image, kinds) in enumerate(zip(chunk, images, labels)):
+            first = n
+            for kind in kinds:
+                boxes = [am.transform_box(o["bbox"], image.size, size) for o in meta["objects"] if o["kind"] == kind]
+                coverage = am.box_coverage(boxes, record.grid, size)
+                for name, g in grids.items():
+                    hits, mass = results.setdefault(name, ([], []))
+                    hits.append(am.pointing_hit(g[n], coverage))
+                    mass.append(am.mass_in_box(g[n], coverage))
+                n += 1
+            if out is not None:
+                maps = [am.LabelMap(k, s, grids[am.DEFAULT_METHOD][first + j])
+                        for j, (k, s) in enumerate(zip(kinds, record.scores[b]))]
+                am.write_maps(out, key, am.pixels_to_image(model, pixels[b]), maps)
+    return results
+
+
+def interval(values: list[float]) -> str:
+    v = np.asarray(values)
+    return f"{v.mean():.3f} +- {1.96 * v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0:.3f}"
+
+
+def table(rows: list[tuple[str, dict[str, tuple[list[float], list[float]]]]], max_heads: int = 16) -> str:
+    """A Markdown table: one row per (model, map kind); many heads are summed up by the best and the median."""
+    lines = ["| model | map | pointing game | mass in box |", "|---|---|---|---|"]
+    for model, results in rows:
+        heads = {k: v for k, v in results.items() if k.startswith("head ")}
+        shown = {k: v for k, v in results.items() if not k.startswith("head ")}
+        if len(heads) <= max_heads:
+            shown.update(heads)
+        else:
+            order = sorted(heads, key=lambda k: np.mean(heads[k][0]))
+            shown[f"best head ({order[-1][5:]})"] = heads[order[-1]]
+            shown[f"median head ({order[len(order) // 2][5:]})"] = heads[order[len(order) // 2]]
+        for name, (hits, mass) in shown.items():
+            lines.append(f"| {model} | {name} | {interval(hits)} | {interval(mass)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", help="a .ckpt of nxtp fit or a save_pretrained folder")
+    parser.add_argument("--shards", nargs="+", required=True, help="synthetic shards, e.g. 'data/shapes/test/shard-000000.tar'")
+    parser.add_argument("--model", default="configs/model/nxtp_tiny.yaml", help="architecture of the random-init "
+                        "model when no --checkpoint is given")
+    parser.add_argument("--tokenizer", help="tokenizer of that model (default: the shards' dataset's tokenizer/)")
+    parser.add_argument("--limit", type=int, help="at most this many images")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random-init model")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, help="also write the checkpoint's maps (PNG, .npy, JSON) here")
+    args = parser.parse_args()
+
+    scenes = []
+    for scene in read_scenes(args.shards):
+        scenes.append(scene)
+        if args.limit and len(scenes) >= args.limit:
+            break
+    if not scenes:
+        raise SystemExit(f"no samples with .jpg and .json in {args.shards}")
+    device = torch.device(args.device)
+    rows = []
+    if args.checkpoint:
+        trained = load_model(args.checkpoint)
+        rows.append(("trained", evaluate(trained, scenes, args.batch_size, device, args.out)))
+        random_model = random_like(trained, args.seed)
+        del trained
+    else:
+        # OUT/{split}/shard-*.tar: the dataset's own tokenizer is OUT/tokenizer.
+        tokenizer = args.tokenizer or str(Path(args.shards[0]).parents[1] / "tokenizer")
+        random_model = random_from_config(args.model, tokenizer, args.seed)
+    rows.append(("random-init", evaluate(random_model, scenes, args.batch_size, device)))
+    # The baselines do not depend on the model: one row each.
+    baselines = {k: [r.pop(k) for _, r in rows][0] for k in ("uniform", "centre prior")}
+    rows.append(("-", baselines))
+    n = len(next(iter(baselines.values()))[0])
+    print(f"{len(scenes)} images, {n} (image, kind) pairs; default map: {am.DEFAULT_METHOD}\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

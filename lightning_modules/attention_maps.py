@@ -1,0 +1,472 @@
+"""Where each label looks: a map over the image patches of how a label's tokens attend to the image tokens.
+
+A label is explained the way it is scored: the image and prompt run once (the prefix, cached as in one-shot
+sampling), then every label of an image is teacher-forced after the prompt, ``label tokens + delimiter``, all
+labels of a batch in one short pass over that cache. The attention weights of those label rows over the image
+keys make the map. Three ways to read them (``METHODS``):
+
+* ``head``: one decoder layer and head (``layer``, ``head``), as the official demo shows;
+* ``mean``: the mean over all layers and heads;
+* ``rollout``: attention rollout (Abnar & Zuidema 2020) through the decoder: per layer the head-mean attention
+  plus the residual (``0.5 A + 0.5 I``), multiplied from the label rows down to the decoder's input, so that an
+  image token that has itself attended to other image tokens passes its share on to them.
+
+``DEFAULT_METHOD`` is the one measured best against the synthetic scenes' boxes
+(``experiments/eval_attention_maps.py``).
+
+No extra full pass: the weights come from a transformers attention function (``EXPLAIN``) that is switched in
+on the decoder for the explain call only (and restored after): it computes the output exactly as the model's own
+``decoder.LABEL_MASKED`` path does, so predictions do not change, and computes ``softmax(QK^T)`` beside it for
+the rows it records. With predicted labels (``labels=None``) the sampler itself runs the prefix once; its keys and
+values are kept and the label pass reuses them; only the label tokens are run again.
+
+The maps are distributions over the image patches (CLS, where the image tokens hold one, excluded), on the
+tower's ``grid_size``. Writers: ``overlay`` (PNG heat map on the image, numpy colormap), ``write_maps`` (PNG,
+``.npy`` and JSON per label). Metrics against boxes: ``box_coverage``, ``pointing_hit``, ``mass_in_box``, with the
+``uniform_map`` and ``centre_prior`` baselines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import inspect
+import json
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from transformers import AttentionInterface, DynamicCache
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .decoder import label_masked_attention_forward
+from .masking import prefix_attention
+from .nxtp import NXTP
+from .sampling import decode_branches, rank_images
+
+Method = Literal["rollout", "mean", "head"]
+METHODS: tuple[str, ...] = Method.__args__
+DEFAULT_METHOD: Method = "rollout"
+EXPLAIN = "nxtp_explain"
+
+
+# recording attention weights --------------------------------------------------------------------------------------
+
+
+def attention_weights(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float) -> Tensor:
+    """``softmax(Q K^T * scaling)`` in float32: [B, heads, q, k]; keys may have fewer (grouped) heads.
+
+    ``mask`` as the decoder gets it: boolean (True attends), additive float, or None (causal, aligned to the end).
+    """
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)  # what transformers' repeat_kv does: head h reads kv head h // groups
+    scores = query.float() @ key.float().transpose(-1, -2) * scaling
+    if mask is None:
+        q, k = scores.shape[-2:]
+        mask = torch.ones(q, k, dtype=torch.bool, device=scores.device).tril(k - q)
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    else:
+        scores = scores + mask.float()
+    return scores.softmax(-1)
+
+
+class _Recorder:
+    """What the explain pass keeps, per decoder layer (filled by ``_explain_attention_forward``)."""
+
+    def __init__(self, prefix_weights: bool) -> None:
+        self.phase: Literal["prefix", "labels"] = "prefix"
+        self.prefix_weights = prefix_weights
+        self.prefix_kv: dict[int, tuple[Tensor, Tensor]] = {}
+        self.prefix_attn: dict[int, Tensor] = {}  # head-mean [B, S, S] (rollout needs it)
+        self.heads: dict[int, Tensor] = {}  # label rows, every head, image columns [N, H, T, n_image]
+        self.rows: dict[int, Tensor] = {}  # label rows, head-mean, every column [N, T, S + T]
+        self.n_image = 0
+
+    def record(self, layer: int, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scaling: float) -> None:
+        q_len, k_len = query.shape[2], key.shape[2]
+        if self.phase == "prefix":
+            if q_len != k_len:  # a sampler step: the labels are explained in their own pass
+                return
+            self.prefix_kv[layer] = (key, value)
+            if self.prefix_weights:
+                self.prefix_attn[layer] = attention_weights(query, key, mask, scaling).mean(1)
+            return
+        w = attention_weights(query, key, mask, scaling)
+        self.heads[layer] = w[..., : self.n_image]
+        self.rows[layer] = w.mean(1)
+
+
+_RECORDER: contextvars.ContextVar[_Recorder | None] = contextvars.ContextVar("nxtp_attention_recorder", default=None)
+
+
+def _explain_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, **kwargs):
+    """The model's own attention (same kernel, same output), with the weights recorded beside it."""
+    out = label_masked_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    recorder = _RECORDER.get()
+    full_mask = attention_mask is None or (isinstance(attention_mask, Tensor) and attention_mask.shape[2] == query.shape[2])
+    if recorder is not None and full_mask:
+        recorder.record(module.layer_idx, query, key, value, attention_mask, kwargs.get("scaling", module.scaling))
+    return out
+
+
+AttentionInterface.register(EXPLAIN, _explain_attention_forward)
+AttentionMaskInterface.register(EXPLAIN, sdpa_mask)  # masks are prepared as for the model's own path
+
+
+@contextlib.contextmanager
+def _explaining(model: NXTP, recorder: _Recorder) -> Iterator[None]:
+    """Switch the decoder to ``EXPLAIN`` and record into ``recorder``; restore both afterwards."""
+    configs = {id(m.config): m.config for m in model.decoder.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")}
+    before = {k: c._attn_implementation for k, c in configs.items()}
+    token = _RECORDER.set(recorder)
+    try:
+        for c in configs.values():
+            c._attn_implementation = EXPLAIN
+        yield
+    finally:
+        for k, c in configs.items():
+            c._attn_implementation = before[k]
+        _RECORDER.reset(token)
+
+
+# the explain pass ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LabelAttention:
+    """The recorded attention of every (image, label) pair of a batch; ``maps`` turns it into grids.
+
+    ``image_index[n]`` is the image of pair ``n``; ``lengths[n]`` its label's token count (the delimiter follows).
+    """
+
+    labels: list[list[str]]
+    scores: list[list[float]]
+    image_index: Tensor  # [N]
+    lengths: Tensor  # [N]
+    heads: list[Tensor]  # per layer [N, H, T, n_image]
+    rows: list[Tensor]  # per layer [N, T, S + T]
+    prefix: list[Tensor] | None  # per layer [B, S, S]
+    grid: tuple[int, int]
+    patches: slice  # the image columns that are patches (CLS left out)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.heads)
+
+    @property
+    def n_heads(self) -> int:
+        return self.heads[0].shape[1] if self.heads else 0
+
+
+def _patch_columns(model: NXTP, n_image: int) -> tuple[tuple[int, int], slice]:
+    grid = tuple(int(g) for g in model.visual.grid_size)
+    n_patches = grid[0] * grid[1]
+    if n_image == n_patches:
+        return grid, slice(0, n_image)
+    if n_image == n_patches + 1:  # a tower that keeps CLS first
+        return grid, slice(1, n_image)
+    raise ValueError(f"{n_image} image tokens do not fit the tower's {grid[0]}x{grid[1]} patch grid")
+
+
+def _cache_kwarg(base, cache) -> dict:
+    # transformers renamed ``past_key_values`` to ``cache`` (as in ``sampling``).
+    return {("cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"): cache}
+
+
+def _prefix(model: NXTP, pixels: Tensor) -> Tensor:
+    """Run image + prompt as the sampler does (weights recorded); the last prompt token's hidden state [B, hidden]."""
+    prompt = torch.tensor(model.sequences.prompt_ids(model.prompt), device=pixels.device)
+    image = model.embed_images(pixels)
+    batch, n_image = image.shape[:2]
+    mask = prefix_attention(n_image, len(prompt), device=pixels.device).expand(batch, -1, -1, -1)
+    positions = torch.arange(n_image + len(prompt), device=pixels.device).expand(batch, -1)
+    embeds = torch.cat([image, model.embed_text(prompt.expand(batch, -1)).to(image.dtype)], dim=1)
+    out = model.decoder.get_decoder()(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
+    return out.last_hidden_state[:, -1]
+
+
+def _label_ids(model: NXTP, label: str) -> list[int]:
+    """The label's tokens as they follow the prompt (where one-shot sampling decodes them)."""
+    seq = model.sequences(model.prompt, [label])
+    return seq.ids[seq.anchor + 1 : -1]  # the last id closes the label (delimiter, or </s> in reference_compat)
+
+
+@torch.no_grad()
+def label_attention(model: NXTP, pixels: Tensor, labels: Sequence[Sequence[str]] | None = None, topk: int = 10,
+                    min_prob: float = 0.0, max_label_tokens: int = 19, rollout: bool = True) -> LabelAttention:
+    """Record how each label of each image attends, for ``pixels`` [B, 3, H, W] (preprocessed).
+
+    Args:
+        labels: the labels per image; None labels each image by one-shot sampling (``topk``, ``min_prob``,
+            ``max_label_tokens`` as in ``sampling.recognize``), whose prefix pass is then reused.
+        rollout: also keep the prefix's attention matrices (needed by ``method="rollout"`` only).
+
+    Returns the record; given labels are scored by teacher forcing (product of their tokens' and the delimiter's
+    probabilities), predicted ones keep the sampler's merged scores.
+    """
+    seqs = model.sequences
+    recorder = _Recorder(prefix_weights=rollout)
+    with _explaining(model, recorder):
+        if labels is None:
+            branches = decode_branches(model, pixels, topk, max_label_tokens)
+            ranked = rank_images(branches, model.tokenizer.decode, min_prob, model.reference_compat, seqs.delimiter,
+                                 seqs.delimiter_id)
+            labels = [[label for label, _ in r] for r in ranked]
+            given_scores = [[p for _, p in r] for r in ranked]
+            anchor_hidden = None
+        else:
+            if len(labels) != len(pixels):
+                raise ValueError(f"{len(labels)} label lists for {len(pixels)} images")
+            labels = [list(x) for x in labels]
+            anchor_hidden = _prefix(model, pixels)
+            given_scores = None
+
+        device = pixels.device
+        n_layers = len(recorder.prefix_kv)
+        prefix_len = recorder.prefix_kv[0][0].shape[2]
+        n_image = prefix_len - len(seqs.prompt_ids(model.prompt))
+        grid, patches = _patch_columns(model, n_image)
+        recorder.n_image = n_image
+        image_index = torch.tensor([b for b, ls in enumerate(labels) for _ in ls], dtype=torch.long, device=device)
+        ids = [_label_ids(model, label) for ls in labels for label in ls]
+        lengths = torch.tensor([len(x) for x in ids], dtype=torch.long, device=device)
+        if not ids:
+            empty = [torch.zeros(0, 1, 1, n_image, device=device)] * n_layers
+            return LabelAttention(labels, [[] for _ in labels], image_index, lengths, empty, [], None, grid, patches)
+
+        # Every label, closed by the delimiter, right after its image's cached prefix; padding rows see the prefix.
+        n, t = len(ids), int(lengths.max()) + 1
+        tokens = torch.full((n, t), seqs.pad_id, dtype=torch.long, device=device)
+        for i, x in enumerate(ids):
+            tokens[i, : len(x) + 1] = torch.tensor(x + [seqs.delimiter_id], device=device)
+        col = torch.arange(t, device=device)
+        own = (col[None, :, None] >= col[None, None, :]) & (col[None, None, :] <= lengths[:, None, None])  # [N, T, T]
+        mask = torch.cat([own.new_ones(n, t, prefix_len), own], dim=2)[:, None]
+        cache = DynamicCache()
+        for layer in range(n_layers):
+            k, v = recorder.prefix_kv[layer]
+            cache.update(k[image_index], v[image_index], layer)
+        base = model.decoder.get_decoder()
+        recorder.phase = "labels"
+        out = base(inputs_embeds=model.embed_text(tokens), attention_mask=mask,
+                   position_ids=(prefix_len + col).expand(n, -1), use_cache=True, **_cache_kwarg(base, cache))
+
+    if given_scores is None:  # teacher-forced score: first token from the prompt, the rest from the label rows
+        first = model.logits(anchor_hidden[image_index]).float().softmax(-1).gather(1, tokens[:, :1])
+        later = model.logits(out.last_hidden_state[:, :-1]).float().softmax(-1).gather(2, tokens[:, 1:, None])[..., 0]
+        later = torch.where(col[None, 1:] <= lengths[:, None], later, torch.ones_like(later))
+        flat = (first[:, 0].double() * later.double().prod(1)).tolist()
+        given_scores, i = [], 0
+        for ls in labels:
+            given_scores.append(flat[i : i + len(ls)])
+            i += len(ls)
+    prefix = [recorder.prefix_attn[l] for l in range(n_layers)] if rollout else None
+    return LabelAttention(labels, given_scores, image_index, lengths, [recorder.heads[l] for l in range(n_layers)],
+                          [recorder.rows[l] for l in range(n_layers)], prefix, grid, patches)
+
+
+def row_weights(record: LabelAttention, include_delimiter: bool = True) -> Tensor:
+    """Which query rows make a label's map, as weights summing to 1 per label: [N, T].
+
+    The label's own tokens (each predicts the next one or the delimiter), and the delimiter's row by default.
+    """
+    t = record.heads[0].shape[2]
+    col = torch.arange(t, device=record.lengths.device)
+    keep = (col[None] < record.lengths[:, None]) | (include_delimiter & (col[None] == record.lengths[:, None]))
+    w = keep.float()
+    return w / w.sum(1, keepdim=True)
+
+
+def maps(record: LabelAttention, method: Method = DEFAULT_METHOD, layer: int = -1, head: int = 0,
+         include_delimiter: bool = True) -> Tensor:
+    """One map per (image, label) pair: [N, grid_h, grid_w], each a distribution over the patches (sums to 1).
+
+    ``layer`` and ``head`` choose the single head of ``method="head"`` (negative counts from the end).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}: choose one of {METHODS}")
+    w = row_weights(record, include_delimiter)  # [N, T]
+    n_image = record.heads[0].shape[-1]
+    if method == "head":
+        if not -record.n_layers <= layer < record.n_layers or not -record.n_heads <= head < record.n_heads:
+            raise ValueError(f"layer={layer}, head={head}: the decoder has {record.n_layers} layers of "
+                             f"{record.n_heads} heads")
+        image = (w[:, :, None] * record.heads[layer][:, head]).sum(1)
+    elif method == "mean":
+        image = torch.stack([(w[:, None, :, None] * h).sum(2).mean(1) for h in record.heads]).mean(0)
+    else:
+        if record.prefix is None:
+            raise ValueError("method='rollout' needs label_attention(..., rollout=True)")
+        image = _rollout(record, w)[:, :n_image]
+    image = image[:, record.patches]
+    image = image / image.sum(1, keepdim=True)
+    return image.reshape(-1, *record.grid)
+
+
+def _rollout(record: LabelAttention, w: Tensor) -> Tensor:
+    """Attention rollout of the label rows down to the decoder's input: [N, S + T]."""
+    s = record.prefix[0].shape[-1]
+    t = record.rows[0].shape[1]
+    eye_s = torch.eye(s, device=w.device)
+    eye_t = torch.cat([torch.zeros(t, s, device=w.device), torch.eye(t, device=w.device)], dim=1)
+    r = None
+    for layer in reversed(range(record.n_layers)):
+        rows = 0.5 * record.rows[layer] + 0.5 * eye_t  # [N, T, S + T]; a padding row is never reached
+        if r is None:
+            r = rows
+            continue
+        prefix = 0.5 * record.prefix[layer][record.image_index] + 0.5 * eye_s  # [N, S, S]
+        # Prefix rows see only the prefix; label rows see the prefix and their own earlier tokens.
+        r = torch.cat([r[..., :s] @ prefix, torch.zeros_like(r[..., s:])], dim=2) + r[..., s:] @ rows
+    return (w[:, :, None] * r).sum(1)
+
+
+@dataclass
+class LabelMap:
+    """One label's map: ``grid`` [grid_h, grid_w] float32, a distribution over the image patches."""
+
+    label: str
+    score: float
+    grid: np.ndarray
+    method: str = DEFAULT_METHOD
+    extra: dict = field(default_factory=dict)
+
+
+def explain(model: NXTP, pixels: Tensor, labels: Sequence[Sequence[str]] | None = None, method: Method = DEFAULT_METHOD,
+            layer: int = -1, head: int = 0, topk: int = 10, min_prob: float = 0.0,
+            max_label_tokens: int = 19) -> list[list[LabelMap]]:
+    """The map of every label of every image (given, or predicted by one-shot sampling when ``labels`` is None)."""
+    record = label_attention(model, pixels, labels, topk, min_prob, max_label_tokens, rollout=method == "rollout")
+    grids = maps(record, method, layer, head).cpu().numpy().astype(np.float32) if record.rows else None
+    out, i = [], 0
+    extra = {"layer": layer, "head": head} if method == "head" else {}
+    for ls, ps in zip(record.labels, record.scores):
+        out.append([LabelMap(label, float(p), grids[i + j], method, dict(extra)) for j, (label, p) in enumerate(zip(ls, ps))])
+        i += len(ls)
+    return out
+
+
+# pictures and files ------------------------------------------------------------------------------------------------
+
+# Inferno-like anchors (dark purple -> red -> yellow): dark where the map is low, so the image shows through.
+_ANCHORS = np.array([[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21],
+                     [250, 193, 39], [252, 255, 164]], dtype=np.float32)
+
+
+def colormap(values: np.ndarray) -> np.ndarray:
+    """RGB uint8 [..., 3] for ``values`` in [0, 1] (piecewise-linear between the anchors)."""
+    x = np.clip(values, 0, 1) * (len(_ANCHORS) - 1)
+    lo = np.floor(x).astype(int).clip(0, len(_ANCHORS) - 2)
+    f = (x - lo)[..., None]
+    return ((1 - f) * _ANCHORS[lo] + f * _ANCHORS[lo + 1]).round().astype(np.uint8)
+
+
+def pixels_to_image(model: NXTP, pixels: Tensor) -> Image.Image:
+    """The image the model saw ([3, H, W] preprocessed pixels), normalisation undone."""
+    norm = next((t for t in getattr(model.eval_transform, "transforms", []) if hasattr(t, "mean") and hasattr(t, "std")), None)
+    x = pixels.detach().float().cpu()
+    if norm is not None:
+        x = x * torch.tensor(norm.std)[:, None, None] + torch.tensor(norm.mean)[:, None, None]
+    return Image.fromarray((x.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+
+def overlay(image: Image.Image, grid: np.ndarray, alpha: float = 0.6, min_size: int = 256) -> Image.Image:
+    """The map, upsampled (bilinear) and coloured, blended over ``image`` (which must be the view the model saw).
+
+    Small images are enlarged (nearest) to at least ``min_size`` pixels so that a person can see them.
+    """
+    image = image.convert("RGB")
+    scale = max(1, -(-min_size // min(image.size)))
+    image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+    peak = float(grid.max()) or 1.0
+    heat = Image.fromarray((grid / peak).astype(np.float32), mode="F").resize(image.size, Image.Resampling.BILINEAR)
+    value = np.asarray(heat)
+    colour = colormap(value).astype(np.float32)
+    a = alpha * np.clip(value, 0.15, 1)[..., None]  # low attention dims the image only a little
+    blended = (1 - a) * np.asarray(image, dtype=np.float32) + a * colour
+    return Image.fromarray(blended.round().astype(np.uint8))
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")[:40] or "label"
+
+
+def write_maps(out_dir: str | Path, stem: str, image: Image.Image, label_maps: Sequence[LabelMap]) -> Path:
+    """Write ``STEM.NN.LABEL.png`` (overlay) and ``STEM.NN.LABEL.npy`` (raw grid) per label and ``STEM.json``
+    (every label's score, grid and file names); returns the JSON path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i, m in enumerate(label_maps):
+        name = f"{stem}.{i:02d}.{_slug(m.label)}"
+        overlay(image, m.grid).save(out / f"{name}.png")
+        np.save(out / f"{name}.npy", m.grid)
+        entries.append({"label": m.label, "score": m.score, "method": m.method, **m.extra,
+                        "grid": m.grid.round(6).tolist(), "png": f"{name}.png", "npy": f"{name}.npy"})
+    path = out / f"{stem}.json"
+    path.write_text(json.dumps({"grid_size": list(label_maps[0].grid.shape) if label_maps else None,
+                                "labels": entries}, indent=1))
+    return path
+
+
+# measured against boxes ---------------------------------------------------------------------------------------------
+
+
+def transform_box(box: Sequence[float], original_size: tuple[int, int], image_size: tuple[int, int]) -> list[float]:
+    """A box ``[x0, y0, x1, y1]`` in original pixels, in the pixels of the model's eval view (shorter side resized
+    to the input size, then centre-cropped, as open_clip's eval transform does), clipped to the view."""
+    w, h = original_size
+    out_h, out_w = image_size
+    # torchvision's Resize(int) keeps the aspect ratio with int(); CenterCrop offsets with int(round()).
+    new_w, new_h = (out_w, int(out_w * h / w)) if w <= h else (int(out_h * w / h), out_h)
+    dx, dy = int(round((new_w - out_w) / 2)), int(round((new_h - out_h) / 2))
+    sx, sy = new_w / w, new_h / h
+    x0, y0, x1, y1 = box
+    return [min(max(x0 * sx - dx, 0), out_w), min(max(y0 * sy - dy, 0), out_h),
+            min(max(x1 * sx - dx, 0), out_w), min(max(y1 * sy - dy, 0), out_h)]
+
+
+def box_coverage(boxes: Sequence[Sequence[float]], grid: tuple[int, int], image_size: tuple[int, int]) -> np.ndarray:
+    """The share of every patch [grid_h, grid_w] that the union of ``boxes`` (``[x0, y0, x1, y1]``, x1/y1
+    exclusive, in the view's pixels) covers."""
+    h, w = image_size
+    covered = np.zeros((h, w), dtype=bool)
+    for x0, y0, x1, y1 in boxes:
+        covered[int(round(y0)) : int(round(y1)), int(round(x0)) : int(round(x1))] = True
+    ys = np.linspace(0, h, grid[0] + 1).round().astype(int)
+    xs = np.linspace(0, w, grid[1] + 1).round().astype(int)
+    return np.array([[covered[ys[i] : ys[i + 1], xs[j] : xs[j + 1]].mean() for j in range(grid[1])]
+                     for i in range(grid[0])])
+
+
+def pointing_hit(grid: np.ndarray, coverage: np.ndarray) -> float:
+    """Pointing game on patches: 1 if the map's peak patch overlaps a box, else 0.
+
+    Ties at the peak count as a random pick among them (a uniform map scores the share of patches that overlap).
+    """
+    peak = np.isclose(grid, grid.max(), rtol=1e-6, atol=0)
+    return float((coverage[peak] > 0).mean())
+
+
+def mass_in_box(grid: np.ndarray, coverage: np.ndarray) -> float:
+    """The share of the map's mass inside the boxes (a patch counted by the share of it they cover)."""
+    return float((grid * coverage).sum() / grid.sum())
+
+
+def uniform_map(grid: tuple[int, int]) -> np.ndarray:
+    return np.full(grid, 1.0 / (grid[0] * grid[1]))
+
+
+def centre_prior(grid: tuple[int, int], sigma: float = 0.25) -> np.ndarray:
+    """A Gaussian centred on the image, ``sigma`` in image sides, over the patch centres (sums to 1)."""
+    y = (np.arange(grid[0]) + 0.5) / grid[0] - 0.5
+    x = (np.arange(grid[1]) + 0.5) / grid[1] - 0.5
+    g = np.exp(-(y[:, None] ** 2 + x[None] ** 2) / (2 * sigma**2))
+    return g / g.sum()
