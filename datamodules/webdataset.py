@@ -242,7 +242,8 @@ def read_shards(shards: Iterable[dict[str, Any]], rejects: Rejects, retries: int
 
     A shard that fails to open or stops downloading is read again ``retries`` times (waiting ``retry_wait``
     seconds, doubled each time), skipping files already passed on, then skipped as an ``unreachable shard``.
-    A truncated or broken tar is not retried: its files before the damage are kept.
+    A truncated or broken tar is not retried: its files before the damage are kept. So are those of a shard given
+    up, and the sample cut off there is counted by what it lacks (e.g. ``no caption``).
     """
     given_up: set[str] = set()  # drawn again (resampling), such a shard is tried once more, without waiting
     for shard in shards:
