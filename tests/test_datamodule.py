@@ -8,6 +8,7 @@ from conftest import tiny_nxtp
 from PIL import Image
 
 from datamodules import NXTPDataModule
+from datamodules.labels import extract_labels_nltk
 
 CAPTIONS = ["a dog on the grass", "two cats and a sofa", "a red bus in the street", "a boat on the lake"]
 
@@ -101,3 +102,21 @@ def test_two_ranks_with_two_workers_each_see_disjoint_halves(tmp_path, model, mo
         seen.append([key for batch in dm.val_dataloader() for key in batch["keys"]])
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == sorted(good_keys)  # every good sample exactly once across ranks
+
+
+@pytest.mark.parametrize("compat", [False, True])
+def test_evaluation_references_are_every_label_and_extraction_follows_the_model(tmp_path, compat):
+    caption = "A laptop, a dog, a cat, a sofa and a lamp on a table"
+    truth = extract_labels_nltk(caption, compat)  # NLTK's own calls
+    assert len(truth) == 6 and ("lap" in truth) == compat  # the reference's substring rule, only in compat
+    with wds.TarWriter(str(tmp_path / "one.tar")) as sink:
+        sink.write({"__key__": "one", "jpg": jpeg("blue"), "txt": caption.encode()})
+    model = tiny_nxtp(reference_compat=compat)
+    dm = NXTPDataModule(train_shards=str(tmp_path / "one.tar"), val_shards=str(tmp_path / "one.tar"), batch_size=1,
+                        num_workers=0, max_labels=2)
+    dm.bind(model)
+    val, train = next(iter(dm.val_dataloader())), next(iter(dm.train_dataloader()))
+    assert val["labels"] == [truth]  # not cut to max_labels, in caption order
+    assert len(train["labels"][0]) == 2 and set(train["labels"][0]) <= set(truth)
+    for batch in (val, train):  # both sequences hold max_labels labels (the last one without a delimiter in compat)
+        assert int((batch["text"].label_ends[0] >= 0).sum()) == 2 - compat
