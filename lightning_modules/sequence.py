@@ -81,8 +81,8 @@ class SequenceBuilder:
         closes where its block ends whatever characters it ends with.
 
         Raises:
-            ValueError: the prompt tokenizes differently when labels follow it, or a label has no tokens or
-                contains the delimiter token (it would close its block early).
+            ValueError: the prompt tokenizes differently when labels follow it, or a label is empty, has no tokens
+                or contains the delimiter token (it would close its block early).
         """
         head = self.prompt_ids(prompt)
         ids, anchor, label_ends = list(head), len(head) - 1, []
@@ -100,6 +100,9 @@ class SequenceBuilder:
         first label, the delimiter for the others) and cut off from the ids of that text alone."""
         if not labels:
             return []
+        blank = [label for label in labels if not label.strip()]
+        if blank:  # it would still give a token (a space)
+            raise ValueError(f"label {blank[0]!r} is empty")
         contexts = [prompt, *[self.delimiter] * (len(labels) - 1)]
         texts = [prompt, self.delimiter, *(f"{c} {label}" for c, label in zip(contexts, labels))]
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
