@@ -77,7 +77,7 @@ def random_from_config(config: str, tokenizer: str, seed: int = 0) -> NXTP:
 
 def variants(record: am.LabelAttention) -> dict[str, torch.Tensor]:
     """Every map of the record: the aggregates (with and without the delimiter's row) and every single head."""
-    out = {f"{m}": am.maps(record, m) for m in ("rollout", "mean")}
+    out = {f"{m}": am.maps(record, m) for m in ("rollout", "mean", "gradient")}
     out.update({f"{m} (label tokens only)": am.maps(record, m, include_delimiter=False) for m in ("rollout", "mean")})
     for layer in range(record.n_layers):
         for head in range(record.n_heads):
@@ -96,7 +96,7 @@ def evaluate(model: NXTP, scenes: list[tuple[str, bytes, dict]], batch_size: int
         images = [decode_image(jpg) for _, jpg, _ in chunk]
         pixels = torch.stack([model.eval_transform(im) for im in images]).to(device)
         labels = [meta["labels"] for _, _, meta in chunk]
-        record = am.label_attention(model, pixels, labels)
+        record = am.label_attention(model, pixels, labels, gradient=True)
         grids = {k: v.cpu().numpy() for k, v in variants(record).items()}
         grids["uniform"] = np.broadcast_to(am.uniform_map(record.grid), (len(record.image_index), *record.grid))
         grids["centre prior"] = np.broadcast_to(am.centre_prior(record.grid), (len(record.image_index), *record.grid))

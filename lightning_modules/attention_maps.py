@@ -7,6 +7,10 @@ keys make the map. Three ways to read them (``METHODS``):
 
 * ``head``: one decoder layer and head (``layer``, ``head``), as the official demo shows;
 * ``mean``: the mean over all layers and heads;
+* ``gradient``: gradient-weighted attention (Chefer et al. 2021): ``relu(dA * A)`` averaged over layers and heads,
+  for the rows that predict the label (the anchor, which picks its first token, and the label's own tokens), with
+  respect to the label's log-probability; the only one that is label-specific at the anchor row. It costs one
+  forward and backward pass per (image, label) pair;
 * ``rollout``: attention rollout (Abnar & Zuidema 2020) through the decoder: per layer the head-mean attention
   plus the residual (``0.5 A + 0.5 I``), multiplied from the label rows down to the decoder's input, so that an
   image token that has itself attended to other image tokens passes its share on to them.
@@ -50,7 +54,7 @@ from .masking import prefix_attention
 from .nxtp import NXTP
 from .sampling import decode_branches, rank_images
 
-Method = Literal["rollout", "mean", "head"]
+Method = Literal["rollout", "mean", "head", "gradient"]
 METHODS: tuple[str, ...] = Method.__args__
 DEFAULT_METHOD: Method = "rollout"
 EXPLAIN = "nxtp_explain"
@@ -81,13 +85,25 @@ class _Recorder:
     """What the explain pass keeps, per decoder layer (filled by ``_explain_attention_forward``)."""
 
     def __init__(self, prefix_weights: bool) -> None:
-        self.phase: Literal["prefix", "labels"] = "prefix"
+        self.phase: Literal["prefix", "labels", "gradient"] = "prefix"
         self.prefix_weights = prefix_weights
         self.prefix_kv: dict[int, tuple[Tensor, Tensor]] = {}
         self.prefix_attn: dict[int, Tensor] = {}  # head-mean [B, S, S] (rollout needs it)
         self.heads: dict[int, Tensor] = {}  # label rows, every head, image columns [N, H, T, n_image]
         self.rows: dict[int, Tensor] = {}  # label rows, head-mean, every column [N, T, S + T]
         self.n_image = 0
+        self.first_row = 0  # gradient phase: the anchor's position; rows from it on are recorded with their graph
+        self.grad_rows: dict[int, Tensor] = {}  # [N, H, L - first_row, L]
+
+    def attend_with_graph(self, module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor, **kwargs) -> Tensor:
+        """Attention whose weights from ``first_row`` on are kept on the autograd graph (gradient phase)."""
+        r0 = self.first_row
+        head, _ = label_masked_attention_forward(module, query[:, :, :r0], key, value, mask[:, :, :r0], **kwargs)
+        w = attention_weights(query[:, :, r0:], key, mask[:, :, r0:], kwargs.get("scaling", module.scaling))
+        self.grad_rows[module.layer_idx] = w
+        groups = query.shape[1] // value.shape[1]
+        tail = (w.to(value.dtype) @ value.repeat_interleave(groups, dim=1)).transpose(1, 2)
+        return torch.cat([head, tail], dim=1)
 
     def record(self, layer: int, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scaling: float) -> None:
         q_len, k_len = query.shape[2], key.shape[2]
@@ -108,8 +124,10 @@ _RECORDER: contextvars.ContextVar[_Recorder | None] = contextvars.ContextVar("nx
 
 def _explain_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, **kwargs):
     """The model's own attention (same kernel, same output), with the weights recorded beside it."""
-    out = label_masked_attention_forward(module, query, key, value, attention_mask, **kwargs)
     recorder = _RECORDER.get()
+    if recorder is not None and recorder.phase == "gradient":
+        return recorder.attend_with_graph(module, query, key, value, attention_mask, **kwargs), None
+    out = label_masked_attention_forward(module, query, key, value, attention_mask, **kwargs)
     full_mask = attention_mask is None or (isinstance(attention_mask, Tensor) and attention_mask.shape[2] == query.shape[2])
     if recorder is not None and full_mask:
         recorder.record(module.layer_idx, query, key, value, attention_mask, kwargs.get("scaling", module.scaling))
@@ -155,6 +173,7 @@ class LabelAttention:
     prefix: list[Tensor] | None  # per layer [B, S, S]
     grid: tuple[int, int]
     patches: slice  # the image columns that are patches (CLS left out)
+    gradient: Tensor | None = None  # [N, n_image]: gradient-weighted attention, when asked for
 
     @property
     def n_layers(self) -> int:
@@ -200,13 +219,17 @@ def _label_ids(model: NXTP, label: str) -> list[int]:
 
 @torch.no_grad()
 def label_attention(model: NXTP, pixels: Tensor, labels: Sequence[Sequence[str]] | None = None, topk: int = 10,
-                    min_prob: float = 0.0, max_label_tokens: int = 19, rollout: bool = True) -> LabelAttention:
+                    min_prob: float = 0.0, max_label_tokens: int = 19, rollout: bool = True,
+                    gradient: bool = False) -> LabelAttention:
     """Record how each label of each image attends, for ``pixels`` [B, 3, H, W] (preprocessed).
 
     Args:
         labels: the labels per image; None labels each image by one-shot sampling (``topk``, ``min_prob``,
             ``max_label_tokens`` as in ``sampling.recognize``), whose prefix pass is then reused.
         rollout: also keep the prefix's attention matrices (needed by ``method="rollout"`` only).
+        gradient: also compute the gradient-weighted attention (``method="gradient"``): one forward and backward
+            pass of the whole sequence per (image, label) pair, since the anchor row is shared by an image's labels
+            in the cached passes and its gradient is not.
 
     Returns the record; given labels are scored by teacher forcing (product of their tokens' and the delimiter's
     probabilities), predicted ones keep the sampler's merged scores.
@@ -268,8 +291,36 @@ def label_attention(model: NXTP, pixels: Tensor, labels: Sequence[Sequence[str]]
             given_scores.append(flat[i : i + len(ls)])
             i += len(ls)
     prefix = [recorder.prefix_attn[l] for l in range(n_layers)] if rollout else None
+    cam = _gradient_attention(model, pixels, recorder, image_index, tokens, lengths, n_layers) if gradient else None
     return LabelAttention(labels, given_scores, image_index, lengths, [recorder.heads[l] for l in range(n_layers)],
-                          [recorder.rows[l] for l in range(n_layers)], prefix, grid, patches)
+                          [recorder.rows[l] for l in range(n_layers)], prefix, grid, patches, cam)
+
+
+def _gradient_attention(model: NXTP, pixels: Tensor, recorder: _Recorder, image_index: Tensor, tokens: Tensor,
+                        lengths: Tensor, n_layers: int) -> Tensor:
+    """Gradient-weighted attention (Chefer et al. 2021): mean over layers and heads of ``relu(dA * A)`` of the rows
+    that predict the label's tokens and delimiter (the anchor and the label tokens) with respect to the label's
+    log-probability, image columns: [N, n_image]. Model parameters get no ``.grad``."""
+    prompt = torch.tensor(model.sequences.prompt_ids(model.prompt), device=pixels.device)
+    with torch.no_grad():
+        image = model.embed_images(pixels)[image_index]
+    n, n_image, t = len(tokens), image.shape[1], tokens.shape[1]
+    text = torch.cat([prompt.expand(n, -1), tokens], dim=1)
+    # Image bidirectional, text causal: with one label after the prompt that is the label-masked rule.
+    mask = prefix_attention(n_image, text.shape[1], device=pixels.device).expand(n, -1, -1, -1)
+    length = n_image + text.shape[1]
+    recorder.phase, recorder.first_row = "gradient", n_image + len(prompt) - 1
+    with torch.enable_grad(), _explaining(model, recorder):
+        embeds = torch.cat([image, model.embed_text(text).to(image.dtype)], dim=1).detach().requires_grad_(True)
+        out = model.decoder.get_decoder()(inputs_embeds=embeds, attention_mask=mask,
+                                          position_ids=torch.arange(length, device=pixels.device).expand(n, -1))
+        rows = out.last_hidden_state[:, recorder.first_row : recorder.first_row + t]  # row i predicts tokens[:, i]
+        logp = model.logits(rows).float().log_softmax(-1).gather(2, tokens[..., None])[..., 0]
+        valid = torch.arange(t, device=pixels.device)[None] <= lengths[:, None]
+        weights = [recorder.grad_rows[l] for l in range(n_layers)]
+        grads = torch.autograd.grad((logp * valid).sum(), weights)
+    cam = torch.stack([(g * w).clamp(min=0).mean(1) for g, w in zip(grads, weights)]).mean(0)  # [N, 1 + t, L]
+    return cam[:, :, :n_image].sum(1).detach() + 1e-12  # never all zero: a flat map, not 0/0
 
 
 def row_weights(record: LabelAttention, include_delimiter: bool = True) -> Tensor:
@@ -301,6 +352,10 @@ def maps(record: LabelAttention, method: Method = DEFAULT_METHOD, layer: int = -
         image = (w[:, :, None] * record.heads[layer][:, head]).sum(1)
     elif method == "mean":
         image = torch.stack([(w[:, None, :, None] * h).sum(2).mean(1) for h in record.heads]).mean(0)
+    elif method == "gradient":
+        if record.gradient is None:
+            raise ValueError("method='gradient' needs label_attention(..., gradient=True)")
+        image = record.gradient
     else:
         if record.prefix is None:
             raise ValueError("method='rollout' needs label_attention(..., rollout=True)")
@@ -343,7 +398,8 @@ def explain(model: NXTP, pixels: Tensor, labels: Sequence[Sequence[str]] | None 
             layer: int = -1, head: int = 0, topk: int = 10, min_prob: float = 0.0,
             max_label_tokens: int = 19) -> list[list[LabelMap]]:
     """The map of every label of every image (given, or predicted by one-shot sampling when ``labels`` is None)."""
-    record = label_attention(model, pixels, labels, topk, min_prob, max_label_tokens, rollout=method == "rollout")
+    record = label_attention(model, pixels, labels, topk, min_prob, max_label_tokens, rollout=method == "rollout",
+                             gradient=method == "gradient")
     grids = maps(record, method, layer, head).cpu().numpy().astype(np.float32) if record.rows else None
     out, i = [], 0
     extra = {"layer": layer, "head": head} if method == "head" else {}

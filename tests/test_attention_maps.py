@@ -177,7 +177,7 @@ def test_maps_are_distributions_over_the_patch_grid(image_size):
     per_image = am.explain(model, pixels, topk=3)
     assert [len(x) for x in per_image] == [3, 3, 3]
     for method in am.METHODS:
-        record = am.label_attention(model, pixels, [["dog"], [], ["cat", "a red star"]])
+        record = am.label_attention(model, pixels, [["dog"], [], ["cat", "a red star"]], gradient=True)
         grids = am.maps(record, method, layer=-1, head=3)
         assert grids.shape == (3, *grid)
         assert (grids >= 0).all()
@@ -187,10 +187,10 @@ def test_maps_are_distributions_over_the_patch_grid(image_size):
 def test_a_cls_token_among_the_image_tokens_is_left_out():
     model = tiny_nxtp()
     pixels = torch.randn(1, 3, 64, 64)
-    plain = am.label_attention(model, pixels, [["dog"]])
+    plain = am.label_attention(model, pixels, [["dog"]], gradient=True)
     patches = model.embed_images
     model.embed_images = lambda x: torch.cat([torch.zeros_like(patches(x)[:, :1]), patches(x)], 1)  # a CLS first
-    with_cls = am.label_attention(model, pixels, [["dog"]])
+    with_cls = am.label_attention(model, pixels, [["dog"]], gradient=True)
     assert with_cls.heads[0].shape[-1] == plain.heads[0].shape[-1] + 1
     for method in am.METHODS:
         grids = am.maps(with_cls, method)
@@ -201,15 +201,16 @@ def test_a_cls_token_among_the_image_tokens_is_left_out():
 def test_predicted_labels_are_those_of_the_sampler_and_the_model_is_restored():
     model = tiny_nxtp(blocks=2)
     pixels = torch.randn(2, 3, 64, 64)
-    record = am.label_attention(model, pixels, topk=4)
+    record = am.label_attention(model, pixels, topk=4, gradient=True)
     ranked = recognize(model, pixels, topk=4)
     assert record.labels == [[label for label, _ in r] for r in ranked]
     assert record.scores == [[p for _, p in r] for r in ranked]
     # the same labels given: the same maps (the sampler's prefix pass was reused, not run differently)
-    again = am.label_attention(model, pixels, record.labels)
+    again = am.label_attention(model, pixels, record.labels, gradient=True)
     for method in am.METHODS:
         torch.testing.assert_close(am.maps(record, method), am.maps(again, method))
     assert model.decoder.config._attn_implementation == LABEL_MASKED
+    assert all(p.grad is None for p in model.parameters())  # the gradient map leaves the model's .grad alone
     with pytest.raises(ValueError, match="label lists"):
         am.label_attention(model, pixels, [["dog"]])
     assert model.decoder.config._attn_implementation == LABEL_MASKED
