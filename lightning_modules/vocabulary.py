@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.utilities.data import dim_zero_cat
 from transformers import DynamicCache
 
 from .masking import prefix_attention
@@ -91,10 +92,10 @@ class Vocabulary:
                 if isinstance(synonyms, str):
                     synonyms = [synonyms]
                 names = [item["name"], *synonyms]
-            elif isinstance(item, str):
-                names = [item]
-            else:
+            elif isinstance(item, (list, tuple)):
                 names = list(item)
+            else:
+                names = [item]
             names = [_clean(n, where) for n in names]
             if isinstance(item, str) and not names[0]:
                 continue  # a blank line
@@ -288,20 +289,24 @@ class LabelMapper:
     Args:
         vocabulary: the entries to map onto.
         threshold: the least cosine similarity at which the embedder maps a label (above 1: never).
-        by: the methods to use after the exact name match, in this order: ``"wordnet"``, ``"embedding"``.
+        by: the methods to use after the exact name match, in this order: ``"wordnet"``, ``"embedding"``; None:
+            both, WordNet where its noun data is found (``NLTKDataError`` where it is asked for and not found).
         hypernym_hops: how far up WordNet's hypernyms to look (the top, "entity", "object", is far from every
             concrete noun, so it is never reached from one).
         embedder: a sentence-transformers folder or hub name; default the semantic metric's offline copy.
         nltk_data: the NLTK data folder, as for label extraction (``datamodules.labels.nltk_data_dir``).
     """
 
-    def __init__(self, vocabulary: Vocabulary, threshold: float = 0.6, by: Sequence[str] = ("wordnet", "embedding"),
+    def __init__(self, vocabulary: Vocabulary, threshold: float = 0.6, by: Sequence[str] | None = None,
                  hypernym_hops: int = 3, embedder: str | None = None, nltk_data: str | None = None,
                  device: str | torch.device = "cpu") -> None:
+        # None: both, WordNet only where its noun data is found (with a warning where not).
+        self._auto = by is None
+        by = ("wordnet", "embedding") if by is None else tuple(by)
         unknown = set(by) - {"wordnet", "embedding"}
         if unknown:
             raise ValueError(f"by={list(by)}: unknown methods {sorted(unknown)}; use 'wordnet' and/or 'embedding'")
-        self.vocabulary, self.threshold, self.by, self.hops = vocabulary, threshold, tuple(by), hypernym_hops
+        self.vocabulary, self.threshold, self.by, self.hops = vocabulary, threshold, by, hypernym_hops
         self.embedder, self.nltk_data, self.device = embedder, nltk_data, torch.device(device)
         # Every name of every entry, normalized as labels are compared; the first entry to claim a name keeps it.
         self.index: dict[str, int] = {}
@@ -312,16 +317,34 @@ class LabelMapper:
         self._cache: dict[str, tuple[int | None, str]] = {}
 
     def _wordnet_reader(self):
+        """WordNet with its noun data, from the project's NLTK data folder if it has it (the packaged copy keeps only
+        what lemmatizing reads), else from NLTK's own search path (``NLTK_DATA``, ``nltk.download("wordnet")``)."""
         if self._wordnet is None:
             import nltk
             from nltk.corpus.reader.wordnet import WordNetCorpusReader
 
-            from datamodules.labels import ensure_nltk_data
+            from datamodules.labels import NLTKDataError, nltk_data_dir
 
-            root = ensure_nltk_data(self.nltk_data)  # the packaged copy unless told otherwise; never downloads
+            class WordNet(WordNetCorpusReader):
+                def map_wn(self, version: str = "wordnet") -> None:
+                    """Skipped: the mapping to other WordNet versions (multilingual lookups only) reads
+                    ``index.sense``, which a lemmatizing copy leaves out (as ``datamodules.labels`` does)."""
+
+            root = None
+            for folder in [str(nltk_data_dir(self.nltk_data)), *nltk.data.path]:  # never downloads
+                try:
+                    nltk.data.find("corpora/wordnet/data.noun", paths=[folder])
+                    root = folder
+                    break
+                except LookupError:
+                    continue
+            if root is None:
+                raise NLTKDataError(f"mapping by WordNet needs WordNet's noun data (corpora/wordnet/data.noun), found "
+                                    f"neither in {nltk_data_dir(self.nltk_data)} nor on NLTK's search path: run "
+                                    f"`python -m nltk.downloader wordnet`, or map by embedding only")
             with warnings.catch_warnings():  # "multilingual functions are not available": none is used
                 warnings.simplefilter("ignore")
-                self._wordnet = WordNetCorpusReader(nltk.data.find("corpora/wordnet/", paths=[str(root)]), None)
+                self._wordnet = WordNet(nltk.data.find("corpora/wordnet/", paths=[root]), None)
         return self._wordnet
 
     def _by_wordnet(self, label: str) -> int | None:
@@ -350,10 +373,28 @@ class LabelMapper:
         emb = self._model.encode(texts, convert_to_tensor=True, show_progress_bar=False, batch_size=128)
         return torch.nn.functional.normalize(emb.float(), dim=-1)
 
+    def prepare(self) -> None:
+        """Load what mapping needs (WordNet, the embedder and the entries' embeddings) now rather than at the first
+        label, so that a missing resource fails before any work: ``NLTKDataError`` when WordNet was asked for."""
+        if "wordnet" in self.by and self._wordnet is None:
+            from datamodules.labels import NLTKDataError
+
+            try:
+                self._wordnet_reader()
+            except NLTKDataError as e:
+                if not self._auto:
+                    raise
+                warnings.warn(f"{e}; mapping without WordNet", stacklevel=2)
+                self.by = tuple(m for m in self.by if m != "wordnet")
+        if "embedding" in self.by and self._name_emb is None:
+            self._name_emb, self._name_entry = self._embed(list(self.index)), torch.tensor(list(self.index.values()))
+
     def map_labels(self, labels: Sequence[str]) -> list[tuple[int | None, str]]:
         """For each label, ``(entry index or None, how)`` with ``how`` one of ``name``, ``wordnet``,
         ``embedding`` or ``none``."""
         todo = [l for l in dict.fromkeys(labels) if l not in self._cache]
+        if todo:
+            self.prepare()
         left = []
         for label in todo:
             key = normalize_label(label)
@@ -364,9 +405,6 @@ class LabelMapper:
             else:
                 left.append(label)
         if left and "embedding" in self.by:
-            if self._name_emb is None:
-                names = list(self.index)
-                self._name_emb, self._name_entry = self._embed(names), torch.tensor(list(self.index.values()))
             sim = self._embed(left) @ self._name_emb.T  # [labels, names]
             best, at = sim.max(1)
             for label, s, i in zip(left, best.tolist(), at.tolist()):
@@ -418,8 +456,8 @@ class VocabularyScore(Metric):
       the means over images of the per-image values, defined as in ``metrics.ExactLabelScore`` (an image without
       predictions scores 0, an image without targets is skipped).
 
-    Per-image sums are sum states; the scores and targets are ``cat`` tensor states of shape [N, E], so a rank
-    without updates syncs an empty [0, E] block (0 when no image at all was seen).
+    Per-image sums are sum states; the scores and targets ``cat`` list states (a rank may have had no update;
+    every value is 0 when no rank had one).
     """
 
     is_differentiable = False
@@ -429,8 +467,10 @@ class VocabularyScore(Metric):
     def __init__(self, num_entries: int, threshold: float = 0.5, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.num_entries, self.threshold = num_entries, threshold
-        self.add_state("scores", torch.zeros(0, num_entries), dist_reduce_fx="cat")
-        self.add_state("targets", torch.zeros(0, num_entries, dtype=torch.uint8), dist_reduce_fx="cat")
+        # Flat float32 lists: torchmetrics syncs a rank without updates as one empty 1-D tensor of the metric's
+        # dtype, which gathers with the other ranks' blocks only if they are 1-D and of that dtype too.
+        self.add_state("scores", [], dist_reduce_fx="cat")
+        self.add_state("targets", [], dist_reduce_fx="cat")
         for name in ("recall", "precision", "f1"):
             self.add_state(f"{name}_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("num_images", torch.tensor(0), dist_reduce_fx="sum")
@@ -441,8 +481,8 @@ class VocabularyScore(Metric):
             raise ValueError(f"scores {tuple(scores.shape)} and targets {tuple(targets.shape)} must both be "
                              f"[images, {self.num_entries}]")
         scores, targets = scores.detach().float().to(self.device), targets.to(self.device).bool()
-        self.scores = torch.cat([self.scores, scores])
-        self.targets = torch.cat([self.targets, targets.to(torch.uint8)])
+        self.scores.append(scores.flatten())
+        self.targets.append(targets.float().flatten())
         pred = scores >= self.threshold
         has_refs = targets.any(1)
         hits = (pred & targets).sum(1).double()
@@ -457,7 +497,9 @@ class VocabularyScore(Metric):
         """``{"map", "recall", "precision", "f1"}`` as float32 scalars."""
         n = self.num_images.clamp(min=1)
         out = {name: (getattr(self, f"{name}_sum") / n).float() for name in ("recall", "precision", "f1")}
-        out["map"] = _mean_average_precision(self.scores, self.targets.bool())
+        scores, targets = (dim_zero_cat(x).view(-1, self.num_entries) if len(x) else torch.zeros(0, self.num_entries)
+                           for x in (self.scores, self.targets))
+        out["map"] = _mean_average_precision(scores, targets.bool())
         return out
 
 
@@ -466,7 +508,7 @@ def _mean_average_precision(scores: Tensor, targets: Tensor) -> Tensor:
     positives = targets.sum(0)
     if not positives.any():
         return scores.new_zeros(())
-    order = scores.argsort(0, descending=True, stable=True)
+    order = scores.argsort(dim=0, descending=True, stable=True)
     s, y = scores.gather(0, order), targets.gather(0, order).double()
     tp = y.cumsum(0)
     rank = torch.arange(1, len(s) + 1, device=s.device, dtype=torch.float64)[:, None].expand_as(tp)

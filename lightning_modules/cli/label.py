@@ -99,8 +99,9 @@ def label_main(argv: list[str]) -> int:
                              "per line, or .json / .jsonl entries {\"name\": ..., \"synonyms\": [...]}")
     closed.add_argument("--map-to", metavar="FILE", help="name objects freely, then map each label onto an entry of "
                                                          "this vocabulary (same file formats), summing probabilities")
-    parser.add_argument("--map-by", nargs="+", choices=["wordnet", "embedding"], default=["wordnet", "embedding"],
-                        help="--map-to: how a label that is no entry's name is mapped (in this order)")
+    parser.add_argument("--map-by", nargs="+", choices=["wordnet", "embedding"],
+                        help="--map-to: how a label that is no entry's name is mapped, in this order (default both; "
+                             "WordNet where its noun data is found: `python -m nltk.downloader wordnet`)")
     parser.add_argument("--map-threshold", type=float, default=0.6,
                         help="--map-to: the least sentence-embedding cosine similarity that maps a label")
     parser.add_argument("--keep-unmapped", action="store_true",
@@ -127,6 +128,10 @@ def label_main(argv: list[str]) -> int:
 
     if args.topk is not None and args.topk < 1:
         parser.error(f"--topk {args.topk}: must be at least 1")
+    if args.chunk_tokens < 1:
+        parser.error(f"--chunk-tokens {args.chunk_tokens}: must be at least 1")
+
+    from datamodules.labels import NLTKDataError
 
     from ..checkpoint_io import UntrustedCheckpointError
     from ..recognizer import Recognizer
@@ -140,7 +145,8 @@ def label_main(argv: list[str]) -> int:
             vocabulary = recognizer.tokenize(vocabulary)
         elif args.map_to:
             mapper = LabelMapper(vocabulary, args.map_threshold, args.map_by, device=args.device)
-    except (UntrustedCheckpointError, VocabularyError) as e:
+            mapper.prepare()
+    except (UntrustedCheckpointError, VocabularyError, NLTKDataError) as e:
         print(f"nxtp label: {e}", file=sys.stderr)
         return 2
     files = ImageFiles(paths, recognizer.model.eval_transform, recognizer.max_image_pixels, recognizer.draft_input_size)
