@@ -3,7 +3,10 @@ weights, and a trained model against the uniform baseline."""
 
 from __future__ import annotations
 
+import importlib.util
+import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -231,3 +234,28 @@ def test_writers(tmp_path):
     assert top_right.mean() > bottom_left.mean() + 30
     values = np.linspace(0, 1, 11)
     assert np.all(np.diff(am.colormap(values).astype(int).sum(-1)) > 0)  # darker to brighter
+
+
+# a trained model against the baselines ------------------------------------------------------------------------------
+
+ROOT = Path(__file__).parents[1]
+TRAINED = ROOT / "logs/default/version_0/checkpoints/last.ckpt"
+TEST_SHARD = ROOT / "data/shapes/test/shard-000000.tar"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (TRAINED.exists() and TEST_SHARD.exists()),
+                    reason="needs the default model and data of `make train` (logs/default/version_0, data/shapes)")
+def test_the_trained_default_model_points_at_the_objects():
+    """On the test scenes, the default map of the trained default model finds the labelled object more often than
+    a uniform map does, by more than the noise of 200 images (the measurement of experiments/eval_attention_maps.py)."""
+    spec = importlib.util.spec_from_file_location("eval_attention_maps", ROOT / "experiments/eval_attention_maps.py")
+    evaluation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluation)
+    scenes = list(itertools.islice(evaluation.read_scenes([str(TEST_SHARD)]), 200))
+    results = evaluation.evaluate(evaluation.load_model(str(TRAINED)), scenes, 50, torch.device("cpu"))
+    hits, mass = (np.asarray(v) for v in results[am.DEFAULT_METHOD])
+    uniform_hits, uniform_mass = (np.asarray(v) for v in results["uniform"])
+    margin = 2 * np.sqrt(hits.var() / len(hits))
+    assert hits.mean() > uniform_hits.mean() + margin, (hits.mean(), uniform_hits.mean())
+    assert mass.mean() > uniform_mass.mean(), (mass.mean(), uniform_mass.mean())
