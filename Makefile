@@ -6,8 +6,9 @@ BIN := $(VENV)/bin
 DATA ?= data/shapes
 EXPERIMENT ?= configs/experiment/default.yaml
 SWEEP ?= configs/sweep/decoder_depth.yaml
+CHECKPOINT ?= logs/default/version_0/checkpoints/last.ckpt
 
-.PHONY: install data train sweep test test-fast tensorboard clean
+.PHONY: install data train sweep serve test test-fast tensorboard clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +31,14 @@ train: install data
 # SWEEP_ARGS="--launcher slurm" submits a SLURM array instead of running the runs here one after another.
 sweep: install data
 	$(BIN)/nxtp sweep $(SWEEP) $(SWEEP_ARGS)
+
+# The HTTP server on 127.0.0.1:8000 (LitServe, the `serve` extra); SERVE_ARGS="--port 9000 --max-batch-size 32".
+serve: $(VENV)/.serve-installed
+	$(BIN)/nxtp serve --checkpoint $(CHECKPOINT) $(SERVE_ARGS)
+
+$(VENV)/.serve-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[serve]"
+	touch $@
 
 test: install
 	$(BIN)/python -m pytest -ra
