@@ -14,7 +14,6 @@ run at once with an error that says so: missing NLTK data, or samples failing on
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import random
@@ -34,6 +33,7 @@ from PIL import Image
 from lightning_modules.sequence import SequenceBuilder, collate_text
 
 from .even_epochs import StopTogether
+from .images import MAX_IMAGE_PIXELS, ImageError, decode_image
 from .labels import NLTKDataError, ensure_nltk_data, extract_labels
 
 log = logging.getLogger(__name__)
@@ -106,43 +106,6 @@ class Rejects:
         return counts, records
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """An RGB copy of a decoded image of any mode.
-
-    Transparent parts become white (dropping the alpha channel would leave whatever colour hides under it, often
-    black), and 16-bit images are scaled to 8 bits (PIL's own conversion clips them, which turns them white).
-    """
-    if image.mode.startswith("I;16") or (image.mode == "I" and image.getextrema()[1] > 255):
-        image = image.convert("I").point(lambda v: v / 256)
-    if image.has_transparency_data:
-        background = Image.new("RGBA", image.size, "white")
-        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
-    return image.convert("RGB")
-
-
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode image bytes into RGB, refusing images of more than ``max_pixels`` pixels before decoding them.
-
-    Raises:
-        ValueError: with the reason (``empty image``, ``image too large``, ``corrupt image``) as its message.
-    """
-    if not data:
-        raise ValueError("empty image")
-    try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
-    except Image.DecompressionBombError as e:  # PIL's own guard, at twice Image.MAX_IMAGE_PIXELS
-        raise ValueError("image too large") from e
-    except Exception as e:
-        raise ValueError("corrupt image") from e
-    if image.width * image.height > max_pixels:
-        raise ValueError("image too large") from ValueError(f"{image.width}x{image.height} pixels")
-    try:
-        image.load()
-        return to_rgb(image)
-    except Exception as e:  # truncated or corrupt data shows only while decoding
-        raise ValueError("corrupt image") from e
-
-
 class SampleDecoder:
     """Turns a raw webdataset sample into ``(pixels, TextSequence, labels, key)``, or None if unusable.
 
@@ -158,12 +121,14 @@ class SampleDecoder:
 
     def __init__(self, transform: Callable, sequences: SequenceBuilder, prompt: str, shuffle_labels: bool,
                  hflip: bool, max_labels: int, seed: int, rejects: Rejects,
-                 max_image_pixels: int = Image.MAX_IMAGE_PIXELS, full_references: bool = False,
-                 reference_compat: bool = False, nltk_data: str | None = None) -> None:
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, full_references: bool = False,
+                 reference_compat: bool = False, nltk_data: str | None = None,
+                 input_size: int | tuple[int, int] | None = None) -> None:
         self.transform, self.sequences, self.prompt = transform, sequences, prompt
         self.shuffle_labels, self.hflip, self.max_labels = shuffle_labels, hflip, max_labels
         self.seed, self.rejects, self.max_image_pixels = seed, rejects, max_image_pixels
         self.full_references, self.reference_compat, self.nltk_data = full_references, reference_compat, nltk_data
+        self.input_size = input_size  # the tower's: large JPEGs are decoded at reduced scale (images.draft_size)
         self.rng: random.Random | None = None
         ensure_nltk_data(nltk_data)  # here, in the main process: missing data fails before any worker starts
 
@@ -189,9 +154,9 @@ class SampleDecoder:
         if not caption.strip():
             return self.rejects.add("empty caption", shard, key)
         try:
-            image = decode_image(image_bytes, self.max_image_pixels)
-        except ValueError as e:
-            return self.rejects.add(str(e), shard, key, e.__cause__)
+            image = decode_image(image_bytes, self.max_image_pixels, self.input_size)
+        except ImageError as e:
+            return self.rejects.add(e.reason, shard, key, e.__cause__ or e)
         stage = "label extraction failed"
         try:
             labels = extract_labels(caption, self.reference_compat, self.nltk_data)
@@ -334,7 +299,7 @@ class NXTPDataModule(L.LightningDataModule):
     def __init__(self, train_shards: Shards = None, val_shards: Shards = None, test_shards: Shards = None,
                  batch_size: int = 64, num_workers: int = 2, shuffle_buffer: int = 2000, resampled: bool = False,
                  hflip: bool = False, augment: bool = False, max_labels: int = 16, seed: int = 0,
-                 max_image_pixels: int = 89_478_485, shard_retries: int = 3, shard_retry_wait: float = 1.0,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, shard_retries: int = 3, shard_retry_wait: float = 1.0,
                  nltk_data: str | None = None,
                  max_failures_in_a_row: int = 20) -> None:
         super().__init__()
@@ -399,7 +364,9 @@ class NXTPDataModule(L.LightningDataModule):
         decoder = SampleDecoder(transform, self.model.sequences, self.model.prompt, shuffle_labels=train,
                                 hflip=train and hp.hflip, max_labels=hp.max_labels, seed=hp.seed, rejects=rejects,
                                 max_image_pixels=hp.max_image_pixels, full_references=not train,
-                                reference_compat=compat, nltk_data=hp.nltk_data)
+                                reference_compat=compat, nltk_data=hp.nltk_data,
+                                # random crops may keep a small part of the image: decode those at full size
+                                input_size=None if train and hp.augment else self.model.visual.image_size)
         resampled = train and hp.resampled
         stages = [wds.ResampledShards(urls) if resampled else wds.SimpleShardList(urls),
                   wds.split_by_node, wds.split_by_worker]

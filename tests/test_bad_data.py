@@ -19,7 +19,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import datamodules.webdataset as pipeline
 from datamodules import NXTPDataModule
 from datamodules.labels import NLTKDataError
-from datamodules.webdataset import Rejects, SampleDecoder, SystematicFailure, decode_image, read_shards, to_rgb
+from datamodules.images import decode_image, to_rgb
+from datamodules.webdataset import Rejects, SampleDecoder, SystematicFailure, read_shards
 from lightning_modules.decoder import DecoderConfig
 from lightning_modules.lit_nxtp import LitNXTP
 from lightning_modules.vision import VisionConfig
@@ -281,7 +282,7 @@ def test_a_worker_whose_every_sample_failed_stops_the_run(tmp_path, model, num_w
             for i in range(3):
                 sink.write(sample(f"s{s}_{i}"))
     broken = types.SimpleNamespace(eval_transform=lambda image: 1 / 0, sequences=model.sequences, prompt=model.prompt,
-                                   reference_compat=False)
+                                   reference_compat=False, visual=model.visual)
     dm = NXTPDataModule(val_shards=[str(tmp_path / "0.tar"), str(tmp_path / "1.tar")], num_workers=num_workers)
     dm.bind(broken)
     per_worker = 6 // max(num_workers, 1)  # both shards in one stream, or one shard per worker
