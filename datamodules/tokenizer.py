@@ -12,9 +12,10 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from lightning_modules.sequence import PROMPT
+
 __all__ = ["PROMPT", "SPECIAL_TOKENS", "train_caption_tokenizer"]
 
-PROMPT = "The objects in the image are"
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>")
 
 

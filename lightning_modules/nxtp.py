@@ -24,10 +24,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from .decoder import DecoderConfig, build_decoder
 from .masking import compact_label_mask, label_block_mask, label_masked_attention
-from .sequence import SequenceBuilder, TextBatch, loss_targets, pad_text, position_ids, segment_ids
+from .sequence import PROMPT, SequenceBuilder, TextBatch, loss_targets, pad_text, position_ids, segment_ids
 from .vision import VisionConfig, build_vision_tower, encode_patches
 
-PROMPT = "The objects in the image are"
 Attention = Literal["auto", "dense", "compact", "flex"]
 
 
@@ -101,7 +100,6 @@ class NXTP(nn.Module):
         self.tokenizer = load_tokenizer(tokenizer)
         self.sequences = SequenceBuilder(self.tokenizer, reference_compat=reference_compat)
         self.prompt = prompt
-        self.reference_compat = reference_compat
         self.reset_label_positions = reset_label_positions
         # Speed settings, not part of the model: ``save_pretrained`` leaves them out of the config.
         self.attention = attention
@@ -164,6 +162,15 @@ class NXTP(nn.Module):
         total = -(-(self.n_image_tokens + text.ids.shape[1]) // m) * m
         return pad_text(text, total - self.n_image_tokens, self.sequences.pad_id)
 
+    @property
+    def reference_compat(self) -> bool:
+        """Whether the reference's quirks are reproduced; kept once, by the sequence builder that lays them out."""
+        return self.sequences.reference_compat
+
+    @reference_compat.setter
+    def reference_compat(self, value: bool) -> None:
+        self.sequences.reference_compat = value
+
     def forward(self, pixels: Tensor, text: TextBatch) -> tuple[Tensor, Tensor]:
         """Training loss: next-token cross-entropy averaged over every counted token of the batch.
 
@@ -184,7 +191,7 @@ class NXTP(nn.Module):
         """Write ``model.safetensors``, ``config.yaml`` and ``tokenizer/``: all that ``from_pretrained`` needs."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        config = dict(self.init_args)
+        config = {**self.init_args, "reference_compat": self.reference_compat}
         config["vision"] = {**config["vision"], "pretrained": None}  # the weights are in model.safetensors
         config["decoder"] = {"name_or_path": None, "num_blocks": None, "dtype": "float32",
                              "config": {"model_type": self.decoder.config.model_type, **self.decoder.config.to_diff_dict()}}

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+PROMPT = "The objects in the image are"  # what the decoder continues with the labels (the paper's prompt)
 IMAGE_TOKEN = "<|image|>"
 EMPTY_TOKEN = "<|empty|>"
 IGNORE = -1

@@ -42,15 +42,13 @@ def imported(tmp_path_factory):
 def model(imported):
     model, _ = imported
     model.reference_compat = False
-    model.sequences.reference_compat = False
     yield model
     model.reference_compat = False
-    model.sequences.reference_compat = False
 
 
 def set_compat(model, on: bool):
-    model.reference_compat = on
-    model.sequences.reference_compat = on
+    model.reference_compat = on  # one switch: the layout, the loss rows and the sampler all follow it
+    assert model.sequences.reference_compat is on
 
 
 def test_preprocessing_matches(model):
