@@ -72,8 +72,8 @@ def serve_main(argv: list[str]) -> int:
         parser.error("--max-batch-size and --workers-per-device at least 1, --batch-timeout at least 0, --timeout "
                      "above 0")
     if not Path(args.checkpoint).exists():
-        print(f"nxtp serve: {args.checkpoint} does not exist: train the default model with `make train`, or give another checkpoint (make serve CHECKPOINT=PATH)",
-              file=sys.stderr)
+        print(f"nxtp serve: {args.checkpoint} does not exist: train the default model with `make train`, or give "
+              f"another checkpoint (make serve CHECKPOINT=PATH)", file=sys.stderr)
         return 2
 
     import litserve as ls
