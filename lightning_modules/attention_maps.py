@@ -434,15 +434,17 @@ def pixels_to_image(model: NXTP, pixels: Tensor) -> Image.Image:
 
 
 def overlay(image: Image.Image, grid: np.ndarray, alpha: float = 0.6, min_size: int = 256) -> Image.Image:
-    """The map, upsampled (bilinear) and coloured, blended over ``image`` (which must be the view the model saw).
+    """The map, stretched to [0, 1], upsampled (bilinear) and coloured, blended over ``image`` (which must be the view
+    the model saw).
 
     Small images are enlarged (nearest) to at least ``min_size`` pixels so that a person can see them.
     """
     image = image.convert("RGB")
     scale = max(1, -(-min_size // min(image.size)))
     image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
-    peak = float(grid.max()) or 1.0
-    heat = Image.fromarray((grid / peak).astype(np.float32), mode="F").resize(image.size, Image.Resampling.BILINEAR)
+    # Stretched from its minimum to its peak: a person looks for where the map is highest, not at its scale.
+    lo, span = float(grid.min()), float(grid.max() - grid.min()) or 1.0
+    heat = Image.fromarray(((grid - lo) / span).astype(np.float32), mode="F").resize(image.size, Image.Resampling.BILINEAR)
     value = np.asarray(heat)
     colour = colormap(value).astype(np.float32)
     a = alpha * np.clip(value, 0.15, 1)[..., None]  # low attention dims the image only a little
