@@ -1,0 +1,46 @@
+"""Every shipped experiment config parses, and every run of every shipped sweep is a valid `nxtp fit` command."""
+
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT
+
+from lightning_modules.cli import main
+from lightning_modules.sweep import Sweep, sweep_main, trials
+
+EXPERIMENTS = sorted((ROOT / "configs" / "experiment").glob("*.yaml"))
+SWEEPS = sorted((ROOT / "configs" / "sweep").glob("*.yaml"))
+
+
+def resolved(argv: list[str], monkeypatch, capsys) -> dict:
+    """The config `nxtp ARGV --print_config` prints."""
+    monkeypatch.setattr(sys, "argv", ["nxtp", *argv, "--print_config"])
+    with pytest.raises(SystemExit) as end:
+        main()
+    assert end.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: p.stem)
+def test_every_experiment_config_parses(config: Path, monkeypatch, capsys):
+    printed = resolved(["fit", "--config", str(config)], monkeypatch, capsys)
+    assert printed["model"]["vision"]["model_name"] and printed["trainer"]["max_steps"] > 0
+    assert printed["data"]["train_shards"]
+
+
+@pytest.mark.parametrize("sweep", SWEEPS, ids=lambda p: p.stem)
+def test_every_run_of_every_sweep_parses(sweep: Path, monkeypatch, capsys):
+    assert sweep_main([str(sweep), "--dry-run"]) == 0
+    commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines() if line.startswith("nxtp fit")]
+    assert commands and len(commands) == len(trials(Sweep.load(sweep)))  # one command per run
+    for command in commands:
+        printed = resolved(command[1:], monkeypatch, capsys)
+        swept = dict(arg[2:].split("=", 1) for arg in command if arg.startswith("--model.") and "=" in arg)
+        for key, value in swept.items():  # each swept value reaches the model's config
+            node = printed["model"]
+            for part in key.split(".")[1:]:
+                node = node[part]
+            assert str(node) == value or float(node) == float(value), key
