@@ -177,7 +177,8 @@ class SlurmRequeue(L.Callback):
             code = subprocess.call(["scontrol", "requeue", job])
             (rank_zero_info if code == 0 else rank_zero_warn)(f"requeue of SLURM job {job}: scontrol exit code {code}")
         self.requeued = True
-        trainer.should_stop = True
+        save_last_checkpoints(trainer)
+        raise Interrupted(0, f"stopped at step {trainer.global_step} for a SLURM requeue; the requeued job resumes")
 
 
 # Interrupted runs ---------------------------------------------------------------------------------------------
@@ -197,14 +198,34 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
         self.save_last_now(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # A run stopped by a callback has saved what it needs (GracefulStop: last.ckpt, SlurmRequeue: hpc_ckpt).
-        if not trainer.should_stop:
-            self.save_last_now(trainer)
+        self.save_last_now(trainer)
 
     def save_last_now(self, trainer: L.Trainer) -> None:
         """Write ``last.ckpt`` for the current step unless it is written already (on every rank: a collective)."""
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class Interrupted(SystemExit):
+    """Raised on every rank together, at the end of a training step, to end ``fit`` for a later resume; ``code`` is
+    the exit status of the process.
+
+    Raising (rather than ``trainer.should_stop``, after which Lightning runs a whole validation first) stops at
+    once, and the run skips what follows a finished fit (``test_after_fit``, ``metrics.json``).
+    """
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(code)
+        self.message = message
+
+
+def save_last_checkpoints(trainer: L.Trainer) -> None:
+    """Write ``last.ckpt`` of every ``ModelCheckpoint`` that keeps one, for the current step (on every rank)."""
+    for checkpoint in trainer.checkpoint_callbacks:
+        if isinstance(checkpoint, ModelCheckpoint):
+            checkpoint.save_last_now(trainer)
+        elif isinstance(checkpoint, callbacks.ModelCheckpoint) and checkpoint.save_last:
+            checkpoint._save_last_checkpoint(trainer, checkpoint._monitor_candidates(trainer))
 
 
 class GracefulStop(L.Callback):
@@ -222,7 +243,6 @@ class GracefulStop(L.Callback):
 
     def __init__(self) -> None:
         self.signalled: signal.Signals | None = None
-        self.stopped_by: signal.Signals | None = None
         self._launcher = None
         self._launching = False
 
@@ -247,7 +267,7 @@ class GracefulStop(L.Callback):
 
     def _on_signal(self, signum: int, frame) -> None:
         if self.signalled is not None:
-            if self._launching:  # asked twice: stop now, without a checkpoint
+            if self._launching:  # asked twice: stop now (Lightning still saves on the way out, if it can)
                 for s in self.SIGNALS:
                     signal.signal(s, signal.SIG_DFL)
                 raise KeyboardInterrupt
@@ -258,16 +278,11 @@ class GracefulStop(L.Callback):
             self._launcher.kill(signum)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        if self.stopped_by is not None:
-            return
         if not trainer.strategy.reduce_boolean_decision(self.signalled is not None, all=False):
             return
         if 0 < trainer.max_steps <= trainer.global_step:
             return  # the last step is done: the run ends as it would have (and is not resumed later)
-        self.stopped_by = self.signalled or signal.SIGTERM  # a rank that saw no signal stops with the others
-        for checkpoint in trainer.checkpoint_callbacks:
-            if isinstance(checkpoint, ModelCheckpoint):
-                checkpoint.save_last_now(trainer)
-            elif isinstance(checkpoint, callbacks.ModelCheckpoint) and checkpoint.save_last:
-                checkpoint._save_last_checkpoint(trainer, checkpoint._monitor_candidates(trainer))
-        trainer.should_stop = True
+        signum = self.signalled or signal.SIGTERM  # a rank that saw no signal stops with the others
+        save_last_checkpoints(trainer)
+        raise Interrupted(128 + signum, f"stopped by {signum.name} at step {trainer.global_step}; "
+                                        f"run the same command to resume")

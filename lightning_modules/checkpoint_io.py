@@ -41,13 +41,15 @@ def _open(path: str | Path):
     return open(path, "rb")
 
 
-def load_checkpoint(path: str | Path, trust: bool = False, map_location: Any = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | Path, trust: bool = False, map_location: Any = "cpu", mmap: bool = False
+                    ) -> dict[str, Any]:
     """Read a ``.ckpt`` without running code from it, unless ``trust`` is set.
 
     Args:
         path: the checkpoint file (a local path or an fsspec URL).
         trust: unpickle anything the file names (``weights_only=False``); only for files you trust.
         map_location: as for ``torch.load``.
+        mmap: map a local file's tensors instead of reading them (cheap when only a few entries are needed).
 
     Raises:
         UntrustedCheckpointError: the file names globals outside ``SAFE_GLOBALS`` and torch's weights-only
@@ -58,6 +60,8 @@ def load_checkpoint(path: str | Path, trust: bool = False, map_location: Any = "
             return torch.load(f, map_location=map_location, weights_only=False)
     with torch.serialization.safe_globals(SAFE_GLOBALS):
         try:
+            if mmap and "://" not in str(path):
+                return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
             with _open(path) as f:
                 return torch.load(f, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as e:

@@ -191,3 +191,22 @@ def group_alive(pgid: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+@pytest.mark.slow
+def test_a_sweep_of_ddp_runs_records_them_as_done(tmp_path, shapes):
+    command = fit_command(shapes, tmp_path / "logs", 6)
+    start = command.index("--model.tokenizer")
+    fixed = {k.lstrip("-"): v for k, v in zip(command[start::2], command[start + 1::2])
+             if not k.startswith("--trainer.logger")}
+    fixed.update({"trainer.strategy": "ddp", "trainer.devices": 2, "trainer.accelerator": "cpu",
+                  "trainer.val_check_interval": 3})
+    path = tmp_path / "sweep.yaml"
+    path.write_text(json.dumps({"name": "ddp", "config": "configs/experiment/default.yaml", "save_dir": str(tmp_path / "logs"),
+                                "parameters": {"model.lr": [0.002]}, "fixed": fixed, "metric": "val/loss", "mode": "min"}))
+    result = run(NXTP_CLI + ["sweep", str(path)], timeout=DEADLINE)
+    assert result.returncode == 0, result.stdout[-3000:]
+    rows = (tmp_path / "logs" / "sweeps" / "ddp" / "results.md").read_text()
+    assert "| done |" in rows
+    (metrics,) = (tmp_path / "logs" / "sweeps" / "ddp").glob("*/version_0/metrics.json")
+    assert json.loads(metrics.read_text())["global_step"] == 6

@@ -10,20 +10,21 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
-from ..callbacks import AttentionMaskImage, GracefulStop, SaveConfigToTensorBoard, SlurmRequeue
+from ..callbacks import AttentionMaskImage, GracefulStop, Interrupted, SaveConfigToTensorBoard, SlurmRequeue
 from ..checkpoint_io import load_checkpoint
 from ..lit_nxtp import MAX_STEPS_KEY
 
 say = rank_zero_only(print)  # every rank runs the command line; one of them speaks
 
 
-def resume_point(root: Path) -> tuple[Path, str] | None:
-    """Where an interrupted run continues: the newest checkpoint of the newest ``version_N`` under a TensorBoard
-    logger's ``save_dir/name``, and that version's folder name.
+def resume_point(root: Path) -> tuple[Path, str, dict] | None:
+    """Where an interrupted run continues: the furthest checkpoint of the newest ``version_N`` under a TensorBoard
+    logger's ``save_dir/name``, that version's folder name, and the checkpoint (its tensors memory-mapped).
 
-    The candidates are the version's ``last.ckpt`` (written every validation and on SIGTERM / Ctrl-C) and the
-    ``hpc_ckpt_N.ckpt`` files written in ``root`` when SLURM signals a job before pre-empting it
-    (``#SBATCH --signal=USR1@120``, see ``callbacks.SlurmRequeue``); the most recently written wins.
+    The candidates are the version's ``last.ckpt`` (written at every validation, at the end, and on SIGTERM /
+    Ctrl-C) and the ``hpc_ckpt_N.ckpt`` files written in ``root`` when SLURM signals a job before pre-empting it
+    (``#SBATCH --signal=USR1@120``, see ``callbacks.SlurmRequeue``). The highest global step wins; at a tie, the
+    SLURM checkpoint (written for exactly this resume), then the newer file.
     """
     number = lambda p: int(p.name.split("_")[-1]) if p.name.split("_")[-1].isdigit() else -1  # noqa: E731
     versions = sorted(root.glob("version_*"), key=number)
@@ -33,17 +34,17 @@ def resume_point(root: Path) -> tuple[Path, str] | None:
     candidates += root.glob("hpc_ckpt_*.ckpt")
     if not candidates:
         return None
-    newest = max(candidates, key=lambda p: p.stat().st_mtime)
+    states = {p: load_checkpoint(p, mmap=True) for p in candidates}
+    newest = max(candidates, key=lambda p: (states[p].get("global_step", 0), p.name.startswith("hpc_ckpt_"),
+                                            p.stat().st_mtime))
     version = newest.parents[1].name if newest.name == "last.ckpt" else versions[-1].name
-    return newest, version
+    return newest, version, states[newest]
 
 
 class NXTPCLI(LightningCLI):
     """LightningCLI with ``--test_after_fit`` (evaluate the best checkpoint after training) and ``--resume``
     (continue the newest run of the same logger from its newest checkpoint, in the same log folder; see
     ``resume_point``)."""
-
-    exit_code = 0
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=False, help="run `test` on the best checkpoint after `fit`")
@@ -65,8 +66,7 @@ class NXTPCLI(LightningCLI):
         found = resume_point(root) if config.get("resume") and not config.get("ckpt_path") else None
         if found is None:
             return
-        path, version = found
-        state = load_checkpoint(path)
+        path, version, state = found
         step, planned = state.get("global_step", 0), state.get(MAX_STEPS_KEY) or config.trainer.max_steps
         if planned is not None and 0 < planned <= step:
             say(f"not resuming {path}: its run is finished (step {step} of {planned}), so a new run starts; "
@@ -76,15 +76,6 @@ class NXTPCLI(LightningCLI):
         say(f"resuming from {path} at step {step} (--resume false starts a new run)")
 
     def after_fit(self) -> None:
-        if any(getattr(c, "requeued", False) for c in self.trainer.callbacks):
-            return  # stopped for a SLURM requeue: the requeued job finishes the run
-        stop = next((c for c in self.trainer.callbacks if isinstance(c, GracefulStop)), None)
-        if stop is not None and stop.stopped_by is not None:
-            if self.trainer.is_global_zero:
-                print(f"stopped by {stop.stopped_by.name} at step {self.trainer.global_step}; run the same command "
-                      f"to resume")
-            self.exit_code = 128 + stop.stopped_by  # what a process ended by this signal reports
-            return
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()}
         if self.config.fit.get("test_after_fit"):
             checkpoint = self.trainer.checkpoint_callback
@@ -121,7 +112,10 @@ def lightning_main() -> None:
 
     from ..lit_nxtp import LitNXTP
 
-    cli = NXTPCLI(LitNXTP, NXTPDataModule, seed_everything_default=0, save_config_callback=SaveConfigToTensorBoard,
-                  save_config_kwargs={"overwrite": True},
-                  trainer_defaults={"callbacks": [AttentionMaskImage(), SlurmRequeue(), GracefulStop()]})
-    sys.exit(cli.exit_code)
+    try:
+        NXTPCLI(LitNXTP, NXTPDataModule, seed_everything_default=0, save_config_callback=SaveConfigToTensorBoard,
+                save_config_kwargs={"overwrite": True}, parser_kwargs={"parser_mode": "omegaconf"},
+                trainer_defaults={"callbacks": [AttentionMaskImage(), SlurmRequeue(), GracefulStop()]})
+    except Interrupted as stop:  # a signal or a SLURM requeue ended the fit at a step boundary, to resume later
+        say(stop.message)
+        sys.exit(stop.code)
