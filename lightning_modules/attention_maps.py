@@ -3,26 +3,31 @@
 A label is explained the way it is scored: the image and prompt run once (the prefix, cached as in one-shot
 sampling), then every label of an image is teacher-forced after the prompt, ``label tokens + delimiter``, all
 labels of a batch in one short pass over that cache. The attention weights of those label rows over the image
-keys make the map. Three ways to read them (``METHODS``):
+keys make the map. Four ways to read them (``METHODS``):
 
 * ``head``: one decoder layer and head (``layer``, ``head``), as the official demo shows;
 * ``mean``: the mean over all layers and heads;
-* ``gradient``: gradient-weighted attention (Chefer et al. 2021): ``relu(dA * A)`` averaged over layers and heads,
-  for the rows that predict the label (the anchor, which picks its first token, and the label's own tokens), with
-  respect to the label's log-probability; the only one that is label-specific at the anchor row. It costs one
-  forward and backward pass per (image, label) pair;
 * ``rollout``: attention rollout (Abnar & Zuidema 2020) through the decoder: per layer the head-mean attention
   plus the residual (``0.5 A + 0.5 I``), multiplied from the label rows down to the decoder's input, so that an
-  image token that has itself attended to other image tokens passes its share on to them.
+  image token that has itself attended to other image tokens passes its share on to them;
+* ``gradient``: gradient-weighted attention (Chefer et al. 2021): ``relu(dA * A)`` averaged over layers and heads,
+  for the rows that predict the label (the anchor, which picks its first token, and the label's own tokens), with
+  respect to the label's log-probability.
 
-``DEFAULT_METHOD`` is the one measured best against the synthetic scenes' boxes
-(``experiments/eval_attention_maps.py``).
+Why ``gradient`` is the default (``DEFAULT_METHOD``): the label-token rows of the other three only predict the
+label's later tokens and its delimiter; for a one-token label (every kind of the synthetic scenes) that is the
+delimiter alone, which needs no look at the image. The label is chosen at the anchor row (its first token), and
+that row is shared by all labels of an image: only its gradient tells the labels apart. The price is one forward
+and backward pass of the whole sequence per (image, label) pair (the anchor row's gradient differs per label, so
+the cached prefix cannot be shared). ``experiments/eval_attention_maps.py`` measures all four against the boxes;
+change ``DEFAULT_METHOD`` if a trained model's table says otherwise.
 
-No extra full pass: the weights come from a transformers attention function (``EXPLAIN``) that is switched in
-on the decoder for the explain call only (and restored after): it computes the output exactly as the model's own
-``decoder.LABEL_MASKED`` path does, so predictions do not change, and computes ``softmax(QK^T)`` beside it for
-the rows it records. With predicted labels (``labels=None``) the sampler itself runs the prefix once; its keys and
-values are kept and the label pass reuses them; only the label tokens are run again.
+The other three need no extra full pass: their weights come from a transformers attention function
+(``EXPLAIN``) switched in on the decoder for the explain call only (and restored after): it computes the output
+exactly as the model's own ``decoder.LABEL_MASKED`` path does, so predictions do not change, and computes
+``softmax(QK^T)`` beside it for the rows it records. With predicted labels (``labels=None``) the sampler itself
+runs the prefix once; its keys and values are kept and the label pass reuses them; only the label tokens (and
+delimiter) run again, all labels of the batch at once.
 
 The maps are distributions over the image patches (CLS, where the image tokens hold one, excluded), on the
 tower's ``grid_size``. Writers: ``overlay`` (PNG heat map on the image, numpy colormap), ``write_maps`` (PNG,
@@ -56,7 +61,7 @@ from .sampling import decode_branches, rank_images
 
 Method = Literal["rollout", "mean", "head", "gradient"]
 METHODS: tuple[str, ...] = Method.__args__
-DEFAULT_METHOD: Method = "rollout"
+DEFAULT_METHOD: Method = "gradient"
 EXPLAIN = "nxtp_explain"
 
 
