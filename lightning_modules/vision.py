@@ -8,7 +8,9 @@ tag or checkpoint path (``openai``), or a JSON config: the project's own configs
 
 from __future__ import annotations
 
+import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +73,25 @@ def _resolve_name(model_name: str) -> str:
     return model_name
 
 
+class _RandomInitNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_random_init(random_init: bool):
+    """Drop open_clip's "No pretrained weights loaded ... initialized randomly" where random init is what the config
+    asks for (``pretrained: null``): a trained checkpoint loads its weights right after, and every `nxtp label`
+    printed the notice."""
+    notice = _RandomInitNotice()
+    if random_init:
+        logging.getLogger().addFilter(notice)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(notice)
+
+
 def build_vision_tower(cfg: VisionConfig) -> tuple[nn.Module, object, object]:
     """Build the tower and open_clip's (train, eval) preprocessing for it."""
     if cfg.config is not None:
@@ -83,7 +104,9 @@ def build_vision_tower(cfg: VisionConfig) -> tuple[nn.Module, object, object]:
         name = _resolve_name(cfg.model_name)
         # Build where the caller builds (e.g. under ``torch.device("meta")``), not always on the CPU.
         device = torch.empty(0).device
-        clip, train_tf, eval_tf = open_clip.create_model_and_transforms(name, pretrained=cfg.pretrained, device=device)
+        with _quiet_random_init(cfg.pretrained is None):
+            clip, train_tf, eval_tf = open_clip.create_model_and_transforms(name, pretrained=cfg.pretrained,
+                                                                            device=device)
     visual = clip.visual
     if not isinstance(visual, open_clip.transformer.VisionTransformer):
         raise ValueError(f"vision.model_name: {cfg.model_name!r} is not a ViT; NXTP needs its patch tokens")

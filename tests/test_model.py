@@ -207,3 +207,16 @@ def test_compiled_decoder_keeps_parameter_names_loss_and_gradients():
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
         if p.grad is not None:
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_random_init_tower_builds_quietly_but_other_warnings_stay(caplog):
+    import logging
+
+    from lightning_modules.vision import VisionConfig, _quiet_random_init, build_vision_tower
+
+    with caplog.at_level(logging.WARNING):
+        build_vision_tower(VisionConfig(model_name="nxtp-tiny-vit"))
+        with _quiet_random_init(True):
+            logging.warning("something else")
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("No pretrained weights loaded" in m for m in messages) and "something else" in messages
