@@ -123,13 +123,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a model folder or .ckpt (random_model.py writes one)")
     parser.add_argument("--images", required=True, help="a folder of JPEG/PNG photos to send (cycled)")
-    parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
+    parser.add_argument("--requests", type=int, default=96, help="requests per concurrency level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-batch-size", type=int, default=32, help="the batched server's --max-batch-size")
     parser.add_argument("--batch-timeout", type=float, default=0.01, help="the batched server's --batch-timeout")
     parser.add_argument("--time-limit", type=float, default=1200, help="seconds for the whole run")
     parser.add_argument("--serve-args", default="", help="more `nxtp serve` options for both servers")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # `timeout` or kill: still stop the server (finally)
     deadline = time.time() + args.time_limit
     paths = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     if not paths:

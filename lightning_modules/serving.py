@@ -170,7 +170,13 @@ class RequestReader:
         headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
 
-        async def replay() -> Message:
+        sent = False
+
+        async def replay() -> Message:  # the new body once, then the client's own messages (its disconnect)
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
             return {"type": "http.request", "body": payload, "more_body": False}
 
         await self.app({**scope, "headers": headers}, replay, send)
@@ -339,6 +345,8 @@ def describe(checkpoint: str | Path, trust: bool = False) -> dict[str, Any]:
 
         config = load_checkpoint(path, trust=trust).get("hyper_parameters", {})
         tokenizer = str(config.get("tokenizer"))
+        if not Path(tokenizer).exists():  # Recognizer.from_checkpoint then uses the copy the checkpoint holds
+            tokenizer += " (not on this machine: the copy stored in the checkpoint is used)"
     vision, decoder = ({**asdict(c)} if is_dataclass(c) else dict(c or {}) for c in
                        (config.get("vision"), config.get("decoder")))
     layers = (decoder.get("config") or {})

@@ -26,7 +26,7 @@ from conftest import NXTP_CLI, OFFICIAL, ROOT, tiny_nxtp
 from PIL import Image, ImageOps
 
 from lightning_modules.cli.label import label_main
-from lightning_modules.cli.serve import accelerator_devices
+from lightning_modules.cli.serve import accelerator_devices, serve_main
 from lightning_modules.serving import MAX_TOPK, RequestError, parse_fields
 
 STARTUP_S = 300  # a loaded 2-core machine needs 1-2 minutes to import torch twice and load the model
@@ -53,6 +53,14 @@ def test_device_names():
     assert accelerator_devices("cpu") == ("cpu", 1)
     assert accelerator_devices("cuda") == ("cuda", "auto")
     assert accelerator_devices("cuda:0,1") == ("cuda", [0, 1])
+
+
+def test_an_untrusted_checkpoint_is_refused_before_anything_starts(tmp_path, capsys):
+    torch.save({"hyper_parameters": {"tokenizer": Path("elsewhere")}}, tmp_path / "odd.ckpt")  # pickles a PosixPath
+    assert serve_main(["--checkpoint", str(tmp_path / "odd.ckpt")]) == 2
+    assert "refusing to load checkpoint" in capsys.readouterr().err
+    assert serve_main(["--checkpoint", str(tmp_path / "missing.ckpt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 # the server ----------------------------------------------------------------------------------------------------
