@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import grad_norm, rank_zero_info, rank_zero_war
 from PIL import Image, ImageDraw
 from torchmetrics import MeanMetric, SumMetric
 
+from .attention_maps import explain, overlay, pixels_to_image
 from .decoder import DecoderConfig
 from .metrics import ExactLabelScore, SemanticLabelScore
 from .nxtp import NXTP, PROMPT, load_weights, read_weights
@@ -351,29 +352,41 @@ class LitNXTP(L.LightningModule):
         return [{"key": k, "labels": p} for k, p in zip(batch["keys"], preds)]
 
     def _log_predictions(self, batch, predictions) -> None:
+        """``val/predictions``: validation images with the true and predicted labels, and below each image where its
+        top-3 labels look (``attention_maps``' default map)."""
         experiment = getattr(self.logger, "experiment", None)
         if self.hparams.log_images <= 0 or not hasattr(experiment, "add_image"):
             return
         n = min(self.hparams.log_images, len(predictions))
-        transform = self.model.eval_transform.transforms[-1]  # open_clip's Normalize
-        mean = torch.tensor(transform.mean, device=batch["pixels"].device)[:, None, None]
-        std = torch.tensor(transform.std, device=batch["pixels"].device)[:, None, None]
+        top3 = [[label for label, _ in p[:3]] for p in predictions[:n]]
+        # Validation runs in inference mode; the gradient-weighted maps need autograd (on a copy of the pixels).
+        with torch.inference_mode(False), torch.enable_grad():
+            maps = explain(self.model, batch["pixels"][:n].clone(), top3)
         tiles = []
         for i in range(n):
-            pixels = (batch["pixels"][i] * std + mean).clamp(0, 1).mul(255).byte().permute(1, 2, 0).cpu().numpy()
-            tiles.append(caption_tile(Image.fromarray(pixels), batch["labels"][i], predictions[i][:5]))
-        grid = Image.new("RGB", (sum(t.width for t in tiles), tiles[0].height), "white")
+            image = pixels_to_image(self.model, batch["pixels"][i])
+            overlays = [(m.label, overlay(image, m.grid, min_size=1)) for m in maps[i]]
+            tiles.append(caption_tile(image, batch["labels"][i], predictions[i][:5], overlays))
+        grid = Image.new("RGB", (sum(t.width for t in tiles), max(t.height for t in tiles)), "white")
         for i, tile in enumerate(tiles):
             grid.paste(tile, (i * tiles[0].width, 0))
         experiment.add_image("val/predictions", np.asarray(grid), self.global_step, dataformats="HWC")
 
 
-def caption_tile(image: Image.Image, truth: list[str], predicted: list[tuple[str, float]], size: int = 160) -> Image.Image:
-    """The image enlarged, with the true labels and the predicted ones (with probabilities) written below."""
+def caption_tile(image: Image.Image, truth: list[str], predicted: list[tuple[str, float]],
+                 maps: list[tuple[str, Image.Image]] = (), size: int = 160) -> Image.Image:
+    """The image enlarged, with the true labels and the predicted ones (with probabilities) written below, then
+    the given maps (label, overlay) side by side under their labels."""
     lines = ["true: " + ", ".join(sorted(truth))] + [f"{p:.2f} {label}" for label, p in predicted]
-    tile = Image.new("RGB", (size, size + 12 * len(lines) + 4), "white")
+    text_height = 12 * len(lines) + 4
+    small = size // 3
+    tile = Image.new("RGB", (size, size + text_height + (small + 14 if maps else 0)), "white")
     tile.paste(image.resize((size, size), Image.Resampling.NEAREST), (0, 0))
     draw = ImageDraw.Draw(tile)
     for j, line in enumerate(lines):
         draw.text((3, size + 2 + 12 * j), line[:30], fill="black")
+    for j, (label, picture) in enumerate(maps[:3]):
+        x, y = j * small, size + text_height
+        draw.text((x + 2, y), label[:8], fill="black")
+        tile.paste(picture.resize((small - 2, small - 2), Image.Resampling.BILINEAR), (x + 1, y + 13))
     return tile
