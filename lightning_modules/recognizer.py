@@ -131,9 +131,9 @@ class Recognizer:
         scores = self.score_tensor(images, vocabulary, batch_size, chunk_tokens)
         return ranked(scores, vocabulary[0].names, topk, min_prob)
 
-    def map_labels(self, images: ImageInput | list[ImageInput], vocabulary: LabelMapper | Vocabulary | str | Path | list,
-                   topk: int = 10, min_prob: float = 0.0, keep_unmapped: bool = False, batch_size: int = 32
-                   ) -> list[list[tuple[str, float]]]:
+    def map_labels(self, images: ImageInput | list[ImageInput],
+                   vocabulary: LabelMapper | Vocabulary | str | Path | list, topk: int = 10, min_prob: float = 0.0,
+                   keep_unmapped: bool = False, batch_size: int = 32) -> list[list[tuple[str, float]]]:
         """Open-set labels (``topk`` branches, as :meth:`label`) mapped onto ``vocabulary`` by a ``LabelMapper``
         (give one to choose its threshold and methods), probabilities that land on one entry summed, sorted, none
         below ``min_prob``; labels that map nowhere dropped unless ``keep_unmapped``."""

@@ -218,7 +218,7 @@ def score_candidates(model: NXTP, pixels: Tensor, candidates: Sequence[Sequence[
                      chunk_tokens: int = 2048) -> Tensor:
     """Probability [B, N] (float64) of every candidate token sequence (label ids then the closing delimiter)
     for every image: the prefix once, then the candidates teacher-forced over its KV cache, in chunks of at
-    most ``chunk_tokens`` fed tokens per image."""
+    most ``chunk_tokens`` fed tokens per forward (over the batch; a longer candidate gets a chunk of its own)."""
     device = pixels.device
     image = model.embed_images(pixels)
     batch, n_image = image.shape[:2]
@@ -233,7 +233,8 @@ def score_candidates(model: NXTP, pixels: Tensor, candidates: Sequence[Sequence[
                position_ids=torch.arange(length, device=device).expand(batch, -1), use_cache=True, **cache_kwarg)
     first = model.logits(out.last_hidden_state[:, -1]).float().log_softmax(-1).double()  # [B, V]
     scores = torch.empty(batch, len(candidates), dtype=torch.float64, device=device)
-    for chunk in _chunks([len(c) for c in candidates], chunk_tokens):
+    # The budget bounds the tokens of one forward over the whole batch: its logits are [tokens, vocabulary].
+    for chunk in _chunks([len(c) for c in candidates], max(1, chunk_tokens // batch)):
         cands = [candidates[i] for i in chunk]
         # Each candidate feeds its label tokens; the output at each predicts the next one, the last the delimiter.
         fed = torch.tensor([t for c in cands for t in c[:-1]], device=device)
@@ -245,11 +246,14 @@ def score_candidates(model: NXTP, pixels: Tensor, candidates: Sequence[Sequence[
         # Every fed token sees the whole prefix, and the earlier tokens of its own candidate only.
         own = (owner[:, None] == owner[None, :]) & (offset[:, None] >= offset[None, :])
         mask = torch.cat([own.new_ones(n, length), own], 1)[None, None].expand(batch, -1, -1, -1)
-        step = base(inputs_embeds=model.embed_text(fed).to(image.dtype)[None].expand(batch, -1, -1), attention_mask=mask,
-                    position_ids=(length + offset)[None].expand(batch, -1), use_cache=True, **cache_kwarg)
+        embeds = model.embed_text(fed).to(image.dtype)[None].expand(batch, -1, -1)
+        step = base(inputs_embeds=embeds, attention_mask=mask, position_ids=(length + offset)[None].expand(batch, -1),
+                    use_cache=True, **cache_kwarg)
         cache.crop(length - cache.get_seq_length())  # back to the prefix for the next chunk
-        logp = model.logits(step.last_hidden_state).float().log_softmax(-1)  # [B, n, V]
-        token_logp = logp.gather(2, targets[None, :, None].expand(batch, -1, -1))[..., 0].double()
+        logits = model.logits(step.last_hidden_state).float()  # [B, n, V]
+        # log softmax at the targets only: no second [B, n, V] tensor
+        token_logp = (logits.gather(2, targets[None, :, None].expand(batch, -1, -1))[..., 0]
+                      - logits.logsumexp(-1)).double()
         total = torch.zeros(batch, len(cands), dtype=torch.float64, device=device).index_add_(1, owner, token_logp)
         firsts = torch.tensor([c[0] for c in cands], device=device)
         scores[:, chunk.start : chunk.stop] = (total + first[:, firsts]).exp()
@@ -330,8 +334,11 @@ class LabelMapper:
                     """Skipped: the mapping to other WordNet versions (multilingual lookups only) reads
                     ``index.sense``, which a lemmatizing copy leaves out (as ``datamodules.labels`` does)."""
 
+            own = str(nltk_data_dir(self.nltk_data))
+            if own not in nltk.data.path:  # NLTK opens files only below its search path (appended, as labels does)
+                nltk.data.path.append(own)
             root = None
-            for folder in [str(nltk_data_dir(self.nltk_data)), *nltk.data.path]:  # never downloads
+            for folder in [own, *nltk.data.path]:  # never downloads
                 try:
                     nltk.data.find("corpora/wordnet/data.noun", paths=[folder])
                     root = folder

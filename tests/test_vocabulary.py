@@ -199,6 +199,15 @@ def test_cli_vocabulary(tmp_path, capsys):
     assert "v.txt line 2" in capsys.readouterr().err
     assert label_main(args + ["--map-to", str(tmp_path / "missing.txt")]) == 2
     assert "missing.txt: cannot read the vocabulary" in capsys.readouterr().err
+    # --map-to: the free labels, each mapped onto the vocabulary, or kept as they are.
+    (free,) = Recognizer(model).label(image, topk=5)
+    vocab.write_text(f"{free[0][0]}\n{free[1][0]}\n")
+    map_args = args + ["--map-to", str(vocab), "--topk", "5", "--map-by", "embedding", "--map-threshold", "2"]
+    for extra, want in (["--keep-unmapped"], free), ([], free[:2]):
+        assert label_main(map_args + extra) == 0
+        (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+        assert [x["label"] for x in line["labels"]] == [l for l, _ in want]
+        assert [x["prob"] for x in line["labels"]] == pytest.approx([p for _, p in want], rel=1e-5)
 
 
 # ---------------------------------------------------------------- mapping

@@ -107,7 +107,8 @@ def label_main(argv: list[str]) -> int:
     parser.add_argument("--keep-unmapped", action="store_true",
                         help="--map-to: keep labels that map to no entry (default: drop them)")
     parser.add_argument("--chunk-tokens", type=int, default=2048,
-                        help="--vocabulary: the most vocabulary tokens per image in one forward (lower it to save memory)")
+                        help="--vocabulary: the most vocabulary tokens in one forward over a batch (lower it to save "
+                             "memory)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers that read and preprocess images")
     parser.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
