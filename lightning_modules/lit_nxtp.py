@@ -23,6 +23,7 @@ from .decoder import DecoderConfig
 from .metrics import ExactLabelScore, SemanticLabelScore
 from .nxtp import NXTP, PROMPT, load_weights, read_weights
 from .sampling import recognize
+from .vocabulary import LabelMapper, Vocabulary, VocabularyScore, score_vocabulary, tokenize, vocabulary_targets
 from .vision import VisionConfig
 
 
@@ -79,6 +80,10 @@ class LitNXTP(L.LightningModule):
         min_lr_ratio: the lr at the end, as a fraction of ``lr``.
         eval_topk: the top-k cut-offs at which validation/test recall, precision and F1 are reported.
         eval_min_prob: labels below this probability are dropped before scoring.
+        eval_vocabulary: a vocabulary file (``nxtp label --vocabulary``'s format); validation and test then also
+            report closed-set scores over it: ``vocab_scored/*`` (every entry scored exactly, ``vocabulary``) and
+            ``vocab_mapped/*`` (the open-set labels at the largest ``eval_topk`` mapped onto it): mAP, and recall,
+            precision and F1 of the entries at or above ``eval_vocabulary_threshold``.
         semantic_metric: also report the paper's semantic scores (sentence-embedding similarity).
         embedder: sentence embedder for the semantic scores; None uses the offline all-MiniLM-L6-v2 copy.
         log_images: how many validation images to log with their predicted labels.
@@ -119,6 +124,8 @@ class LitNXTP(L.LightningModule):
         min_lr_ratio: float = 0.0,
         eval_topk: list[int] = [5, 10],
         eval_min_prob: float = 0.0,
+        eval_vocabulary: str | None = None,
+        eval_vocabulary_threshold: float = 0.1,
         semantic_metric: bool = True,
         embedder: str | None = None,
         log_images: int = 8,
@@ -160,6 +167,12 @@ class LitNXTP(L.LightningModule):
             if semantic_metric:
                 kwargs = {"embedder": embedder} if embedder else {}
                 self.metrics[f"semantic_top{k}"] = SemanticLabelScore(**kwargs)
+        self.vocabulary = Vocabulary.from_file(eval_vocabulary) if eval_vocabulary else None
+        if self.vocabulary is not None:
+            self._candidates = tokenize(self.model, self.vocabulary)  # once, not per batch
+            self._mapper = LabelMapper(self.vocabulary, embedder=embedder)
+            for name in ("vocab_scored", "vocab_mapped"):
+                self.metrics[name] = VocabularyScore(len(self.vocabulary), eval_vocabulary_threshold)
 
     def _set_trainable(self, patterns: list[str] | None) -> None:
         if patterns is None:
@@ -289,8 +302,23 @@ class LitNXTP(L.LightningModule):
             self.metrics[f"exact_top{k}"].update(labels, batch["labels"])
             if self.hparams.semantic_metric:
                 self.metrics[f"semantic_top{k}"].update(labels, batch["labels"])
+        if self.vocabulary is not None:
+            self._evaluate_vocabulary(batch, predictions[max(predictions)])
         if stage == "val" and batch_idx == 0 and self.trainer.is_global_zero:
             self._log_predictions(batch, predictions[max(predictions)])
+
+    def _evaluate_vocabulary(self, batch, open_set: list[list[tuple[str, float]]]) -> None:
+        """Closed-set scores over ``model.eval_vocabulary``: every entry scored exactly, and the open-set labels
+        mapped onto the entries (an entry's score: the summed probability of the labels mapped to it)."""
+        targets = vocabulary_targets(self.vocabulary, batch["labels"]).to(batch["pixels"].device)
+        scored = score_vocabulary(self.model, batch["pixels"], self._candidates, len(self.vocabulary))
+        self.metrics["vocab_scored"].update(scored.float(), targets)
+        index = {entry.name: i for i, entry in enumerate(self.vocabulary.entries)}
+        mapped = torch.zeros_like(targets, dtype=torch.float32)
+        for row, labels in enumerate(open_set):
+            for name, p in self._mapper.map(labels):
+                mapped[row, index[name]] = p
+        self.metrics["vocab_mapped"].update(mapped, targets)
 
     def _sync_buffers(self) -> None:
         """Give every rank rank 0's buffers (BatchNorm statistics) before an evaluation, once, and stop DDP from

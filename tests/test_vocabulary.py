@@ -323,3 +323,32 @@ def test_metric_ddp_sync_with_an_idle_rank(tmp_path):
     want = brute_metric(*metric_data(), 0.5)
     for rank in range(2):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == pytest.approx(want, abs=1e-6)
+
+
+def test_validation_reports_closed_set_scores_over_the_eval_vocabulary(tmp_path, llama_tokenizer_dir):
+    # model.eval_vocabulary: the mapped open-set labels scored by hand (mAP and F1 at the threshold), and the
+    # exactly scored entries equal to score_vocabulary's.
+    from lightning_modules.decoder import DecoderConfig
+    from lightning_modules.lit_nxtp import LitNXTP
+    from lightning_modules.vision import VisionConfig
+    from lightning_modules.vocabulary import VocabularyScore, score_vocabulary
+
+    (tmp_path / "classes.txt").write_text("dog\ncat\n")
+    torch.manual_seed(0)
+    decoder = DecoderConfig(config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256))
+    module = LitNXTP(VisionConfig(model_name="nxtp-tiny-vit"), decoder, str(llama_tokenizer_dir), semantic_metric=False,
+                     eval_vocabulary=str(tmp_path / "classes.txt"), eval_vocabulary_threshold=0.1).eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        module._evaluate_vocabulary({"pixels": pixels, "labels": [["dog"], ["cat"]]},
+                                    [[("dog", 0.5), ("cat", 0.05)], [("dog", 0.3)]])
+    mapped = module.metrics["vocab_mapped"].compute()
+    # dog: scores 0.5 / 0.3, only image 0 has it: AP 1; cat: scores 0.05 / 0 and image 1 has it: AP 1/2.
+    assert float(mapped["map"]) == pytest.approx(0.75)
+    assert float(mapped["f1"]) == pytest.approx(0.5)  # image 0: {dog} right; image 1: {dog}, wrong
+    expected = VocabularyScore(2, 0.1)
+    with torch.no_grad():
+        expected.update(score_vocabulary(module.model, pixels, module.vocabulary).float(), torch.tensor([[1., 0.], [0., 1.]]))
+    for key, value in expected.compute().items():
+        assert float(module.metrics["vocab_scored"].compute()[key]) == pytest.approx(float(value)), key
