@@ -20,6 +20,7 @@ from torch import Tensor
 from datamodules.images import MAX_IMAGE_PIXELS, decode_image
 
 from .nxtp import NXTP
+from .attention_maps import DEFAULT_METHOD, LabelMap, explain
 from .sampling import recognize
 from .vocabulary import Candidates, LabelMapper, Vocabulary, ranked, score_vocabulary, tokenize
 
@@ -140,3 +141,16 @@ class Recognizer:
         mapper = vocabulary if isinstance(vocabulary, LabelMapper) else \
             LabelMapper(Vocabulary.coerce(vocabulary), device=self.device)
         return [mapper.map(labels, keep_unmapped, min_prob) for labels in self.label(images, topk, 0.0, batch_size)]
+
+    def explain(self, images: ImageInput | list[ImageInput], labels: list[list[str]] | None = None,
+                method: str = DEFAULT_METHOD, layer: int = -1, head: int = 0, topk: int = 10, min_prob: float = 0.0,
+                batch_size: int = 32) -> list[list[LabelMap]]:
+        """Where each label looks: for every image, a ``LabelMap`` (label, probability, patch grid) per label, the
+        given ``labels`` (teacher-forced) or the predicted ones (one-shot sampling). ``method``: ``gradient`` (the
+        default: gradient-weighted attention), ``mean``, ``rollout``, or ``head`` (one decoder ``layer`` and
+        ``head``, as the official demo shows); see ``attention_maps``."""
+        maps: list[list[LabelMap]] = []
+        for i, pixels in enumerate(self._pixels(images, batch_size)):
+            given = labels[i * batch_size : i * batch_size + len(pixels)] if labels is not None else None
+            maps += explain(self.model, pixels, given, method, layer, head, topk, min_prob)
+        return maps

@@ -63,3 +63,23 @@ def test_images_over_max_image_pixels_are_reported_with_their_size(setup, capsys
     entries = {line["image"].split("/")[-1]: line for line in map(json.loads, capsys.readouterr().out.splitlines())}
     assert code == 1 and "300x200 = 60000 pixels, more than max_image_pixels=55000" in entries["a.png"]["error"]
     assert "labels" in entries["b.jpg"]  # 224 x 224 = 50,176 pixels: within the limit
+
+
+def test_attention_maps_are_written_for_every_label_and_equal_recognizer_explain(setup, tmp_path, capsys):
+    import numpy as np
+
+    root, folder, _ = setup
+    out_dir = tmp_path / "maps"
+    code = label_main(["--checkpoint", str(root / "model"), "--topk", "3", "--workers", "0", "--attention-maps",
+                       str(out_dir), str(folder / "a.png")])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == 0 and len(lines) == 1 and lines[0]["labels"]
+    labels = [x["label"] for x in lines[0]["labels"]]
+    grids = sorted(out_dir.glob("a.*.npy"))
+    assert len(grids) == len(labels) == len(sorted(out_dir.glob("a.*.png")))
+    explained = Recognizer.from_checkpoint(root / "model").explain([folder / "a.png"], [labels])[0]
+    for grid, label_map in zip(grids, explained):
+        values = np.load(grid)
+        assert values.shape == label_map.grid.shape and abs(values.sum() - 1) < 1e-4 and (values >= 0).all()
+        assert np.allclose(values, label_map.grid, atol=1e-6)
+    assert json.loads((out_dir / "a.json").read_text())

@@ -15,6 +15,8 @@ from tqdm import tqdm
 
 from datamodules.images import MAX_IMAGE_PIXELS, decode_image
 
+from ..attention_maps import DEFAULT_METHOD, METHODS
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
@@ -109,6 +111,13 @@ def label_main(argv: list[str]) -> int:
     parser.add_argument("--chunk-tokens", type=int, default=2048,
                         help="--vocabulary: the most vocabulary tokens in one forward over a batch (lower it to save "
                              "memory)")
+    parser.add_argument("--attention-maps", metavar="DIR",
+                        help="also write where each label looks: per image and label a PNG overlay, the patch grid "
+                             "(.npy) and a JSON file, in DIR")
+    parser.add_argument("--attention-method", choices=METHODS, default=DEFAULT_METHOD,
+                        help="how the map is made (default: gradient-weighted attention; head: one decoder head)")
+    parser.add_argument("--attention-layer", type=int, default=-1, help="--attention-method head: the decoder layer")
+    parser.add_argument("--attention-head", type=int, default=0, help="--attention-method head: the head")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers that read and preprocess images")
     parser.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
@@ -136,6 +145,7 @@ def label_main(argv: list[str]) -> int:
 
     from ..checkpoint_io import UntrustedCheckpointError
     from ..recognizer import Recognizer
+    from ..attention_maps import pixels_to_image, write_maps
     from ..vocabulary import LabelMapper, Vocabulary, VocabularyError
 
     try:  # a bad vocabulary fails before the model loads, naming its file and line
@@ -176,6 +186,11 @@ def label_main(argv: list[str]) -> int:
                                            batch_size=args.batch_size)
         for (path, _, _), labels in zip(good, results):
             writer.write(path, labels)
+        if args.attention_maps:  # the maps of the labels just written, teacher-forced (autograd for gradient maps)
+            maps = recognizer.explain(pixels, [[label for label, _ in r] for r in results], args.attention_method,
+                                      args.attention_layer, args.attention_head, batch_size=args.batch_size)
+            for (path, image, _), label_maps in zip(good, maps):
+                write_maps(args.attention_maps, Path(path).stem, pixels_to_image(recognizer.model, image), label_maps)
     writer.close()
     if failed:
         print(f"nxtp label: {failed} of {len(paths)} images could not be read", file=sys.stderr)
