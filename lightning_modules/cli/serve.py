@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-payload-mb", type=float, default=16.0, help="refuse larger request bodies (413)")
     parser.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
                         help="refuse images with more pixels (width x height, read from the header; 422)")
+    parser.add_argument("--slow-queue", action="store_true",
+                        help="answers travel back from the workers through multiprocessing queues instead of ZeroMQ "
+                             "(LitServe's fast_queue, the default here)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
@@ -100,7 +103,7 @@ def serve_main(argv: list[str]) -> int:
                         max_image_pixels=args.max_image_pixels, threads=threads,
                         max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout)
     server = ls.LitServer(api, accelerator=accelerator, devices=devices, workers_per_device=args.workers_per_device,
-                          timeout=args.timeout, model_metadata=info,
+                          timeout=args.timeout, model_metadata=info, fast_queue=not args.slow_queue,
                           middlewares=[(RequestReader, {"max_payload_bytes": max_payload, "defaults": defaults})])
 
     async def http_error(request, exc: HTTPException) -> JSONResponse:
