@@ -62,6 +62,15 @@ def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 600,
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the process group ``pgid`` is still running."""
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 def start_until(cmd: list[str], path: Path, env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
     """Start a command as ``run`` does and return it once ``path`` exists (or it ended, or 300 s passed): the
     moment to interrupt a training run that has written its first checkpoint."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import NXTP_CLI, ROOT, fit_command, run, start_until
+from conftest import NXTP_CLI, ROOT, fit_command, group_alive, run, start_until
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
@@ -183,14 +183,6 @@ def test_sigterm_to_the_launching_process_stops_both_ranks_and_the_same_command_
     assert torch.load(version / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == steps
     assert json.loads((version / "metrics.json").read_text())["global_step"] == steps
     assert not (version.parent / "version_1").exists()
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 @pytest.mark.slow

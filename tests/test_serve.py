@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import NXTP_CLI, OFFICIAL, ROOT, tiny_nxtp
+from conftest import NXTP_CLI, OFFICIAL, ROOT, group_alive, tiny_nxtp
 from PIL import Image, ImageOps
 
 from lightning_modules.cli.label import label_main
@@ -107,14 +107,6 @@ def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
     out = io.BytesIO()
     image.save(out, fmt, **kwargs)
     return out.getvalue()
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 def inference_worker(pid: int) -> int:
