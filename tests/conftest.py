@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -101,3 +102,20 @@ def fit_command(data: Path, save_dir: Path, max_steps: int, tokenizer: Path | No
         "--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", "10", "--trainer.limit_val_batches", "1",
         "--trainer.log_every_n_steps", "1", "--trainer.logger.init_args.save_dir", str(save_dir),
     ]
+
+
+def fit_overrides(shapes: Path, tmp_path: Path, max_steps: int) -> dict[str, str]:
+    """The end-to-end tests' short fit (``fit_command``) as a sweep's ``fixed`` keys, logger excluded."""
+    command = fit_command(shapes, tmp_path / "logs", max_steps)
+    start = command.index("--model.tokenizer")
+    return {k.lstrip("-"): v for k, v in zip(command[start::2], command[start + 1::2])
+            if not k.startswith("--trainer.logger")}
+
+
+def assert_resumed_to_the_end(resumed: subprocess.CompletedProcess, version: Path, steps: int, stopped_at: int) -> None:
+    """A resumed run continued in its own folder from where it stopped and ended with its final checkpoint."""
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {stopped_at}" in resumed.stdout
+    assert torch.load(version / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == steps
+    assert json.loads((version / "metrics.json").read_text())["global_step"] == steps
+    assert not (version.parent / "version_1").exists()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import NXTP_CLI, fit_command, run, start_until
+from conftest import NXTP_CLI, assert_resumed_to_the_end, fit_command, run, start_until
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -144,12 +144,7 @@ def test_a_run_interrupted_at_any_moment_resumes_and_ends_with_its_final_checkpo
     assert step <= stopped_at <= step + 1  # at the end of the step under way (after the validation under way)
     assert not (version / "metrics.json").exists()  # the run is not over
 
-    resumed = run(command)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"at step {stopped_at}" in resumed.stdout
-    assert torch.load(version / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == steps
-    assert json.loads((version / "metrics.json").read_text())["global_step"] == steps
-    assert not (version.parent / "version_1").exists()
+    assert_resumed_to_the_end(run(command), version, steps, stopped_at)
 
 
 @pytest.mark.slow

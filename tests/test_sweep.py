@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import NXTP_CLI, fit_command, run, start_until
+from conftest import NXTP_CLI, fit_overrides, run, start_until
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -24,14 +24,6 @@ def sweep_file(tmp_path: Path, **spec) -> Path:
     path.write_text(yaml.safe_dump({"name": "t", "config": "configs/experiment/default.yaml",
                                     "save_dir": str(tmp_path / "logs"), **spec}))
     return path
-
-
-def fit_overrides(shapes: Path, tmp_path: Path, max_steps: int) -> dict[str, str]:
-    """The end-to-end tests' short fit (``conftest.fit_command``) as a sweep's ``fixed`` keys, logger excluded."""
-    command = fit_command(shapes, tmp_path / "logs", max_steps)
-    start = command.index("--model.tokenizer")
-    return {k.lstrip("-"): v for k, v in zip(command[start::2], command[start + 1::2])
-            if not k.startswith("--trainer.logger")}
 
 
 def test_a_grid_is_every_combination(tmp_path):
