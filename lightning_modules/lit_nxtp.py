@@ -171,6 +171,7 @@ class LitNXTP(L.LightningModule):
         if self.vocabulary is not None:
             self._candidates = tokenize(self.model, self.vocabulary)  # once, not per batch
             self._mapper = LabelMapper(self.vocabulary, embedder=embedder)
+            self._entry_index = {entry.name: i for i, entry in enumerate(self.vocabulary.entries)}
             for name in ("vocab_scored", "vocab_mapped"):
                 self.metrics[name] = VocabularyScore(len(self.vocabulary), eval_vocabulary_threshold)
 
@@ -313,11 +314,10 @@ class LitNXTP(L.LightningModule):
         targets = vocabulary_targets(self.vocabulary, batch["labels"]).to(batch["pixels"].device)
         scored = score_vocabulary(self.model, batch["pixels"], self._candidates, len(self.vocabulary))
         self.metrics["vocab_scored"].update(scored.float(), targets)
-        index = {entry.name: i for i, entry in enumerate(self.vocabulary.entries)}
         mapped = torch.zeros_like(targets, dtype=torch.float32)
         for row, labels in enumerate(open_set):
             for name, p in self._mapper.map(labels):
-                mapped[row, index[name]] = p
+                mapped[row, self._entry_index[name]] = p
         self.metrics["vocab_mapped"].update(mapped, targets)
 
     def _sync_buffers(self) -> None:
