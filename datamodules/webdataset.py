@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import signal
 import tarfile
 import time
 from collections import Counter
@@ -266,6 +268,16 @@ class Collate:
                 "labels": list(labels), "keys": list(keys), "skipped": skipped, "rejects": records}
 
 
+def leave_the_process_group(worker_id: int) -> None:
+    """DataLoader worker set-up: a process group of its own, so that a stop signal sent to the run's whole group
+    (Ctrl-C in a terminal, ``kill -- -PGID``) reaches the main process only, which stops at the end of the step
+    (``callbacks.GracefulStop``) and shuts its workers down itself; a worker killed by it would crash the run.
+    SLURM's pre-emption warning (USR1, see ``callbacks.SlurmRequeue``) can reach every process of a job: ignored.
+    A worker whose main process is gone still exits by itself (PyTorch's worker watchdog)."""
+    os.setpgid(0, 0)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 class NXTPDataModule(L.LightningDataModule):
     """Image-caption shards for NXTP.
 
@@ -381,7 +393,7 @@ class NXTPDataModule(L.LightningDataModule):
                    wds.pipelinefilter(carry_leftovers)(rejects)]
         workers = min(hp.num_workers, len(urls))
         return wds.WebLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=workers,
-                             persistent_workers=workers > 0)
+                             persistent_workers=workers > 0, worker_init_fn=leave_the_process_group)
 
     def train_dataloader(self):
         loader = self._loader(self.hparams.train_shards, True, "train")

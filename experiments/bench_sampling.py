@@ -3,9 +3,10 @@
     python experiments/bench_sampling.py [--device cpu] [--batch 4] [--configs tiny medium] [--bf16]
     python experiments/bench_sampling.py --device cuda --configs paper --bf16   # the 1.78B model, random weights
 
-Same random model, same images, same top-k, in one run. The recompute baseline does what the reference does:
-every decoding step runs the decoder over the whole sequence (image + prompt + tokens so far) for all k
-branches. Both decode until every branch has ended or the step limit; both produce the same labels (checked).
+Same random model, same images, same top-k, in one run. The recompute baseline (``sampling.decode_recompute``)
+decodes as the reference does: every step runs the decoder over the whole sequence (image + prompt + tokens so
+far) of every unfinished branch. Both run the same decoding loop (``sampling.one_shot``) until every branch has
+ended or the step limit, so the ratio is the KV cache's; both produce the same labels (checked).
 The last line reads ``speedup medium top-10: N.NNx``.
 """
 
@@ -18,9 +19,8 @@ from pathlib import Path
 import torch
 
 from lightning_modules.decoder import DecoderConfig
-from lightning_modules.masking import prefix_attention
 from lightning_modules.nxtp import NXTP
-from lightning_modules.sampling import Branch, decode_branches, split_branches
+from lightning_modules.sampling import decode_branches, decode_recompute
 from lightning_modules.vision import VisionConfig
 
 TOKENIZER = Path(__file__).parents[1] / "tests" / "fixtures" / "llama2-tokenizer"
@@ -36,40 +36,6 @@ CONFIGS = {
         "text_cfg": {"context_length": 2, "vocab_size": 2, "width": 8, "heads": 1, "layers": 1}}),
         dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=6, num_attention_heads=16)),
 }
-
-
-@torch.no_grad()
-def decode_recompute(model: NXTP, pixels: torch.Tensor, topk: int, max_label_tokens: int = 19) -> list[list[Branch]]:
-    """Reference-style one-shot decoding: the whole sequence is recomputed at every step."""
-    seqs = model.sequences
-    prompt = torch.tensor(seqs.prompt_ids(model.prompt), device=pixels.device)
-    image = model.embed_images(pixels)
-    batch, n_image = image.shape[:2]
-    embeds = torch.cat([image, model.embed_text(prompt.expand(batch, -1))], 1)
-
-    def last_probs(embeds: torch.Tensor) -> torch.Tensor:
-        length = embeds.shape[1]
-        mask = prefix_attention(n_image, length - n_image, pixels.device).expand(len(embeds), -1, -1, -1)
-        pos = torch.arange(length, device=pixels.device).expand(len(embeds), -1)
-        out = model.decoder.get_decoder()(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False)
-        return model.logits(out.last_hidden_state[:, -1]).float().softmax(-1)
-
-    first_probs, first = last_probs(embeds).topk(topk, -1)
-    embeds = embeds.repeat_interleave(topk, 0)
-    tokens, probs = [first.reshape(-1)], [first_probs.reshape(-1)]
-    stops = torch.tensor([seqs.delimiter_id, seqs.eos_id], device=pixels.device)
-    done = torch.isin(tokens[0], stops)
-    for _ in range(1, max_label_tokens):
-        if done.all():
-            break
-        embeds = torch.cat([embeds, model.embed_text(tokens[-1][:, None])], 1)
-        p, t = last_probs(embeds).max(-1)
-        tokens.append(t)
-        probs.append(p)
-        done |= torch.isin(t, stops)
-    tok = torch.stack(tokens, 1).view(batch, topk, -1).tolist()
-    prob = torch.stack(probs, 1).view(batch, topk, -1).tolist()
-    return split_branches(tok, prob, set(stops.tolist()))
 
 
 def timed(fn, repeats: int, warmup: bool = True) -> tuple[float, object]:

@@ -60,12 +60,13 @@ def load_model(checkpoint: str) -> NXTP:
 def random_like(model: NXTP, seed: int = 0) -> NXTP:
     """A model of ``model``'s architecture, tokenizer and prompt, freshly initialised as training starts it."""
     args = model.init_args
-    folder = Path(tempfile.mkdtemp(prefix="nxtp-tokenizer-"))
-    model.tokenizer.save_pretrained(folder)
     decoder = DecoderConfig(config={"model_type": model.decoder.config.model_type, **model.decoder.config.to_diff_dict()})
     torch.manual_seed(seed)
-    return NXTP(VisionConfig(**{**args["vision"], "pretrained": None}), decoder, str(folder), prompt=args["prompt"],
-                reference_compat=args["reference_compat"], reset_label_positions=args["reset_label_positions"]).eval()
+    with tempfile.TemporaryDirectory(prefix="nxtp-tokenizer-") as folder:  # read into memory by NXTP
+        model.tokenizer.save_pretrained(folder)
+        return NXTP(VisionConfig(**{**args["vision"], "pretrained": None}), decoder, folder, prompt=args["prompt"],
+                    reference_compat=args["reference_compat"],
+                    reset_label_positions=args["reset_label_positions"]).eval()
 
 
 def random_from_config(config: str, tokenizer: str, seed: int = 0) -> NXTP:

@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils.tensorboard.summary import hparams
 
 from .masking import label_masked_attention
+from .metrics import metric_tag
 from .sequence import segment_ids
 
 
@@ -109,8 +110,8 @@ def hparam_metric_tags(eval_topk: list[int], semantic: bool) -> list[str]:
     tags = ["train/loss", "val/loss"]
     for stage in ("val", "test"):
         for k in eval_topk:
-            tags += [f"{stage}/exact_top{k}/{m}" for m in ("f1", "recall", "precision")]
-            tags += [f"{stage}/semantic_top{k}/f"] if semantic else []
+            tags += [metric_tag(stage, "exact", k, m) for m in ("f1", "recall", "precision")]
+            tags += [metric_tag(stage, "semantic", k, "f")] if semantic else []
     return tags
 
 
@@ -138,6 +139,21 @@ class SaveConfigToTensorBoard(SaveConfigCallback):
         writer = experiment._get_file_writer()
         for summary in hparams(params, {tag: 0.0 for tag in tags}):
             writer.add_summary(summary)
+
+
+HPC_CHECKPOINT = "hpc_ckpt_{}.ckpt"  # Lightning's name for SLURM pre-emption checkpoints, numbered from 1
+
+
+def numbered(folder: Path, pattern: str) -> dict[int, Path]:
+    """The files or folders in ``folder`` named ``pattern`` (one ``{}`` for a number: ``version_{}``,
+    ``HPC_CHECKPOINT``), by number."""
+    prefix, suffix = pattern.split("{}")
+    found = {}
+    for path in folder.glob(pattern.replace("{}", "*")):
+        middle = path.name[len(prefix): len(path.name) - len(suffix)]
+        if middle.isdigit():
+            found[int(middle)] = path
+    return found
 
 
 class SlurmRequeue(L.Callback):
@@ -169,8 +185,8 @@ class SlurmRequeue(L.Callback):
         if not self.listening or self.requeued or not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
             return
         folder = Path(trainer.default_root_dir)
-        numbers = [int(p.stem.split("_")[-1]) for p in folder.glob("hpc_ckpt_*.ckpt") if p.stem.split("_")[-1].isdigit()]
-        trainer.save_checkpoint(folder / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt")
+        number = max(numbered(folder, HPC_CHECKPOINT), default=0) + 1
+        trainer.save_checkpoint(folder / HPC_CHECKPOINT.format(number))
         if trainer.is_global_zero:
             array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
             job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]

@@ -67,7 +67,8 @@ class DecoderConfig:
             ``gguf`` and ``accelerate`` packages: ``pip install nxtp-lightning[gguf]``).
         config: config values for random init (``model_type`` defaults to ``llama``), or overrides on top
             of the pretrained config.
-        num_blocks: how many transformer blocks to keep (None keeps all).
+        num_blocks: how many transformer blocks to keep (None keeps all); for a random-init decoder without
+            ``config.num_hidden_layers``, the depth it is built with.
         dtype: dtype to load pretrained weights in (``float32``, ``bfloat16``, ``float16``).
     """
 
@@ -81,17 +82,21 @@ class DecoderConfig:
 def decoder_config(cfg: DecoderConfig) -> PretrainedConfig:
     """The transformers config of the truncated decoder (nothing is loaded)."""
     overrides = dict(cfg.config)
+    if cfg.num_blocks is not None and cfg.num_blocks < 1:
+        raise ValueError(f"decoder.num_blocks={cfg.num_blocks}: a decoder needs at least 1 block")
     if cfg.name_or_path is None:
         if cfg.gguf_file is not None:
             raise ValueError(f"decoder.gguf_file={cfg.gguf_file!r} needs decoder.name_or_path: the folder or hub "
                              "repository that holds it")
+        if cfg.num_blocks is not None:  # alone, it sets the depth; with a full config, it cuts it (as pretrained)
+            overrides.setdefault("num_hidden_layers", cfg.num_blocks)
         hf_config = AutoConfig.for_model(overrides.pop("model_type", "llama"), **overrides)
     else:
         _check_gguf(cfg)
         hf_config = AutoConfig.from_pretrained(cfg.name_or_path, gguf_file=cfg.gguf_file, **overrides)
     depth = hf_config.num_hidden_layers
     if cfg.num_blocks is not None:
-        if not 1 <= cfg.num_blocks <= depth:
+        if cfg.num_blocks > depth:
             raise ValueError(f"decoder.num_blocks={cfg.num_blocks}: the decoder has {depth} blocks")
         hf_config.num_hidden_layers = cfg.num_blocks
         if getattr(hf_config, "layer_types", None):

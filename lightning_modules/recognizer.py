@@ -65,19 +65,19 @@ class Recognizer:
         from .lit_nxtp import TOKENIZER_KEY, LitNXTP
 
         checkpoint = load_checkpoint(path, trust=trust)
-        overrides = {}
-        if not Path(checkpoint["hyper_parameters"]["tokenizer"]).exists() and TOKENIZER_KEY in checkpoint:
-            # moved to another machine or folder: use the copy of the tokenizer stored in the checkpoint
-            folder = Path(tempfile.mkdtemp(prefix="nxtp-tokenizer-"))
-            for name, data in checkpoint[TOKENIZER_KEY].items():
-                (folder / name).write_bytes(data)
-            overrides["tokenizer"] = str(folder)
+        stored = checkpoint.get(TOKENIZER_KEY) if not Path(checkpoint["hyper_parameters"]["tokenizer"]).exists() else None
         del checkpoint
-        # Lightning reads the file again (its hyperparameter and version migrations are not public API),
-        # under the same allow-list.
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            module = LitNXTP.load_from_checkpoint(path, map_location="cpu", weights_only=not trust,
-                                                  semantic_metric=False, **overrides)
+        with tempfile.TemporaryDirectory(prefix="nxtp-tokenizer-") as folder:
+            overrides = {}
+            if stored:  # moved to another machine or folder: the copy of the tokenizer stored in the checkpoint
+                for name, data in stored.items():
+                    (Path(folder) / name).write_bytes(data)
+                overrides["tokenizer"] = folder  # read into memory while loading; the folder is not needed after
+            # Lightning reads the file again (its hyperparameter and version migrations are not public API),
+            # under the same allow-list.
+            with torch.serialization.safe_globals(SAFE_GLOBALS):
+                module = LitNXTP.load_from_checkpoint(path, map_location="cpu", weights_only=not trust,
+                                                      semantic_metric=False, **overrides)
         return cls(module.model, device, max_image_pixels, draft)
 
     def preprocess(self, image: ImageInput) -> Tensor:

@@ -10,6 +10,7 @@ adding their scores. The image and prompt are run once; the k branches share the
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,61 +30,113 @@ class Branch:
     stop_prob: float | None  # probability of the closing delimiter / end token; None if the step limit hit
 
 
+# A backend's decoding step: ``step(tokens, keep, offset)`` returns the next-token probabilities [N, V] of the N
+# active branches once their newest ``tokens`` [N] are appended at label position ``offset`` (1, 2, ...). ``keep``
+# marks which of the previously active branches are still active (None: all of them), so that the backend drops
+# the finished ones from its cache first.
+StepFn = Callable[[Tensor, "Tensor | None", int], Tensor]
+
+
+def one_shot(first_probs: Tensor, step: StepFn, topk: int, stop_ids: list[int], reference_compat: bool = False,
+             max_label_tokens: int = 19) -> list[list[Branch]]:
+    """The decoding loop every backend shares: the ``topk`` most likely first tokens of each image
+    (``first_probs`` [B, V], the distribution at the last prompt position) start ``topk`` branches, each continued
+    greedily through ``step`` until a stop token or ``max_label_tokens`` tokens (the closing one included).
+
+    Branch ``b * topk + j`` continues image ``b``; a backend's cache must be laid out the same way. The reference
+    stops only at the delimiter (``stop_ids[0]``), and not at one drawn as the first token (``reference_compat``).
+    """
+    batch = first_probs.shape[0]
+    first_p, first_t = first_probs.float().topk(topk, dim=-1)  # [B, k]
+    stops = torch.tensor(stop_ids[:1] if reference_compat else stop_ids, device=first_probs.device)
+    tokens = [first_t.reshape(-1)]
+    token_probs = [first_p.reshape(-1)]
+    done = torch.zeros_like(tokens[0], dtype=torch.bool) if reference_compat else torch.isin(tokens[0], stops)
+    # Branches that have ended leave the batch (and the cache): later steps run the unfinished ones only.
+    # Their later tokens are filled with a stop token; ``split_branches`` cuts every branch at its first stop.
+    active = torch.arange(batch * topk, device=first_probs.device)
+    for offset in range(1, max_label_tokens):
+        keep = ~done[active]
+        if not keep.any():
+            break
+        keep = None if keep.all() else keep
+        if keep is not None:
+            active = active[keep]
+        p, t = step(tokens[-1][active], keep, offset).float().max(-1)
+        tokens.append(torch.full_like(tokens[0], int(stops[0])).index_copy(0, active, t))
+        token_probs.append(torch.ones_like(token_probs[0]).index_copy(0, active, p))
+        done[active] |= torch.isin(t, stops)
+    tok = torch.stack(tokens, 1).view(batch, topk, -1).tolist()
+    prob = torch.stack(token_probs, 1).view(batch, topk, -1).tolist()
+    return split_branches(tok, prob, set(stops.tolist()))
+
+
+def _stop_ids(model: NXTP) -> list[int]:
+    return [model.sequences.delimiter_id, model.sequences.eos_id]
+
+
+def _prefix(model: NXTP, pixels: Tensor) -> tuple[Tensor, int]:
+    """The embedded image and prompt [B, n_image + P, D], and the number of image tokens."""
+    prompt = torch.tensor(model.sequences.prompt_ids(model.prompt), device=pixels.device)
+    image = model.embed_images(pixels)
+    text = model.embed_text(prompt.expand(image.shape[0], -1)).to(image.dtype)
+    return torch.cat([image, text], dim=1), image.shape[1]
+
+
 @torch.no_grad()
 def decode_branches(model: NXTP, pixels: Tensor, topk: int, max_label_tokens: int = 19) -> list[list[Branch]]:
     """Run the prefix once, then greedy-decode ``topk`` branches per image with a shared KV cache.
 
     ``max_label_tokens`` bounds the tokens of a label, its closing delimiter included (the reference's 19).
     """
-    seqs = model.sequences
-    prompt = torch.tensor(seqs.prompt_ids(model.prompt), device=pixels.device)
-    image = model.embed_images(pixels)
-    batch, n_image = image.shape[:2]
-    text = prompt.expand(batch, -1)
-    mask = prefix_attention(n_image, text.shape[1], device=pixels.device).expand(batch, -1, -1, -1)
-    length = n_image + text.shape[1]
+    embeds, n_image = _prefix(model, pixels)
+    batch, length = embeds.shape[:2]
+    mask = prefix_attention(n_image, length - n_image, device=pixels.device).expand(batch, -1, -1, -1)
     positions = torch.arange(length, device=pixels.device).expand(batch, -1)
-    embeds = torch.cat([image, model.embed_text(text).to(image.dtype)], dim=1)
     base = model.decoder.get_decoder()
     cache = DynamicCache()
     # transformers renamed ``past_key_values`` to ``cache``; the cache object is filled in place either way.
     cache_kwarg = {("cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"): cache}
     out = base(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, **cache_kwarg)
-    probs = model.logits(out.last_hidden_state[:, -1]).float().softmax(-1)
-    first_probs, first_tokens = probs.topk(topk, dim=-1)  # [B, k]
-
+    first_probs = model.logits(out.last_hidden_state[:, -1]).float().softmax(-1)
     cache.batch_repeat_interleave(topk)
-    # The reference stops only at the delimiter, and not at a delimiter drawn as the first token.
-    compat = model.reference_compat
-    stop_ids = torch.tensor([seqs.delimiter_id] if compat else [seqs.delimiter_id, seqs.eos_id], device=pixels.device)
-    tokens = [first_tokens.reshape(-1)]
-    token_probs = [first_probs.reshape(-1)]
-    done = torch.zeros_like(tokens[0], dtype=torch.bool) if compat else torch.isin(tokens[0], stop_ids)
-    # Branches that have ended leave the batch (and the cache): later steps run the unfinished ones only.
-    # Their later tokens are filled with a stop token; ``split_branches`` cuts every branch at its first stop.
-    active = torch.arange(batch * topk, device=pixels.device)
-    for step in range(1, max_label_tokens):
-        keep = ~done[active]
-        if not keep.any():
-            break
-        if not keep.all():
-            cache.batch_select_indices(keep.nonzero().squeeze(1))
-            active = active[keep]
-        step_pos = torch.full((len(active), 1), length + step - 1, device=pixels.device)
-        step_out = base(
-            inputs_embeds=model.embed_text(tokens[-1][active][:, None]).to(image.dtype),
-            position_ids=step_pos,
-            use_cache=True,
-            **cache_kwarg,
-        )
-        p, t = model.logits(step_out.last_hidden_state[:, -1]).float().softmax(-1).max(-1)
-        tokens.append(torch.full_like(tokens[0], int(stop_ids[0])).index_copy(0, active, t))
-        token_probs.append(torch.ones_like(token_probs[0]).index_copy(0, active, p))
-        done[active] |= torch.isin(t, stop_ids)
 
-    tok = torch.stack(tokens, 1).view(batch, topk, -1).tolist()
-    prob = torch.stack(token_probs, 1).view(batch, topk, -1).tolist()
-    return split_branches(tok, prob, set(stop_ids.tolist()))
+    def step(tokens: Tensor, keep: Tensor | None, offset: int) -> Tensor:
+        if keep is not None:
+            cache.batch_select_indices(keep.nonzero().squeeze(1))
+        out = base(inputs_embeds=model.embed_text(tokens[:, None]).to(embeds.dtype),
+                   position_ids=torch.full((len(tokens), 1), length + offset - 1, device=pixels.device),
+                   use_cache=True, **cache_kwarg)
+        return model.logits(out.last_hidden_state[:, -1]).float().softmax(-1)
+
+    return one_shot(first_probs, step, topk, _stop_ids(model), model.reference_compat, max_label_tokens)
+
+
+@torch.no_grad()
+def decode_recompute(model: NXTP, pixels: Tensor, topk: int, max_label_tokens: int = 19) -> list[list[Branch]]:
+    """``decode_branches`` without a cache, as the reference decodes: the whole sequence of every active branch is
+    run again at every step. Slow; the baseline of ``experiments/bench_sampling.py`` and the tests' check of the
+    cache."""
+    embeds, n_image = _prefix(model, pixels)
+
+    def probs_after(embeds: Tensor) -> Tensor:
+        batch, length = embeds.shape[:2]
+        mask = prefix_attention(n_image, length - n_image, pixels.device).expand(batch, -1, -1, -1)
+        pos = torch.arange(length, device=pixels.device).expand(batch, -1)
+        out = model.decoder.get_decoder()(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False)
+        return model.logits(out.last_hidden_state[:, -1]).float().softmax(-1)
+
+    first_probs = probs_after(embeds)
+    branches = embeds.repeat_interleave(topk, 0)
+
+    def step(tokens: Tensor, keep: Tensor | None, offset: int) -> Tensor:
+        nonlocal branches
+        if keep is not None:
+            branches = branches[keep]
+        branches = torch.cat([branches, model.embed_text(tokens[:, None]).to(branches.dtype)], 1)
+        return probs_after(branches)
+
+    return one_shot(first_probs, step, topk, _stop_ids(model), model.reference_compat, max_label_tokens)
 
 
 def split_branches(tokens: list[list[list[int]]], probs: list[list[list[float]]], stops: set[int]) -> list[list[Branch]]:

@@ -26,6 +26,8 @@ PROMPT = "The objects in the image are"  # what the decoder continues with the l
 IMAGE_TOKEN = "<|image|>"
 EMPTY_TOKEN = "<|empty|>"
 IGNORE = -1
+# Segment ids (``segment_ids``): the block each sequence position belongs to; label blocks are 1, 2, ...
+IMAGE_SEGMENT, PREFIX_SEGMENT, OTHER_SEGMENT = -1, 0, -2
 
 
 @dataclass
@@ -162,21 +164,21 @@ def pad_text(text: TextBatch, length: int, pad_id: int) -> TextBatch:
 def segment_ids(text: TextBatch, n_image: int, reference_compat: bool = False) -> Tensor:
     """Label each sequence position with the block it belongs to, shape [B, n_image + T].
 
-    ``-1`` image, ``0`` prefix (``<|image|>``, ``<s>`` and the prompt up to the anchor),
-    ``k >= 1`` the k-th label block (its tokens and its closing delimiter), ``-2`` anything else
+    ``IMAGE_SEGMENT`` image, ``PREFIX_SEGMENT`` prefix (``<|image|>``, ``<s>`` and the prompt up to the anchor),
+    ``k >= 1`` the k-th label block (its tokens and its closing delimiter), ``OTHER_SEGMENT`` anything else
     (padding; in ``reference_compat`` also the last label and ``</s>``).
     In ``reference_compat`` the anchor of the *last* sample is used for every sample (the reference's quirk).
     """
     batch, length = text.ids.shape
     pos = torch.arange(length, device=text.ids.device).expand(batch, length)
     anchors = text.anchors[-1:].expand(batch) if reference_compat else text.anchors
-    seg = torch.full_like(pos, -2)
-    seg[pos <= anchors[:, None]] = 0
+    seg = torch.full_like(pos, OTHER_SEGMENT)
+    seg[pos <= anchors[:, None]] = PREFIX_SEGMENT
     ends = text.label_ends
     block = torch.searchsorted(torch.where(ends < 0, torch.iinfo(torch.long).max, ends).contiguous(), pos.contiguous())
     in_block = (pos > anchors[:, None]) & (block < (ends >= 0).sum(1, keepdim=True))
     seg = torch.where(in_block, block + 1, seg)
-    image = torch.full((batch, n_image), -1, dtype=seg.dtype, device=seg.device)
+    image = torch.full((batch, n_image), IMAGE_SEGMENT, dtype=seg.dtype, device=seg.device)
     return torch.cat([image, seg], dim=1)
 
 
@@ -187,10 +189,10 @@ def position_ids(seg: Tensor, reset_label_positions: bool = False) -> Tensor:
     pos = torch.arange(length, device=seg.device).expand(batch, length).clone()
     if not reset_label_positions:
         return pos
-    first_label_pos = (seg <= 0).long().cumprod(1).sum(1, keepdim=True)  # prefix length incl. image
+    first_label_pos = (seg <= PREFIX_SEGMENT).long().cumprod(1).sum(1, keepdim=True)  # prefix length incl. image
     # A label block is one run of positions: its start is the latest run start at or before each position
     # (computed without a host sync, so that a GPU step does not wait here).
-    run_start = (seg > 0) & (seg != F.pad(seg, (1, 0), value=-3)[:, :-1])
+    run_start = (seg > 0) & (seg != F.pad(seg, (1, 0), value=PREFIX_SEGMENT)[:, :-1])
     start = torch.where(run_start, pos, 0).cummax(1).values
     return torch.where(seg > 0, first_label_pos + pos - start, pos)
 

@@ -27,7 +27,6 @@ metric.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import itertools
 import json
@@ -46,6 +45,8 @@ from typing import Any
 
 import yaml
 
+from .metrics import MAIN_METRIC, metric_tag
+
 DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform", "choice")
 
 
@@ -58,7 +59,7 @@ class Sweep:
     parameters: dict[str, Any]
     method: str = "grid"
     trials: int | None = None
-    metric: str = "val/exact_top5/f1"
+    metric: str = MAIN_METRIC
     mode: str = "max"
     fixed: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
@@ -215,8 +216,8 @@ def table(sweep: Sweep) -> list[dict[str, Any]]:
         status = read_status(sweep, index, params)
         metrics = status.get("metrics", {})
         row = {"run": run_name(index, params), **{k: short(v) for k, v in params.items()}, "status": status["status"]}
-        for key in dict.fromkeys([sweep.metric, "val/exact_top5/f1", "test/exact_top5/f1", "test/semantic_top5/f",
-                                  "val/loss", "global_step"]):
+        for key in dict.fromkeys([sweep.metric, MAIN_METRIC, metric_tag("test", "exact", 5, "f1"),
+                                  metric_tag("test", "semantic", 5, "f"), "val/loss", "global_step"]):
             value = metrics.get(key)
             row[key] = "" if value is None else (round(value, 4) if isinstance(value, float) else value)
         row["error"] = status.get("error", "")
@@ -268,39 +269,3 @@ def submit_slurm(sweep: Sweep, sweep_file: str, count: int) -> None:
                     f"--output={sweep.folder / 'table-%j.out'}", f"--chdir={os.getcwd()}", f"--wrap={collect}"],
                    capture_output=True, text=True, check=True)
     print(f"submitted array job {job} ({count} runs); the table will be in {sweep.folder / 'results.md'}")
-
-
-def sweep_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="nxtp sweep", description="Run a hyper-parameter sweep of `nxtp fit` runs.")
-    parser.add_argument("sweep", help="the sweep file (configs/sweep/NAME.yaml)")
-    parser.add_argument("--launcher", choices=["local", "slurm"], default="local",
-                        help="local: runs one after another here; slurm: one array task per run")
-    parser.add_argument("--index", type=int, help="run only this trial (what each SLURM array task does)")
-    parser.add_argument("--collect", action="store_true", help="only write the table of the runs so far")
-    parser.add_argument("--dry-run", action="store_true", help="print the runs' commands and stop")
-    args = parser.parse_args(argv)
-    sweep = Sweep.load(args.sweep)
-    runs = trials(sweep)
-    if args.dry_run:
-        for index, params in enumerate(runs):
-            print(shlex.join(["nxtp"] + fit_args(sweep, index, params)))
-        return 0
-    if args.launcher == "slurm" and args.index is None and not args.collect:
-        submit_slurm(sweep, args.sweep, len(runs))
-        return 0
-    if not args.collect:
-        chosen = range(len(runs)) if args.index is None else [args.index]
-        for index in chosen:
-            if read_status(sweep, index, runs[index])["status"] == "done":
-                print(f"[{index + 1}/{len(runs)}] {run_name(index, runs[index])}: done already")
-                continue
-            print(f"[{index + 1}/{len(runs)}] {run_name(index, runs[index])} ...", flush=True)
-            status = run_one(sweep, index, runs[index])
-            print(f"[{index + 1}/{len(runs)}] {run_name(index, runs[index])}: {status['status']} in "
-                  f"{status['seconds']} s {status.get('error', '')}", flush=True)
-    if args.index is not None:
-        return 0 if read_status(sweep, args.index, runs[args.index])["status"] == "done" else 1
-    rows = table(sweep)
-    print(write_table(sweep, rows), end="")
-    print(f"table: {sweep.folder / 'results.md'}, {sweep.folder / 'results.csv'}")
-    return 0 if all(r["status"] == "done" for r in rows) else 1

@@ -372,11 +372,9 @@ class LabelMapper:
 
     def _embed(self, texts: list[str]) -> Tensor:
         if self._model is None:
-            from sentence_transformers import SentenceTransformer
+            from .metrics import load_embedder
 
-            from .metrics import default_embedder_path
-
-            self._model = SentenceTransformer(self.embedder or default_embedder_path(), device=str(self.device))
+            self._model = load_embedder(self.embedder).to(self.device)
         emb = self._model.encode(texts, convert_to_tensor=True, show_progress_bar=False, batch_size=128)
         return torch.nn.functional.normalize(emb.float(), dim=-1)
 

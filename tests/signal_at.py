@@ -16,15 +16,20 @@ class SignalAt(L.Callback):
         moment: ``training`` (inside the training step), ``validation`` (inside a validation of the fit) or
             ``checkpoint`` (while a checkpoint is being written).
         step: the global step at (or after) which to send it.
+        group: send it to the whole process group instead (its DataLoader workers too), as Ctrl-C in a terminal
+            or ``kill -- -PGID`` does.
     """
 
-    def __init__(self, moment: str, step: int) -> None:
-        self.moment, self.step, self.sent = moment, step, False
+    def __init__(self, moment: str, step: int, group: bool = False) -> None:
+        self.moment, self.step, self.group, self.sent = moment, step, group, False
 
     def _send(self, trainer: L.Trainer, moment: str) -> None:
         if not self.sent and moment == self.moment and trainer.global_step >= self.step and trainer.is_global_zero:
             self.sent = True
-            os.kill(os.getpid(), signal.SIGTERM)
+            if self.group:
+                os.killpg(os.getpgid(0), signal.SIGTERM)
+            else:
+                os.kill(os.getpid(), signal.SIGTERM)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._send(trainer, "training")

@@ -9,7 +9,8 @@ import yaml
 from conftest import ROOT
 
 from lightning_modules.cli import main
-from lightning_modules.sweep import Sweep, sweep_main, trials
+from lightning_modules.cli.sweep import sweep_main
+from lightning_modules.sweep import Sweep, trials
 
 EXPERIMENTS = sorted((ROOT / "configs" / "experiment").glob("*.yaml"))
 SWEEPS = sorted((ROOT / "configs" / "sweep").glob("*.yaml"))

@@ -47,6 +47,17 @@ def test_num_blocks_beyond_the_decoder_depth_names_the_key(saved_llama):
         build_decoder(DecoderConfig(name_or_path=str(path), num_blocks=5), vocab_size=102)
 
 
+def test_num_blocks_alone_sets_the_depth_of_a_random_init_decoder():
+    small = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4)
+    layers = lambda cfg: len(build_decoder(cfg, vocab_size=50).model.layers)  # noqa: E731
+    assert layers(DecoderConfig(config=small, num_blocks=3)) == 3
+    assert layers(DecoderConfig(config={**small, "num_hidden_layers": 4}, num_blocks=2)) == 2  # a full config, cut
+    with pytest.raises(ValueError, match=r"decoder.num_blocks=5: the decoder has 4 blocks"):
+        build_decoder(DecoderConfig(config={**small, "num_hidden_layers": 4}, num_blocks=5), vocab_size=50)
+    with pytest.raises(ValueError, match=r"decoder.num_blocks=0: a decoder needs at least 1 block"):
+        build_decoder(DecoderConfig(config=small, num_blocks=0), vocab_size=50)
+
+
 def test_gguf_file_errors_name_the_config_key(saved_llama):
     path, _ = saved_llama
     with pytest.raises(FileNotFoundError, match=r"decoder.gguf_file='model.gguf': no such file in decoder.name_or_path"):

@@ -131,13 +131,17 @@ def test_slurm_preemption_signal_checkpoints_requeues_and_the_requeued_job_resum
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("moment, step", [("training", 14), ("validation", 10), ("checkpoint", 10)])
-def test_a_run_interrupted_at_any_moment_resumes_and_ends_with_its_final_checkpoint(tmp_path, shapes, moment, step):
+@pytest.mark.parametrize("moment, step, group", [("training", 14, False), ("validation", 10, True),
+                                                 ("checkpoint", 10, False)])
+def test_a_run_interrupted_at_any_moment_resumes_and_ends_with_its_final_checkpoint(tmp_path, shapes, moment, step,
+                                                                                   group):
+    # group: the signal goes to the whole process group, as Ctrl-C in a terminal does, the data workers of the
+    # validation under way included (which the run still reads from after the signal)
     steps = 30
-    command = fit_command(shapes, tmp_path / "logs", steps)
+    command = fit_command(shapes, tmp_path / "logs", steps) + ["--data.num_workers", "1" if group else "0"]
     version = tmp_path / "logs" / "default" / "version_0"
     interrupted = run(command + ["--trainer.callbacks+=tests.signal_at.SignalAt", "--trainer.callbacks.moment", moment,
-                                 "--trainer.callbacks.step", str(step)])
+                                 "--trainer.callbacks.step", str(step), "--trainer.callbacks.group", str(group)])
     assert interrupted.returncode == 128 + signal.SIGTERM, interrupted.stderr[-3000:]
     assert "stopped by SIGTERM" in interrupted.stdout
     stopped_at = torch.load(version / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]

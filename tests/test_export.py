@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import tiny_nxtp
 
-from lightning_modules.export import export, export_main
+from lightning_modules.cli.export import export_main
+from lightning_modules.export import export
 from lightning_modules.nxtp import NXTP
 from lightning_modules.sampling import recognize
 

@@ -6,9 +6,8 @@ from conftest import LLAMA_TOKENIZER, tiny_nxtp
 
 from lightning_modules.decoder import DecoderConfig
 from lightning_modules.lit_nxtp import LitNXTP
-from lightning_modules.masking import prefix_attention
 from lightning_modules.nxtp import NXTP
-from lightning_modules.sampling import Branch, decode_branches, rank_labels, recognize
+from lightning_modules.sampling import Branch, decode_branches, decode_recompute, one_shot, rank_labels, recognize
 from lightning_modules.sequence import collate_text
 from lightning_modules.vision import VisionConfig, frozen_prefix
 
@@ -39,37 +38,6 @@ def test_padding_and_batch_neighbours_do_not_change_a_sample():
     torch.testing.assert_close(both, mean, rtol=1e-5, atol=1e-5)
 
 
-def brute_force_branches(model, pixels, topk, max_label_tokens):
-    """Greedy decoding of each branch by recomputing the whole sequence at every step (no cache)."""
-    seqs = model.sequences
-    prompt = torch.tensor(seqs.prompt_ids(model.prompt))
-    image = model.embed_images(pixels)
-    stops = {seqs.delimiter_id, seqs.eos_id}
-    out = []
-    for b in range(len(pixels)):
-        def next_probs(tokens):
-            text = torch.cat([prompt, torch.tensor(tokens, dtype=torch.long)])[None]
-            mask = prefix_attention(image.shape[1], text.shape[1])
-            pos = torch.arange(image.shape[1] + text.shape[1])[None]
-            hidden = model.hidden_states(image[b : b + 1], text, mask, pos)
-            return model.logits(hidden[0, -1]).float().softmax(-1)
-
-        first = next_probs([]).topk(topk)
-        branches = []
-        for p0, t0 in zip(first.values.tolist(), first.indices.tolist()):
-            tokens, probs = [t0], [p0]
-            while tokens[-1] not in stops and len(tokens) < max_label_tokens:
-                p, t = next_probs(tokens).max(-1)
-                tokens.append(t.item())
-                probs.append(p.item())
-            if tokens[-1] in stops:
-                branches.append((tokens[:-1], probs[:-1], probs[-1]))
-            else:
-                branches.append((tokens, probs, None))
-        out.append(branches)
-    return out
-
-
 @pytest.mark.parametrize("seed", [0, 1])
 def test_cached_sampling_matches_brute_force(seed):
     model = tiny_nxtp(seed=seed)
@@ -82,14 +50,14 @@ def test_cached_sampling_matches_brute_force(seed):
         lambda module, args, kwargs: rows.append(len(kwargs["inputs_embeds"])), with_kwargs=True)
     cached = decode_branches(model, pixels, topk=6, max_label_tokens=5)
     hook.remove()
-    brute = brute_force_branches(model, pixels, topk=6, max_label_tokens=5)
+    brute = decode_recompute(model, pixels, topk=6, max_label_tokens=5)  # every step recomputed, no cache
     # A step decodes only the branches that have not ended (18 = 3 images x 6 branches).
     lengths = [len(b.tokens) + (b.stop_prob is not None) for image in cached for b in image]
     assert rows[0] == 3 and rows[1:] == [sum(n > step for n in lengths) for step in range(1, len(rows))]
     assert rows[-1] < 18
     ended = 0
     for got_image, want_image in zip(cached, brute):
-        for got, (tokens, probs, stop) in zip(got_image, want_image):
+        for got, (tokens, probs, stop) in zip(got_image, [(b.tokens, b.probs, b.stop_prob) for b in want_image]):
             assert got.tokens == tokens
             torch.testing.assert_close(torch.tensor(got.probs), torch.tensor(probs), rtol=1e-4, atol=1e-6)
             assert (got.stop_prob is None) == (stop is None)
@@ -97,6 +65,30 @@ def test_cached_sampling_matches_brute_force(seed):
                 ended += 1
                 assert got.stop_prob == pytest.approx(stop, rel=1e-4)
     assert ended > 0  # the comparison covered branches that stopped at the delimiter
+
+
+def test_the_decoding_loop_on_a_hand_computed_case():
+    # Vocabulary of 5, delimiter 3, end 4. The next token depends on the last one only (a table), so every
+    # branch can be followed by hand: 1 -> 2 (0.6) -> 3 (0.7, stop); 2 -> 3 (0.7, stop); 3 drawn first ends at once.
+    table = torch.tensor([[0.9, 0.1, 0, 0, 0], [0.1, 0, 0.6, 0.2, 0.1], [0.1, 0, 0.2, 0.7, 0], [0.5, 0.5, 0, 0, 0],
+                          [1.0, 0, 0, 0, 0]])
+    calls = []
+
+    def step(tokens, keep, offset):
+        calls.append((tokens.tolist(), None if keep is None else keep.tolist(), offset))
+        return table[tokens]
+
+    first = torch.tensor([[0.1, 0.4, 0.3, 0.15, 0.05]])
+    (branches,) = one_shot(first, step, topk=3, stop_ids=[3, 4], max_label_tokens=5)
+    assert [b.tokens for b in branches] == [[1, 2], [2], []]
+    assert [b.stop_prob for b in branches] == pytest.approx([0.7, 0.7, 0.15])
+    assert branches[0].probs == pytest.approx([0.4, 0.6]) and branches[1].probs == pytest.approx([0.3])
+    # Finished branches leave the batch: step 1 runs branches 0 and 1, step 2 branch 0 only.
+    assert calls == [([1, 2], [True, True, False], 1), ([2], [True, False], 2)]
+    # Without a stop, a branch ends at the step limit with no stop probability.
+    (capped,) = one_shot(torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 1.0]]), lambda t, k, o: torch.eye(6)[t], topk=1,
+                         stop_ids=[3, 4], max_label_tokens=3)
+    assert capped[0].tokens == [5, 5, 5] and capped[0].stop_prob is None
 
 
 def test_rank_labels_merges_scores_and_sorts():

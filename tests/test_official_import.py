@@ -6,7 +6,8 @@ from conftest import LLAMA_TOKENIZER, OFFICIAL
 from torch import nn
 
 from lightning_modules.nxtp import NXTP
-from lightning_modules.official import import_main, is_torchscript
+from lightning_modules.cli.import_official import import_main
+from lightning_modules.official import is_torchscript
 
 
 def torchscript_archive(state: dict[str, torch.Tensor], path) -> None:

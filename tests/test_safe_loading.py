@@ -13,7 +13,7 @@ from PIL import Image
 from lightning_modules import Recognizer
 from lightning_modules.checkpoint_io import AtomicCheckpointIO, UntrustedCheckpointError, load_checkpoint
 from lightning_modules.decoder import DecoderConfig
-from lightning_modules.export import export_main
+from lightning_modules.cli.export import export_main
 from lightning_modules.lit_nxtp import LitNXTP
 from lightning_modules.sampling import recognize
 from lightning_modules.sequence import collate_text

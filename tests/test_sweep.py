@@ -108,17 +108,17 @@ def test_the_slurm_launcher_submits_an_array_and_a_table_job(tmp_path):
 
 @pytest.mark.slow
 def test_a_real_sweep_records_every_run_and_goes_on_after_a_failure(tmp_path, shapes):
-    # The fixed settings are those of the end-to-end tests' short fit; num_blocks=9 is deeper than the decoder.
+    # The fixed settings are those of the end-to-end tests' short fit; a decoder of num_blocks=0 cannot be built.
     fixed = fit_overrides(shapes, tmp_path, 6)
-    fixed.update({"model.decoder.config.num_hidden_layers": 2, "trainer.val_check_interval": 3})
-    path = sweep_file(tmp_path, parameters={"model.decoder.num_blocks": [2, 9, 1]}, fixed=fixed,
+    fixed.update({"trainer.val_check_interval": 3})
+    path = sweep_file(tmp_path, parameters={"model.decoder.num_blocks": [2, 0, 1]}, fixed=fixed,
                       metric="val/loss", mode="min")
     result = run(NXTP_CLI + ["sweep", str(path)])
     assert result.returncode == 1  # one run failed; the others ran
     folder = tmp_path / "logs" / "sweeps" / "t"
     rows = list(csv.DictReader(open(folder / "results.csv")))
     assert [r["status"] for r in rows] == ["done", "done", "failed"]
-    assert rows[-1]["model.decoder.num_blocks"] == "9" and "num_blocks=9" in (folder / "01-num_blocks=9.log").read_text()
+    assert rows[-1]["model.decoder.num_blocks"] == "0" and "num_blocks=0" in (folder / "01-num_blocks=0.log").read_text()
     assert float(rows[0]["val/loss"]) <= float(rows[1]["val/loss"])
     for row in rows[:2]:
         events = EventAccumulator(str(folder / row["run"] / "version_0")).Reload()

@@ -1,7 +1,6 @@
 """Closed vocabularies: exact scores against brute force and open-set sampling, mapping, bad files, the metric."""
 
 import json
-import math
 from datetime import timedelta
 from pathlib import Path
 

@@ -22,9 +22,9 @@ COMMANDS = {
     "test": (".train", "lightning_main", "evaluate a checkpoint on the test shards"),
     "predict": (".train", "lightning_main", "labels for the test shards' images, through Lightning"),
     "label": (".label", "label_main", "name the objects in image files (JSON lines or CSV)"),
-    "export": ("..export", "export_main", "write a checkpoint as safetensors (pickle-free) or ONNX"),
-    "sweep": ("..sweep", "sweep_main", "run a hyper-parameter sweep here or as a SLURM array"),
-    "import-official": ("..official", "import_main", "convert a released NXTP checkpoint (.pth) to a model folder"),
+    "export": (".export", "export_main", "write a checkpoint as safetensors (pickle-free) or ONNX"),
+    "sweep": (".sweep", "sweep_main", "run a hyper-parameter sweep here or as a SLURM array"),
+    "import-official": (".import_official", "import_main", "convert a released NXTP checkpoint (.pth) to a model folder"),
     "serve": (".serve", "serve_main", "an HTTP server that labels images, with dynamic batching (LitServe)"),
 }
 

@@ -4,15 +4,28 @@ resume of interrupted runs and ``--test_after_fit``."""
 from __future__ import annotations
 
 import json
+import logging
 import sys
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
-from ..callbacks import AttentionMaskImage, GracefulStop, Interrupted, SaveConfigToTensorBoard, SlurmRequeue
+from ..callbacks import (HPC_CHECKPOINT, AttentionMaskImage, GracefulStop, Interrupted, SaveConfigToTensorBoard,
+                         SlurmRequeue, numbered)
 from ..checkpoint_io import load_checkpoint
 from ..lit_nxtp import MAX_STEPS_KEY
+
+# What a checkpoint's weights need: the model hyper-parameters `--ckpt_path` takes from the checkpoint.
+ARCHITECTURE = ("vision", "decoder", "tokenizer", "prompt", "reference_compat", "reset_label_positions")
+
+# Lightning 2.6 flattens batches with torch's LeafSpec, which torch 2.9 deprecates: harmless, and printed at every
+# fit, validation and test.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+
+# ... and advertises its hosted logger at every start.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: not str(record.msg).startswith("💡"))
 
 say = rank_zero_only(print)  # every rank runs the command line; one of them speaks
 
@@ -26,17 +39,16 @@ def resume_point(root: Path) -> tuple[Path, str, dict] | None:
     (``#SBATCH --signal=USR1@120``, see ``callbacks.SlurmRequeue``). The highest global step wins; at a tie, the
     SLURM checkpoint (written for exactly this resume), then the newer file.
     """
-    number = lambda p: int(p.name.split("_")[-1]) if p.name.split("_")[-1].isdigit() else -1  # noqa: E731
-    versions = sorted(root.glob("version_*"), key=number)
+    versions = [v for _, v in sorted(numbered(root, "version_{}").items())]
     if not versions:
         return None
     candidates = [p for v in reversed(versions) if (p := v / "checkpoints" / "last.ckpt").is_file()][:1]
-    candidates += root.glob("hpc_ckpt_*.ckpt")
+    hpc = set(numbered(root, HPC_CHECKPOINT).values())
+    candidates += hpc
     if not candidates:
         return None
     states = {p: load_checkpoint(p, mmap=True) for p in candidates}
-    newest = max(candidates, key=lambda p: (states[p].get("global_step", 0), p.name.startswith("hpc_ckpt_"),
-                                            p.stat().st_mtime))
+    newest = max(candidates, key=lambda p: (states[p].get("global_step", 0), p in hpc, p.stat().st_mtime))
     version = newest.parents[1].name if newest.name == "last.ckpt" else versions[-1].name
     return newest, version, states[newest]
 
@@ -50,6 +62,20 @@ class NXTPCLI(LightningCLI):
         parser.add_argument("--test_after_fit", type=bool, default=False, help="run `test` on the best checkpoint after `fit`")
         parser.add_argument("--resume", type=bool, default=True,
                             help="resume from the last checkpoint of the newest run when one exists (false: start anew)")
+
+    def _parse_ckpt_path(self) -> None:
+        """``--ckpt_path``: the model is built as the checkpoint's was (its architecture, tokenizer and prompt win
+        over the config), and everything else (evaluation, speed, optimization) is what the command line says.
+        LightningCLI would let every stored hyper-parameter override the command line, so that e.g.
+        ``nxtp test --ckpt_path CKPT --model.eval_vocabulary FILE`` silently dropped the vocabulary."""
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not path or not Path(path).is_file():
+            return
+        stored = load_checkpoint(path, mmap=True).get("hyper_parameters", {})
+        architecture = {k: stored[k] for k in ARCHITECTURE if k in stored}
+        if architecture:
+            self.config = self.parser.parse_object({subcommand: {"model": architecture}}, self.config)
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand != "fit":
