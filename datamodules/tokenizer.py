@@ -2,10 +2,17 @@
 
 The LLaMA-2 tokenizer (32k tokens) is only needed for parity with the reference;
 a tiny decoder learns much faster with a vocabulary fitted to its captions.
+The second step of ``make data``, after the shards (``datamodules.synthetic``)::
+
+    python -m datamodules.tokenizer --data data/shapes [--vocab-size 512]
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -14,7 +21,7 @@ from transformers import PreTrainedTokenizerFast
 
 from lightning_modules.sequence import PROMPT
 
-__all__ = ["PROMPT", "SPECIAL_TOKENS", "train_caption_tokenizer"]
+__all__ = ["PROMPT", "SPECIAL_TOKENS", "build_tokenizer", "train_caption_tokenizer"]
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>")
 
@@ -62,3 +69,46 @@ def train_caption_tokenizer(
     out_dir.mkdir(parents=True, exist_ok=True)
     wrapped.save_pretrained(out_dir)
     return wrapped
+
+
+def build_tokenizer(root: str | Path, vocab_size: int = 512) -> Path:
+    """Train the caption tokenizer of a built synthetic dataset (``datamodules.synthetic.build_dataset``) on its
+    training captions and label sequences, keeping every object kind one token; write it to ``root/tokenizer``
+    (renamed into place when complete) and return that folder. A tokenizer of the same size is kept as is."""
+    from datamodules.synthetic import KINDS, iter_split_metadata
+
+    root = Path(root)
+    manifest_path = root / "manifest.json"
+    if not (root / "done").exists():
+        raise FileNotFoundError(f"{root} holds no finished dataset (no {root / 'done'}): build its shards first")
+    manifest = json.loads(manifest_path.read_text())
+    out = root / "tokenizer"
+    if manifest.get("tokenizer_vocab_size") == vocab_size and (out / "tokenizer.json").exists():
+        return out
+    records = list(iter_split_metadata(root, "train"))
+    # Captions plus the exact label sequences the model is trained on.
+    texts = [r["caption"] for r in records] + [f"{PROMPT} {', '.join(r['labels'])}," for r in records]
+    tmp = root / f".tokenizer.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        train_caption_tokenizer(texts, tmp, vocab_size=vocab_size, required_words=KINDS)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    manifest.update(tokenizer="tokenizer", tokenizer_vocab_size=vocab_size)
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command-line entry point: train the tokenizer of a built dataset."""
+    parser = argparse.ArgumentParser(description="Train the caption tokenizer of a built synthetic dataset.")
+    parser.add_argument("--data", type=Path, required=True, help="the dataset folder (e.g. data/shapes)")
+    parser.add_argument("--vocab-size", type=int, default=512, help="tokenizer size")
+    args = parser.parse_args(argv)
+    print(f"tokenizer: {build_tokenizer(args.data, args.vocab_size)}")
+
+
+if __name__ == "__main__":
+    main()

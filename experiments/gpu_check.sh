@@ -54,7 +54,8 @@ step label_paper 150 bash -c "$PY experiments/random_model.py --config paper --d
   --images $TMP/images --count 64 && time $PY -m lightning_modules.cli label --checkpoint $TMP/paper --device cuda \
   --precision bf16 --batch-size 32 --workers 4 --topk 10 $TMP/images > $OUT/labels.jsonl && wc -l $OUT/labels.jsonl"
 step fsdp 120 bash -c "$PY -m datamodules.synthetic --out $TMP/shapes --train 512 --val 64 --test 64 \
-  --samples-per-shard 256 > /dev/null && $PY -m lightning_modules.cli fit --config configs/experiment/default.yaml \
+  --samples-per-shard 256 > /dev/null && $PY -m datamodules.tokenizer --data $TMP/shapes > /dev/null \
+  && $PY -m lightning_modules.cli fit --config configs/experiment/default.yaml \
   --model.tokenizer $TMP/shapes/tokenizer --data.train_shards '$TMP/shapes/train/shard-{000000..000001}.tar' \
   --data.val_shards $TMP/shapes/val/shard-000000.tar --data.test_shards $TMP/shapes/test/shard-000000.tar \
   --model.semantic_metric false --trainer.accelerator gpu --trainer.devices 1 --trainer.strategy fsdp \

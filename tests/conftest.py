@@ -18,6 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from datamodules.synthetic import build_dataset  # noqa: E402
+from datamodules.tokenizer import build_tokenizer  # noqa: E402
 from lightning_modules.decoder import DecoderConfig  # noqa: E402
 from lightning_modules.nxtp import NXTP  # noqa: E402
 from lightning_modules.vision import VisionConfig  # noqa: E402
@@ -87,9 +89,8 @@ def start_until(cmd: list[str], path: Path, env: dict[str, str] | None = None, *
 def shapes(tmp_path_factory) -> Path:
     """A tiny synthetic dataset (with its tokenizer), built once per test session."""
     data = tmp_path_factory.mktemp("data") / "shapes"
-    built = run([sys.executable, "-m", "datamodules.synthetic", "--out", str(data), "--train", "256", "--val", "32",
-                 "--test", "32", "--samples-per-shard", "128", "--workers", "1"])
-    assert built.returncode == 0, built.stderr
+    build_dataset(data, 256, 32, 32, samples_per_shard=128, workers=1)  # as `make data` does, in this process
+    build_tokenizer(data)
     return data
 
 

@@ -73,28 +73,13 @@ def final_loss(save_dir: Path) -> float:
     return sum(losses[-10:]) / 10
 
 
-@pytest.mark.slow
-def test_sigterm_writes_a_checkpoint_and_the_run_resumes_at_the_same_step(tmp_path, shapes):
-    data = shapes
-    steps = 50
-    whole = run(fit_command(data, tmp_path / "whole", steps))
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, shapes) -> Path:
+    """The save_dir of the moments test's run (30 steps) done without interruption, for comparison."""
+    save_dir = tmp_path_factory.mktemp("uninterrupted")
+    whole = run(fit_command(shapes, save_dir, 30))
     assert whole.returncode == 0, whole.stderr[-3000:]
-
-    interrupted = tmp_path / "interrupted"
-    checkpoints = interrupted / "default" / "version_0" / "checkpoints"
-    proc = start_until(fit_command(data, interrupted, steps), checkpoints / "last.ckpt",
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=300)
-    stopped_at = torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"]
-    assert 10 <= stopped_at < steps  # stopped mid-run, with a checkpoint
-
-    resumed = run(fit_command(data, interrupted, steps))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stdout
-    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == steps
-    assert not (interrupted / "default" / "version_1").exists()  # the same run continued
-    assert abs(final_loss(interrupted) - final_loss(tmp_path / "whole")) < 0.3 * final_loss(tmp_path / "whole")
+    return save_dir
 
 
 @pytest.mark.slow
@@ -134,7 +119,7 @@ def test_slurm_preemption_signal_checkpoints_requeues_and_the_requeued_job_resum
 @pytest.mark.parametrize("moment, step, group", [("training", 14, False), ("validation", 10, True),
                                                  ("checkpoint", 10, False)])
 def test_a_run_interrupted_at_any_moment_resumes_and_ends_with_its_final_checkpoint(tmp_path, shapes, moment, step,
-                                                                                   group):
+                                                                                   group, uninterrupted):
     # group: the signal goes to the whole process group, as Ctrl-C in a terminal does, the data workers of the
     # validation under way included (which the run still reads from after the signal)
     steps = 30
@@ -149,6 +134,8 @@ def test_a_run_interrupted_at_any_moment_resumes_and_ends_with_its_final_checkpo
     assert not (version / "metrics.json").exists()  # the run is not over
 
     assert_resumed_to_the_end(run(command), version, steps, stopped_at)
+    # It trained as far as a run that was never stopped (not bit for bit: the resampled stream is redrawn).
+    assert abs(final_loss(tmp_path / "logs") - final_loss(uninterrupted)) < 0.3 * final_loss(uninterrupted)
 
 
 @pytest.mark.slow

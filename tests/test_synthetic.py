@@ -15,14 +15,17 @@ from PIL import Image  # noqa: E402
 from datamodules import synthetic  # noqa: E402
 from datamodules.labels import extract_labels  # noqa: E402
 from datamodules.synthetic import COLORS, KINDS, SPLITS, build_dataset, draw_scene, plural, sample_seed  # noqa: E402
-from datamodules.tokenizer import PROMPT, train_caption_tokenizer  # noqa: E402
+from datamodules.tokenizer import PROMPT, build_tokenizer, train_caption_tokenizer  # noqa: E402
+from datamodules.tokenizer import main as tokenizer_main  # noqa: E402
 
 TINY = dict(n_train=24, n_val=8, n_test=8, seed=3, samples_per_shard=10)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    return build_dataset(tmp_path_factory.mktemp("a") / "shapes", workers=1, **TINY)
+    root = build_dataset(tmp_path_factory.mktemp("a") / "shapes", workers=1, **TINY)
+    build_tokenizer(root)
+    return root
 
 
 def read_shards(root: Path, split: str) -> dict[str, dict[str, bytes]]:
@@ -80,12 +83,13 @@ def test_captions_give_exactly_the_true_kinds():
 def test_fallback_captions_are_correct_for_every_kind_and_count():
     for kind in KINDS:
         for n in range(1, 6):
-            group = synthetic._Group(kind, "red", "medium", [None] * n)
-            assert extract_labels(synthetic._plain_caption([group])) == [kind]
+            group = synthetic.layout._Group(kind, "red", "medium", [None] * n)
+            assert extract_labels(synthetic.captions._plain_caption([group])) == [kind]
 
 
 def test_build_is_deterministic_whatever_the_workers(tiny, tmp_path):
     again = build_dataset(tmp_path / "shapes", workers=2, **TINY)
+    build_tokenizer(again)
     files = sorted(p.relative_to(tiny) for p in tiny.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
     for rel in files:
@@ -117,7 +121,7 @@ def test_finished_build_is_reused_and_failed_build_leaves_nothing(tiny, tmp_path
     def broken(job):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(synthetic, "_write_shard", broken)
+    monkeypatch.setattr(synthetic.shards, "_write_shard", broken)
     with pytest.raises(KeyboardInterrupt):
         build_dataset(tmp_path / "broken", workers=1, **TINY)
     assert not (tmp_path / "broken").exists()
@@ -184,6 +188,7 @@ def test_tokenizer_reports_words_it_cannot_keep_whole(tmp_path):
 def test_cli_and_preview(tmp_path, capsys):
     synthetic.main(["--out", str(tmp_path / "cli"), "--train", "6", "--val", "2", "--test", "2", "--workers", "1",
                     "--preview", str(tmp_path / "preview.png")])
-    assert "dataset:" in capsys.readouterr().out
-    assert (tmp_path / "cli" / "done").exists() and (tmp_path / "cli" / "tokenizer" / "tokenizer.json").exists()
+    assert "dataset:" in capsys.readouterr().out and (tmp_path / "cli" / "done").exists()
+    tokenizer_main(["--data", str(tmp_path / "cli")])  # the second step of `make data`
+    assert "tokenizer:" in capsys.readouterr().out and (tmp_path / "cli" / "tokenizer" / "tokenizer.json").exists()
     assert Image.open(tmp_path / "preview.png").size[0] > 4 * 64

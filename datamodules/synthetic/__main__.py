@@ -1,0 +1,3 @@
+from .shards import main
+
+main()
