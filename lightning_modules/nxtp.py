@@ -55,6 +55,11 @@ def load_tokenizer(name_or_path: str):
     return AutoTokenizer.from_pretrained(name_or_path)
 
 
+# The constructor arguments that give the weights their shapes and meaning: what a saved model records
+# (``init_args`` and the tokenizer) and what ``nxtp test --ckpt_path`` takes from a checkpoint.
+ARCHITECTURE = ("vision", "decoder", "tokenizer", "prompt", "reference_compat", "reset_label_positions")
+
+
 class NXTP(nn.Module):
     """The recognizer: vision tower, projection and truncated decoder, with its tokenizer.
 

@@ -16,9 +16,7 @@ from ..callbacks import (HPC_CHECKPOINT, AttentionMaskImage, GracefulStop, Inter
                          SlurmRequeue, numbered)
 from ..checkpoint_io import load_checkpoint
 from ..lit_nxtp import MAX_STEPS_KEY
-
-# What a checkpoint's weights need: the model hyper-parameters `--ckpt_path` takes from the checkpoint.
-ARCHITECTURE = ("vision", "decoder", "tokenizer", "prompt", "reference_compat", "reset_label_positions")
+from ..nxtp import ARCHITECTURE
 
 # Lightning 2.6 flattens batches with torch's LeafSpec, which torch 2.9 deprecates: harmless, and printed at every
 # fit, validation and test.
