@@ -9,6 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -143,3 +144,9 @@ def lightning_main() -> None:
     except Interrupted as stop:  # a signal or a SLURM requeue ended the fit at a step boundary, to resume later
         say(stop.message)
         sys.exit(stop.code)
+    finally:
+        # Lightning leaves the process group up (a later trainer.test reuses it). Left to interpreter shutdown,
+        # gloo's worker threads can outlive Python and abort the process ("terminate called without an active
+        # exception", exit -6) after a run that succeeded.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
