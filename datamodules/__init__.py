@@ -1,5 +1,17 @@
-"""Data for NXTP: WebDataset shards, labels from captions, and the project's own synthetic scenes."""
+"""Data for NXTP: WebDataset shards, labels from captions, and the project's own synthetic scenes.
 
-from .webdataset import NXTPDataModule
+``NXTPDataModule`` is imported on first use: reading images (``datamodules.images``) or captions
+(``datamodules.labels``) does not pay for importing Lightning.
+"""
 
-__all__ = ["NXTPDataModule"]
+import importlib
+
+_EXPORTS = {"NXTPDataModule": ".webdataset"}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -143,11 +143,24 @@ def ensure_nltk_data(nltk_data: str | os.PathLike | None = None) -> Path:
 
 
 class _Lemmas(WordNetCorpusReader):
-    """NLTK's WordNet reader without the mapping to other WordNet versions, which only multilingual lookups use
-    and which would read ``index.sense`` (7 MB) from whatever WordNet NLTK's search path finds."""
+    """NLTK's WordNet reader reduced to what the noun lemmatizer reads: which words WordNet has as nouns, and its
+    exception lists. NLTK's reader also parses every synset offset of every part of speech (3 s at the start of
+    each data worker) and maps other WordNet versions (reading ``index.sense``, 7 MB, from whatever WordNet NLTK's
+    search path finds), for synset and multilingual lookups this reader never makes."""
 
     def map_wn(self, version: str = "wordnet") -> None:
         return None
+
+    def _scan_satellites(self) -> None:  # adjective satellites: not nouns
+        self.satellite_offsets = set()
+
+    def _load_lemma_pos_offset_map(self) -> None:
+        # ``_morphy(word, "n")`` asks only whether ``"n" in self._lemma_pos_offset_map[lemma]``.
+        with self._root.join("index.noun").open() as index:  # bytes: NLTK's line-by-line text reader is slow
+            lines = index.read().decode(self._ENCODING).splitlines()
+        noun = {"n": ()}  # one shared entry, not 117k small objects for the garbage collector to walk
+        self._lemma_pos_offset_map.update(
+            (line.split(" ", 1)[0], noun) for line in lines if line and not line.startswith(" "))  # " ": licence
 
     def lemmatize(self, noun: str) -> str:
         """``WordNetLemmatizer().lemmatize(noun, pos="n")``: the shortest WordNet lemma, else the word itself."""

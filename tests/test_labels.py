@@ -357,3 +357,18 @@ def test_tagger_matches_nltk():
 def test_labels_match_nltk(compat):
     captions = _captions(2000, seed=2) + list(CAPTIONS) + list(WEB_CAPTIONS)
     assert extract_labels_batch(captions, compat) == [extract_labels_nltk(c, compat) for c in captions]
+
+
+def test_lemmatizer_matches_nltk_on_every_wordnet_noun():
+    # The packaged reader loads only which words WordNet has as nouns; NLTK's WordNetLemmatizer (over the fixture
+    # copy, through NLTK_DATA) loads everything. Every noun, regular and odd plurals, the exception list (geese)
+    # and non-nouns lemmatize alike.
+    from nltk.corpus import wordnet
+    from nltk.stem import WordNetLemmatizer
+
+    ours, theirs = labels._data(labels.nltk_data_dir()).wordnet, WordNetLemmatizer()
+    nouns = sorted(wordnet.all_lemma_names(pos="n"))
+    assert len(nouns) > 100_000
+    words = nouns + [n + s for n in nouns[::5] for s in ("s", "es", "ies", "ses", "men")]
+    words += list(wordnet._exception_map["n"]) + ["running", "quickly", "xyzzy"]
+    assert [ours.lemmatize(w) for w in words] == [theirs.lemmatize(w, pos="n") for w in words]

@@ -139,7 +139,7 @@ def lightning_main() -> None:
 
     try:
         NXTPCLI(LitNXTP, NXTPDataModule, seed_everything_default=0, save_config_callback=SaveConfigToTensorBoard,
-                save_config_kwargs={"overwrite": True}, parser_kwargs={"parser_mode": "omegaconf"},
+                save_config_kwargs={"overwrite": True}, parser_kwargs={"parser_mode": "omegaconf+"},
                 trainer_defaults={"callbacks": [AttentionMaskImage(), SlurmRequeue(), GracefulStop()]})
     except Interrupted as stop:  # a signal or a SLURM requeue ended the fit at a step boundary, to resume later
         say(stop.message)
