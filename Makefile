@@ -44,8 +44,11 @@ $(VENV)/.serve-installed: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[serve]"
 	touch $@
 
+# The suite runs in TEST_WORKERS processes at once (pytest-xdist), a test module to each: most of a test's
+# time is a command starting up on one core.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -ra --durations=20
+	$(BIN)/python -m pytest -ra --durations=20 -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 test-fast: install
 	$(BIN)/python -m pytest -ra -m "not slow"

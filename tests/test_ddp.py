@@ -158,7 +158,7 @@ def test_torchrun_on_two_nodes_trains_epochs_over_uneven_shards_and_stops_them_t
 
 @pytest.mark.slow
 def test_sigterm_to_the_launching_process_stops_both_ranks_and_the_same_command_resumes_them(tmp_path, shapes):
-    steps = 30
+    steps = 20
     command = fit_command(shapes, tmp_path / "logs", steps) + DDP
     version = tmp_path / "logs" / "default" / "version_0"
     proc = start_until(command, version / "checkpoints" / "last.ckpt", stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -13,6 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from datamodules import NXTPDataModule
 from lightning_modules.checkpoint_io import load_checkpoint
+from lightning_modules.cli.export import export_main
 from lightning_modules.decoder import DecoderConfig
 from lightning_modules.lit_nxtp import LitNXTP
 from lightning_modules.nxtp import NXTP, load_weights, read_weights
@@ -155,9 +156,7 @@ def test_finetune_an_imported_release(tmp_path, shapes, imported):
     lines = [json.loads(line) for line in label.stdout.splitlines()]
     assert len(lines) == 2 and all(line["labels"] for line in lines)
 
-    export = run(NXTP_CLI + ["export", "--checkpoint", str(checkpoint), "--format", "safetensors",
-                             "--out", str(tmp_path / "export")])
-    assert export.returncode == 0, export.stderr[-3000:]
+    assert export_main(["--checkpoint", str(checkpoint), "--format", "safetensors", "--out", str(tmp_path / "export")]) == 0
     exported = safetensors.torch.load_file(tmp_path / "export" / "model.safetensors")
     assert exported.keys() == tuned.keys() and all(torch.equal(exported[k], tuned[k]) for k in tuned)
 
