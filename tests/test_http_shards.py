@@ -169,6 +169,11 @@ def test_training_on_http_shards_runs_to_the_end_and_lists_the_shard_it_skipped(
     dropped = server.url("/shard-000000.tar")
     assert ("train", "unreachable shard", dropped, None) in {(r["split"], r["reason"], r["shard"], r["key"])
                                                               for r in records}
-    # Anything else is the one sample the cut tore apart (counted by what it lacks), in the same shard.
-    assert {r["shard"] for r in records} == {dropped} and len({r["key"] for r in records if r["key"]}) <= 1
+    # Anything else is a sample a cut tore apart (counted by what it lacks), in the same shard: at most one per
+    # broken read. (Which sample depends on how much of the cut-off stream curl passed on, so it may differ between
+    # the reads of a resampled shard.)
+    torn = [r for r in records if r["key"] is not None]
+    broken = [r for r in records if r["reason"] == "unreachable shard"]
+    assert {r["shard"] for r in records} == {dropped} and len(torn) + len(broken) == len(records)
+    assert len(torn) <= len(broken) and all(r["reason"].startswith("no ") for r in torn), torn
     assert server.requests["/shard-000000.tar"] >= 2 and server.requests["/shard-000001.tar"] >= 1
