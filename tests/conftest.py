@@ -19,9 +19,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # `make test` runs several test processes at once (pytest-xdist). Each of them, and every command a test starts,
 # gets its share of the cores: with torch's default of a thread per core in each, two 30-step fits side by side
 # take three times as long as one alone (their threads spin waiting for each other), instead of the same time.
-if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-    os.environ.setdefault("OMP_NUM_THREADS",
-                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+TEST_PROCESSES = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if TEST_PROCESSES > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // TEST_PROCESSES)))
 
 import torch  # noqa: E402
 
