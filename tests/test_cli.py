@@ -1,5 +1,7 @@
 """The `nxtp` command: `--help` lists every subcommand, and each subcommand answers its own `--help`."""
 
+import os
+import subprocess
 import sys
 
 import pytest
@@ -15,6 +17,17 @@ def test_help_lists_every_subcommand_and_an_unknown_one_is_refused():
     assert listed == list(COMMANDS)
     wrong = run(NXTP_CLI + ["trian"])
     assert wrong.returncode == 2 and "unknown command 'trian'" in wrong.stderr
+
+
+def test_a_reader_that_leaves_ends_the_command_quietly():
+    """`nxtp ... | head`: a closed pipe ends the command with SIGPIPE's status, not a traceback."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first write, whatever the timing
+    try:
+        result = subprocess.run(NXTP_CLI + ["--help"], stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert result.returncode == 141 and result.stderr == ""
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))

@@ -12,6 +12,7 @@ To add a subcommand: a module here with a ``NAME_main(argv) -> int`` function, a
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 LIGHTNING = ("fit", "validate", "test", "predict")  # LightningCLI's subcommands (cli/train.py)
@@ -39,7 +40,16 @@ def usage() -> str:
 
 def main() -> None:
     """Entry point of the ``nxtp`` console script."""
-    command = sys.argv[1] if len(sys.argv) > 1 else None
+    try:
+        run(sys.argv[1:])
+    except BrokenPipeError:  # the reader left (`nxtp label ... | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        sys.exit(141)  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
+
+
+def run(argv: list[str]) -> None:
+    """Run the subcommand ``argv[0]`` with the rest of ``argv``."""
+    command = argv[0] if argv else None
     if command not in COMMANDS:
         print(usage(), file=sys.stdout if command in (None, "-h", "--help") else sys.stderr)
         if command not in (None, "-h", "--help"):
@@ -50,4 +60,4 @@ def main() -> None:
     if command in LIGHTNING:
         entry()  # LightningCLI reads sys.argv itself
     else:
-        sys.exit(entry(sys.argv[2:]))
+        sys.exit(entry(argv[1:]))
