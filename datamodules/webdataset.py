@@ -108,6 +108,26 @@ class Rejects:
         return counts, records
 
 
+def worker_rng(seed: int, *stream: object) -> random.Random:
+    """A random generator of its own for this rank and data worker: the same ones in every run with ``seed``
+    (a reproducible run), different ones for each rank, worker and ``stream`` (a name, an epoch)."""
+    rank, _, worker, _ = wds.utils.pytorch_worker_info()
+    return random.Random("-".join(map(str, (seed, rank, worker, *stream))))
+
+
+class Shuffle(wds.PipelineStage):
+    """``wds.shuffle`` through a buffer of ``bufsize`` items, drawn by a seeded generator per rank, worker and
+    epoch (``worker_rng``): reproducible, and each epoch in another order (``wds.shuffle(seed=)`` repeats the same
+    order in every epoch and every worker). The epoch is counted from ``epoch``, one per pass over the data."""
+
+    def __init__(self, bufsize: int, seed: int, name: str, epoch: int = 0) -> None:
+        self.bufsize, self.seed, self.name, self.epoch = bufsize, seed, name, epoch - 1
+
+    def run(self, src: Iterable) -> Iterator:
+        self.epoch += 1
+        return wds.shuffle(self.bufsize, rng=worker_rng(self.seed, self.name, self.epoch))(src)
+
+
 class SampleDecoder:
     """Turns a raw webdataset sample into ``(pixels, TextSequence, labels, key)``, or None if unusable.
 
@@ -134,15 +154,9 @@ class SampleDecoder:
         self.rng: random.Random | None = None
         ensure_nltk_data(nltk_data)  # here, in the main process: missing data fails before any worker starts
 
-    def _worker_rng(self) -> random.Random:
-        # Seeded per worker and rank, so that workers do not all draw the same label orders and flips.
-        info = torch.utils.data.get_worker_info()
-        rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
-        return random.Random(f"{self.seed}-{rank}-{info.id if info else 0}")
-
     def __call__(self, sample: dict[str, Any]):
-        if self.rng is None:
-            self.rng = self._worker_rng()
+        if self.rng is None:  # here, in the worker that decodes: label orders and flips differ between workers
+            self.rng = worker_rng(self.seed, "labels")
         key, shard = sample.get("__key__"), sample.get("__url__")
         image_bytes = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
         if image_bytes is None:
@@ -297,7 +311,8 @@ class NXTPDataModule(L.LightningDataModule):
         augment: use the vision tower's own training transform (random resized crops) instead of its eval one.
         max_labels: at most this many labels per training sequence (after shuffling). Validation and test
             batches still carry every label of the caption in ``batch["labels"]``, the references they are scored on.
-        seed: seed of shard/sample shuffling and label order.
+        seed: seed of shard sampling, shard and sample shuffling, label order and flips; each rank and worker
+            draws its own stream from it, and a resumed run one mixed with its step (so a run is reproducible).
         max_image_pixels: images with more pixels (width x height, read from the header) are rejected without
             being decoded. PIL's own guard still refuses images of more than twice ``Image.MAX_IMAGE_PIXELS``.
         shard_retries: a shard that cannot be read (a download that fails) is tried again this many times, then
@@ -373,27 +388,38 @@ class NXTPDataModule(L.LightningDataModule):
         compat = self.model.reference_compat
         # open_clip's training transform crops at random, which can cut objects (and so labels) out of an image.
         transform = self.model.train_transform if train and hp.augment else self.model.eval_transform
+        seed = self._stream_seed() if train else hp.seed
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0  # where a resumed epoch run starts
         decoder = SampleDecoder(transform, self.model.sequences, self.model.prompt, shuffle_labels=train,
-                                hflip=train and hp.hflip, max_labels=hp.max_labels, seed=hp.seed, rejects=rejects,
+                                hflip=train and hp.hflip, max_labels=hp.max_labels, seed=seed, rejects=rejects,
                                 max_image_pixels=hp.max_image_pixels, full_references=not train,
                                 reference_compat=compat, nltk_data=hp.nltk_data,
                                 # random crops may keep a small part of the image: decode those at full size
                                 input_size=None if train and hp.augment else self.model.visual.image_size)
         resampled = train and hp.resampled
-        stages = [wds.ResampledShards(urls) if resampled else wds.SimpleShardList(urls),
+        # deterministic: drawn from `seed` and the rank and worker, not from the clock and pid
+        stages = [wds.ResampledShards(urls, seed=seed, deterministic=True) if resampled else wds.SimpleShardList(urls),
                   wds.split_by_node, wds.split_by_worker]
         if train and not resampled:
-            stages.append(wds.shuffle(100, seed=hp.seed))
+            stages.append(Shuffle(100, seed, "shards", epoch))
         stages += [wds.pipelinefilter(read_shards)(rejects, hp.shard_retries, hp.shard_retry_wait),
                    wds.pipelinefilter(wds.tariterators.group_by_keys)(handler=rejects.malformed)]
         if train:
-            stages.append(wds.shuffle(hp.shuffle_buffer, seed=hp.seed))
+            stages.append(Shuffle(hp.shuffle_buffer, seed, "samples", epoch))
         stages += [wds.map(decoder), wds.select(lambda s: s is not None),
                    wds.batched(hp.batch_size, Collate(rejects, self.model.sequences.pad_id), partial=not train),
                    wds.pipelinefilter(carry_leftovers)(rejects)]
         workers = min(hp.num_workers, len(urls))
         return wds.WebLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=workers,
                              persistent_workers=workers > 0, worker_init_fn=leave_the_process_group)
+
+    def _stream_seed(self) -> int:
+        """The seed of the training stream: ``data.seed`` for a new run (the same command gives the same run);
+        mixed with the step a resumed run starts from, so that it does not replay the shards, samples, label orders
+        and flips its first part was trained on."""
+        step = self.trainer.global_step if self.trainer is not None else 0
+        # the hash of a tuple of ints is the same in every process (unlike that of a str)
+        return self.hparams.seed if step == 0 else hash((self.hparams.seed, step)) & 0x7FFFFFFF
 
     def train_dataloader(self):
         loader = self._loader(self.hparams.train_shards, True, "train")

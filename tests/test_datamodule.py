@@ -1,6 +1,7 @@
 """The WebDataset DataModule reading shards it did not write itself, with broken members among them."""
 
 import io
+from types import SimpleNamespace
 
 import pytest
 import webdataset as wds
@@ -102,6 +103,36 @@ def test_two_ranks_with_two_workers_each_see_disjoint_halves(tmp_path, model, mo
         seen.append([key for batch in dm.val_dataloader() for key in batch["keys"]])
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == sorted(good_keys)  # every good sample exactly once across ranks
+
+
+def training_stream(tmp_path, model, epochs=1, batches=None, seed=0, resumed_at=0, **data):
+    """Per epoch, the keys and label orders of the training batches that two workers deliver."""
+    dm = NXTPDataModule(train_shards=str(tmp_path / "shard-{000000..000003}.tar"), batch_size=2, num_workers=2,
+                        seed=seed, hflip=True, **data)
+    dm.bind(model)
+    dm.trainer = SimpleNamespace(global_step=resumed_at, current_epoch=0, world_size=1)
+    loader = dm.train_dataloader()
+    return [[(batch["keys"], batch["labels"], batch["pixels"].sum().item())
+             for batch, _ in zip(loader, range(batches or 10**9))] for _ in range(epochs)]
+
+
+def test_the_resampled_stream_is_the_same_in_every_run_with_its_seed(tmp_path, model):
+    write_shards(tmp_path, n_shards=4, per_shard=3)
+    first = training_stream(tmp_path, model, batches=12, resampled=True)
+    assert training_stream(tmp_path, model, batches=12, resampled=True) == first  # shards, samples, labels, flips
+    assert training_stream(tmp_path, model, batches=12, resampled=True, seed=1) != first
+    # a resumed run draws a stream of its own, not the one its first part was trained on
+    assert training_stream(tmp_path, model, batches=12, resampled=True, resumed_at=500) != first
+
+
+def test_epochs_are_reproducible_and_each_in_another_order(tmp_path, model):
+    good_keys = write_shards(tmp_path, n_shards=4, per_shard=3)
+    epochs = training_stream(tmp_path, model, epochs=3)
+    keys = [[key for batch_keys, _, _ in epoch for key in batch_keys] for epoch in epochs]
+    for epoch in keys:  # 11 good samples; the worker with shards 0 and 2 has 5: 2 batches, 1 left over is dropped
+        assert len(epoch) == len(set(epoch)) == 10 and set(epoch) <= set(good_keys)
+    assert len({tuple(epoch) for epoch in keys}) == 3  # every epoch in its own order
+    assert training_stream(tmp_path, model, epochs=3) == epochs
 
 
 @pytest.mark.parametrize("compat", [False, True])
