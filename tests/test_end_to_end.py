@@ -13,10 +13,18 @@ from conftest import assert_resumed_to_the_end, fit_command, run, start_until
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
-def final_loss(save_dir: Path) -> float:
+def losses(save_dir: Path) -> dict[int, float]:
+    """The training loss of each step of a run (its first value, where a resumed run logged a step again)."""
     events = EventAccumulator(str(save_dir / "default" / "version_0")).Reload()
-    losses = [e.value for e in events.Scalars("train/loss")]
-    return sum(losses[-10:]) / 10
+    by_step: dict[int, float] = {}
+    for event in events.Scalars("train/loss"):
+        by_step.setdefault(event.step, event.value)
+    return by_step
+
+
+def final_loss(save_dir: Path) -> float:
+    last = [loss for _, loss in sorted(losses(save_dir).items())][-10:]
+    return sum(last) / len(last)
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +87,11 @@ def test_a_run_interrupted_at_any_moment_resumes_and_ends_with_its_final_checkpo
     assert step <= stopped_at <= step + 1  # at the end of the step under way (after the validation under way)
     assert not (version / "metrics.json").exists()  # the run is not over
 
+    # Until the signal it was the uninterrupted run, step for step: the same seed draws the same data.
+    before = {step: loss for step, loss in losses(tmp_path / "logs").items() if step < stopped_at}
+    assert before and before == pytest.approx({step: losses(uninterrupted)[step] for step in before}, rel=1e-5)
     assert_resumed_to_the_end(run(command), version, steps, stopped_at)
-    # It trained as far as a run that was never stopped (not bit for bit: the resampled stream is redrawn).
+    # It trained as far as a run that was never stopped (not bit for bit: the resumed run draws a stream of its own).
     assert abs(final_loss(tmp_path / "logs") - final_loss(uninterrupted)) < 0.3 * final_loss(uninterrupted)
 
 
