@@ -109,15 +109,15 @@ class Rejects:
 
 
 def worker_rng(seed: int, *stream: object) -> random.Random:
-    """A random generator of its own for this rank and data worker: the same ones in every run with ``seed``
-    (a reproducible run), different ones for each rank, worker and ``stream`` (a name, an epoch)."""
-    rank, _, worker, _ = wds.utils.pytorch_worker_info()
-    return random.Random("-".join(map(str, (seed, rank, worker, *stream))))
+    """A random generator of its own for this data worker: the same ones in every run with ``seed`` (a
+    reproducible run), different ones for each worker and ``stream`` (a name, an epoch)."""
+    info = torch.utils.data.get_worker_info()
+    return random.Random("-".join(map(str, (seed, info.id if info else 0, *stream))))
 
 
 class Shuffle(wds.PipelineStage):
-    """``wds.shuffle`` through a buffer of ``bufsize`` items, drawn by a seeded generator per rank, worker and
-    epoch (``worker_rng``): reproducible, and each epoch in another order (``wds.shuffle(seed=)`` repeats the same
+    """``wds.shuffle`` through a buffer of ``bufsize`` items, drawn by a seeded generator per worker and epoch
+    (``worker_rng``): reproducible, and each epoch in another order (``wds.shuffle(seed=)`` repeats the same
     order in every epoch and every worker). The epoch is counted from ``epoch``, one per pass over the data."""
 
     def __init__(self, bufsize: int, seed: int, name: str, epoch: int = 0) -> None:
@@ -397,7 +397,7 @@ class NXTPDataModule(L.LightningDataModule):
                                 # random crops may keep a small part of the image: decode those at full size
                                 input_size=None if train and hp.augment else self.model.visual.image_size)
         resampled = train and hp.resampled
-        # deterministic: drawn from `seed` and the rank and worker, not from the clock and pid
+        # deterministic: drawn from `seed` and the worker, not from the clock and pid
         stages = [wds.ResampledShards(urls, seed=seed, deterministic=True) if resampled else wds.SimpleShardList(urls),
                   wds.split_by_node, wds.split_by_worker]
         if train and not resampled:
@@ -414,12 +414,13 @@ class NXTPDataModule(L.LightningDataModule):
                              persistent_workers=workers > 0, worker_init_fn=leave_the_process_group)
 
     def _stream_seed(self) -> int:
-        """The seed of the training stream: ``data.seed`` for a new run (the same command gives the same run);
-        mixed with the step a resumed run starts from, so that it does not replay the shards, samples, label orders
-        and flips its first part was trained on."""
-        step = self.trainer.global_step if self.trainer is not None else 0
+        """The seed of this rank's training stream: ``data.seed`` for a new run on one process (the same command
+        gives the same run); mixed with the rank, so that ranks draw different data, and with the step a resumed
+        run starts from, so that it does not replay the shards, samples, label orders and flips its first part was
+        trained on."""
+        step, rank = (self.trainer.global_step, self.trainer.global_rank) if self.trainer is not None else (0, 0)
         # the hash of a tuple of ints is the same in every process (unlike that of a str)
-        return self.hparams.seed if step == 0 else hash((self.hparams.seed, step)) & 0x7FFFFFFF
+        return self.hparams.seed if step == rank == 0 else hash((self.hparams.seed, step, rank)) & 0x7FFFFFFF
 
     def train_dataloader(self):
         loader = self._loader(self.hparams.train_shards, True, "train")

@@ -105,12 +105,12 @@ def test_two_ranks_with_two_workers_each_see_disjoint_halves(tmp_path, model, mo
     assert sorted(seen[0] + seen[1]) == sorted(good_keys)  # every good sample exactly once across ranks
 
 
-def training_stream(tmp_path, model, epochs=1, batches=None, seed=0, resumed_at=0, **data):
+def training_stream(tmp_path, model, epochs=1, batches=None, seed=0, resumed_at=0, rank=0, **data):
     """Per epoch, the keys and label orders of the training batches that two workers deliver."""
     dm = NXTPDataModule(train_shards=str(tmp_path / "shard-{000000..000003}.tar"), batch_size=2, num_workers=2,
                         seed=seed, hflip=True, **data)
     dm.bind(model)
-    dm.trainer = SimpleNamespace(global_step=resumed_at, current_epoch=0, world_size=1)
+    dm.trainer = SimpleNamespace(global_step=resumed_at, current_epoch=0, global_rank=rank, world_size=1)
     loader = dm.train_dataloader()
     return [[(batch["keys"], batch["labels"], batch["pixels"].sum().item())
              for batch, _ in zip(loader, range(batches or 10**9))] for _ in range(epochs)]
@@ -123,6 +123,7 @@ def test_the_resampled_stream_is_the_same_in_every_run_with_its_seed(tmp_path, m
     assert training_stream(tmp_path, model, batches=12, resampled=True, seed=1) != first
     # a resumed run draws a stream of its own, not the one its first part was trained on
     assert training_stream(tmp_path, model, batches=12, resampled=True, resumed_at=500) != first
+    assert training_stream(tmp_path, model, batches=12, resampled=True, rank=1) != first  # each rank its own data
 
 
 def test_epochs_are_reproducible_and_each_in_another_order(tmp_path, model):
