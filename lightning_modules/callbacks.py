@@ -157,9 +157,10 @@ def numbered(folder: Path, pattern: str) -> dict[int, Path]:
 
 
 class SlurmRequeue(L.Callback):
-    """SLURM pre-emption: on the warning signal (``#SBATCH --signal=USR1@120``), write ``hpc_ckpt_N.ckpt`` in
-    ``trainer.default_root_dir``, ask ``scontrol requeue`` for the job, and stop; the requeued job resumes from
-    that checkpoint (see ``cli.train.resume_point``).
+    """SLURM pre-emption: on the warning signal (``#SBATCH --signal=USR1@120``), write ``hpc_ckpt_N.ckpt`` (and
+    ``last.ckpt``) in the run's checkpoint folder, ask ``scontrol requeue`` for the job, and stop; the requeued job
+    resumes from that checkpoint (see ``cli.train.resume_point``). In the run's own folder, not in
+    ``trainer.default_root_dir`` as Lightning does, so that it cannot be taken for the checkpoint of a later run.
 
     Lightning's own requeue does all of this inside the signal handler, which deadlocks when the signal lands
     while the TensorBoard writer is flushing (the handler flushes it again). Here the handler only sets a flag,
@@ -184,7 +185,8 @@ class SlurmRequeue(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         if not self.listening or self.requeued or not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
             return
-        folder = Path(trainer.default_root_dir)
+        checkpoint = trainer.checkpoint_callback
+        folder = Path(checkpoint.dirpath if checkpoint is not None and checkpoint.dirpath else trainer.default_root_dir)
         number = max(numbered(folder, HPC_CHECKPOINT), default=0) + 1
         trainer.save_checkpoint(folder / HPC_CHECKPOINT.format(number))
         if trainer.is_global_zero:

@@ -12,6 +12,8 @@ import torch
 from conftest import assert_resumed_to_the_end, fit_command, run, start_until
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lightning_modules.cli.train import resume_point
+
 
 def losses(save_dir: Path) -> dict[int, float]:
     """The training loss of each step of a run (its first value, where a resumed run logged a step again)."""
@@ -39,7 +41,7 @@ def uninterrupted(tmp_path_factory, shapes) -> Path:
 @pytest.mark.slow
 def test_slurm_preemption_signal_checkpoints_requeues_and_the_requeued_job_resumes(tmp_path, shapes):
     # A SLURM job as the sbatch scripts launch it: SLURM sends USR1 before pre-empting (--signal=USR1@120);
-    # the run writes hpc_ckpt_1.ckpt, asks `scontrol requeue` and stops; the requeued job resumes from it.
+    # the run writes checkpoints/hpc_ckpt_1.ckpt, asks `scontrol requeue` and stops; the requeued job resumes from it.
     calls = tmp_path / "scontrol_calls.txt"
     fake = tmp_path / "bin" / "scontrol"
     fake.parent.mkdir()
@@ -56,7 +58,7 @@ def test_slurm_preemption_signal_checkpoints_requeues_and_the_requeued_job_resum
     proc.send_signal(signal.SIGUSR1)
     assert proc.wait(timeout=300) == 0  # stopped by itself, without waiting for SLURM's SIGTERM
     assert calls.read_text().split() == ["requeue", "77"]
-    hpc = root / "hpc_ckpt_1.ckpt"
+    hpc = root / "version_0" / "checkpoints" / "hpc_ckpt_1.ckpt"  # in the run's folder: no other run resumes it
     saved_at = torch.load(hpc, weights_only=False)["global_step"]
     assert 10 <= saved_at < steps
     assert not (root / "version_0" / "metrics.json").exists()  # the run is not over
@@ -67,6 +69,22 @@ def test_slurm_preemption_signal_checkpoints_requeues_and_the_requeued_job_resum
     assert torch.load(root / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == steps
     assert not (root / "version_1").exists()
     assert (root / "version_0" / "metrics.json").exists()  # written once, by the job that finished the run
+
+
+def test_a_run_resumes_from_its_own_checkpoints_only(tmp_path):
+    root = tmp_path / "default"
+    first, second = root / "version_0" / "checkpoints", root / "version_1" / "checkpoints"
+    for folder in (first, second):
+        folder.mkdir(parents=True)
+    torch.save({"global_step": 1000}, first / "hpc_ckpt_1.ckpt")  # run 0 was pre-empted at step 1000, then finished
+    torch.save({"global_step": 2400}, first / "last.ckpt")
+    torch.save({"global_step": 300}, second / "last.ckpt")  # run 1, a new run, stopped by SIGTERM at step 300
+    path, version, state = resume_point(root)
+    assert (path, version, state["global_step"]) == (second / "last.ckpt", "version_1", 300)
+    torch.save({"global_step": 350}, second / "hpc_ckpt_1.ckpt")  # run 1 pre-empted later: its furthest state wins
+    assert resume_point(root)[:2] == (second / "hpc_ckpt_1.ckpt", "version_1")
+    (root / "version_2").mkdir()  # a run that stopped before its first checkpoint: the one before it continues
+    assert resume_point(root)[1] == "version_1"
 
 
 @pytest.mark.slow

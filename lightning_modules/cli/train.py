@@ -31,25 +31,23 @@ say = rank_zero_only(print)  # every rank runs the command line; one of them spe
 
 def resume_point(root: Path) -> tuple[Path, str, dict] | None:
     """Where an interrupted run continues: the furthest checkpoint of the newest ``version_N`` under a TensorBoard
-    logger's ``save_dir/name``, that version's folder name, and the checkpoint (its tensors memory-mapped).
+    logger's ``save_dir/name`` that has one, that version's folder name, and the checkpoint (its tensors
+    memory-mapped).
 
-    The candidates are the version's ``last.ckpt`` (written at every validation, at the end, and on SIGTERM /
-    Ctrl-C) and the ``hpc_ckpt_N.ckpt`` files written in ``root`` when SLURM signals a job before pre-empting it
-    (``#SBATCH --signal=USR1@120``, see ``callbacks.SlurmRequeue``). The highest global step wins; at a tie, the
-    SLURM checkpoint (written for exactly this resume), then the newer file.
+    The candidates are the version's ``checkpoints/last.ckpt`` (written at every validation, at the end, and on
+    SIGTERM / Ctrl-C) and the ``checkpoints/hpc_ckpt_N.ckpt`` written when SLURM signals a job before pre-empting
+    it (``#SBATCH --signal=USR1@120``, see ``callbacks.SlurmRequeue``). The highest global step wins; at a tie,
+    the SLURM checkpoint (written for exactly this resume), then the newer file.
     """
-    versions = [v for _, v in sorted(numbered(root, "version_{}").items())]
-    if not versions:
-        return None
-    candidates = [p for v in reversed(versions) if (p := v / "checkpoints" / "last.ckpt").is_file()][:1]
-    hpc = set(numbered(root, HPC_CHECKPOINT).values())
-    candidates += hpc
-    if not candidates:
-        return None
-    states = {p: load_checkpoint(p, mmap=True) for p in candidates}
-    newest = max(candidates, key=lambda p: (states[p].get("global_step", 0), p in hpc, p.stat().st_mtime))
-    version = newest.parents[1].name if newest.name == "last.ckpt" else versions[-1].name
-    return newest, version, states[newest]
+    for version in reversed([v for _, v in sorted(numbered(root, "version_{}").items())]):
+        folder = version / "checkpoints"
+        hpc = set(numbered(folder, HPC_CHECKPOINT).values())
+        candidates = [p for p in [folder / "last.ckpt", *hpc] if p.is_file()]
+        if candidates:
+            states = {p: load_checkpoint(p, mmap=True) for p in candidates}
+            newest = max(candidates, key=lambda p: (states[p].get("global_step", 0), p in hpc, p.stat().st_mtime))
+            return newest, version.name, states[newest]
+    return None
 
 
 class NXTPCLI(LightningCLI):
@@ -86,7 +84,9 @@ class NXTPCLI(LightningCLI):
         args = logger.init_args
         root = Path(args.save_dir) / (args.name or "lightning_logs")
         if config.trainer.default_root_dir is None:
-            # SLURM pre-emption checkpoints (hpc_ckpt_N.ckpt) go here, next to the runs they belong to.
+            # On SLURM, Lightning resumes by itself from any hpc_ckpt_N.ckpt in default_root_dir, whichever run wrote
+            # it; none is written in the logger's folder (SlurmRequeue writes into each run's checkpoints/), so here
+            # resuming is left to resume_point, which knows which run a checkpoint belongs to.
             config.trainer.default_root_dir = str(root)
         found = resume_point(root) if config.get("resume") and not config.get("ckpt_path") else None
         if found is None:
