@@ -254,7 +254,9 @@ class GracefulStop(L.Callback):
     inside a checkpoint write, or between two collectives of different kinds on different ranks), which can leave
     the ranks waiting on each other for ever. Here the handler only records the signal (and passes it on to the
     ranks this process launched); the ranks agree on it once per training step, where they are in step anyway.
-    A second signal to the launching process stops at once.
+    A second signal to the launching process stops at once. Outside training (``nxtp validate``, ``test``,
+    ``predict``, ``test_after_fit``) there is nothing to save: a signal stops at once, with 143 (SIGTERM) or 130
+    (Ctrl-C) and no results written (Lightning would end a test with exit status 0).
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -263,10 +265,11 @@ class GracefulStop(L.Callback):
         self.signalled: signal.Signals | None = None
         self._launcher = None
         self._launching = False
+        self._stage = "fit"
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._listen(trainer)
+        self._stage = str(getattr(stage, "value", stage))  # "fit", "validate", "test", "predict"
+        self._listen(trainer)
 
     # Lightning installs its own handlers after on_fit_start; take the signals back before the loops start.
     def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -281,7 +284,13 @@ class GracefulStop(L.Callback):
         self._launcher = trainer.strategy.launcher
         self._launching = trainer.global_rank == 0
         for signum in self.SIGNALS:
-            signal.signal(signum, self._on_signal)
+            signal.signal(signum, self._on_signal if self._stage == "fit" else self._stop_now)
+
+    def _stop_now(self, signum: int, frame) -> None:
+        if hasattr(self._launcher, "procs"):  # the ranks this process started stop too
+            self._launcher.kill(signum)
+        name = signal.Signals(signum).name
+        raise Interrupted(128 + signum, f"stopped by {name} during {self._stage}: no results written")
 
     def _on_signal(self, signum: int, frame) -> None:
         if self.signalled is not None:

@@ -13,8 +13,8 @@ class SignalAt(L.Callback):
     """Send SIGTERM to the process that launched the run (rank 0), once, ``moment`` at step ``step``.
 
     Args:
-        moment: ``training`` (inside the training step), ``validation`` (inside a validation of the fit) or
-            ``checkpoint`` (while a checkpoint is being written).
+        moment: ``training`` (inside the training step), ``validation`` (inside a validation of the fit),
+            ``checkpoint`` (while a checkpoint is being written) or ``test`` (inside a test step).
         step: the global step at (or after) which to send it.
         group: send it to the whole process group instead (its DataLoader workers too), as Ctrl-C in a terminal
             or ``kill -- -PGID`` does.
@@ -40,3 +40,6 @@ class SignalAt(L.Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         self._send(trainer, "checkpoint")
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._send(trainer, "test")

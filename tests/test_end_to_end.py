@@ -114,6 +114,18 @@ def test_a_run_interrupted_at_any_moment_resumes_and_ends_with_its_final_checkpo
 
 
 @pytest.mark.slow
+def test_a_signal_during_a_test_stops_it_with_its_exit_status_and_no_results(tmp_path, shapes, uninterrupted):
+    checkpoint = uninterrupted / "default" / "version_0" / "checkpoints" / "last.ckpt"
+    command = [a if a != "fit" else "test" for a in fit_command(shapes, tmp_path / "logs", 30)]
+    tested = run(command + ["--ckpt_path", str(checkpoint), "--data.test_shards", str(shapes / "test/shard-000000.tar"),
+                            "--trainer.callbacks+=tests.signal_at.SignalAt", "--trainer.callbacks.moment", "test",
+                            "--trainer.callbacks.step", "0"])
+    assert tested.returncode == 128 + signal.SIGTERM, tested.stderr[-3000:]  # Lightning alone exits with 0
+    assert "stopped by SIGTERM during test: no results written" in tested.stdout
+    assert not list(tmp_path.glob("logs/**/metrics.json"))
+
+
+@pytest.mark.slow
 def test_a_run_shorter_than_the_validation_interval_tests_its_last_weights(tmp_path, shapes):
     fit = run(fit_command(shapes, tmp_path / "logs", 4) + [
         "--test_after_fit", "true", "--data.test_shards", str(shapes / "test/shard-000000.tar")])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ..callbacks import (HPC_CHECKPOINT, AttentionMaskImage, GracefulStop, Interrupted, SaveConfigToTensorBoard,
                          SlurmRequeue, numbered)
@@ -144,6 +146,9 @@ def lightning_main() -> None:
     except Interrupted as stop:  # a signal or a SLURM requeue ended the fit at a step boundary, to resume later
         say(stop.message)
         sys.exit(stop.code)
+    except SIGTERMException:  # Lightning's own stop (a SystemExit with status 0), where GracefulStop is not in use
+        say("stopped by SIGTERM: no results written")
+        sys.exit(128 + signal.SIGTERM)
     finally:
         # Lightning leaves the process group up (a later trainer.test reuses it). Left to interpreter shutdown,
         # gloo's worker threads can outlive Python and abort the process ("terminate called without an active
