@@ -107,7 +107,8 @@ def test_a_run_interrupted_at_any_moment_resumes_and_ends_with_its_final_checkpo
 
     # Until the signal it was the uninterrupted run, step for step: the same seed draws the same data.
     before = {step: loss for step, loss in losses(tmp_path / "logs").items() if step < stopped_at}
-    assert before and before == pytest.approx({step: losses(uninterrupted)[step] for step in before}, rel=1e-5)
+    whole = losses(uninterrupted)
+    assert before and before == pytest.approx({step: whole[step] for step in before}, rel=1e-5)
     assert_resumed_to_the_end(run(command), version, steps, stopped_at)
     # It trained as far as a run that was never stopped (not bit for bit: the resumed run draws a stream of its own).
     assert abs(final_loss(tmp_path / "logs") - final_loss(uninterrupted)) < 0.3 * final_loss(uninterrupted)
