@@ -27,11 +27,13 @@ DRAFT_FACTOR = 2
 ImageSource = str | Path | bytes | IO[bytes] | Image.Image
 
 
+IMAGE_ERRORS = ("empty image", "image too large", "corrupt image")
+
+
 class ImageError(ValueError):
     """An image that cannot be used.
 
-    ``reason`` is one of ``empty image``, ``image too large``, ``corrupt image`` (what training counts its
-    rejects by); the message adds what was found.
+    ``reason`` is one of ``IMAGE_ERRORS`` (what training counts its rejects by); the message adds what was found.
     """
 
     def __init__(self, reason: str, detail: str = "") -> None:

@@ -8,8 +8,9 @@ Bad data never stops a run: a sample that cannot be used (broken or oversized im
 non-UTF-8 caption, no labels, or any error while extracting its labels, tokenizing them or transforming its
 image) is skipped, and so is a shard that stays unreachable after retries or the rest of a truncated one; each
 is logged, counted by reason in the next batch, and listed in ``rejects.jsonl``. What is not bad data stops the
-run at once with an error that says so: missing NLTK data, or samples failing one after the other with errors
-(see ``SystematicFailure``).
+run at once with an error that says so: missing NLTK data, samples failing one after the other with errors,
+shards unreachable one after the other, or nothing but rejects for ``data.max_rejects_in_a_row`` samples (see
+``SystematicFailure``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from PIL import Image
 from lightning_modules.sequence import SequenceBuilder, collate_text
 
 from .even_epochs import StopTogether
-from .images import MAX_IMAGE_PIXELS, ImageError, decode_image
+from .images import IMAGE_ERRORS, MAX_IMAGE_PIXELS, ImageError, decode_image
 from .labels import NLTKDataError, ensure_nltk_data, extract_labels
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,11 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 Shards = str | list[str] | None
 REJECTS_FILE = "rejects.jsonl"
+# Why a sample (or, for the last four, a shard) was skipped: the keys of ``batch["skipped"]``, in a fixed order, so
+# that ranks can sum their counts as one vector.
+REJECT_REASONS = ("no image", "no caption", "caption not utf-8", "empty caption", *IMAGE_ERRORS, "no labels",
+                  "label extraction failed", "tokenization failed", "image transform failed", "malformed sample",
+                  "truncated shard", "corrupt shard", "unreachable shard")
 
 
 class SystematicFailure(RuntimeError):
@@ -54,22 +60,34 @@ class Rejects:
 
     Workers run in other processes, so both travel with the next batch (see ``Collate``) to the main process.
     It also watches for failures that are not bad data: ``max_failures_in_a_row`` samples in a row that raised
-    an error (see :meth:`failed`), or a worker whose every sample failed or was rejected.
+    an error (see :meth:`failed`), ``max_rejects_in_a_row`` samples or shards in a row rejected for any reason
+    (resampled shards never end, so a stream of nothing but rejects would go on for ever), or a worker whose every
+    sample failed or was rejected.
     """
 
-    def __init__(self, split: str, max_failures_in_a_row: int = 20) -> None:
+    def __init__(self, split: str, max_failures_in_a_row: int = 20, max_rejects_in_a_row: int = 10_000) -> None:
         self.split, self.max_failures_in_a_row = split, max_failures_in_a_row
+        self.max_rejects_in_a_row = max_rejects_in_a_row
         self.counts: Counter[str] = Counter()
         self.records: list[dict[str, Any]] = []
-        self.failures_in_a_row = self.converted = self.failures = 0
+        self.failures_in_a_row = self.rejects_in_a_row = self.converted = self.failures = 0
+        self.shard: str | None = None  # the shard being read (set by ``read_shards``), for malformed samples
 
     def add(self, reason: str, shard: str | None, key: str | None, error: BaseException | None = None) -> None:
         """Count one rejected sample (or a shard, with ``key`` None) and keep its record."""
+        if reason not in REJECT_REASONS:
+            raise ValueError(f"unknown reject reason {reason!r}: add it to REJECT_REASONS")
         self.counts[reason] += 1
         message = f"{type(error).__name__}: {error}" if error is not None else None
         self.records.append({"split": self.split, "shard": shard, "key": key, "reason": reason, "error": message})
         what = f"sample {key} in shard {shard}" if key is not None else f"shard {shard}"
         log.warning("skipping %s: %s%s", what, reason, f" ({message})" if message else "")
+        self.rejects_in_a_row += 1
+        if self.rejects_in_a_row >= self.max_rejects_in_a_row:
+            raise SystematicFailure(
+                f"the last {self.rejects_in_a_row} {self.split} samples or shards were all rejected, the last one "
+                f"({what}) as {reason}: nothing of data.{self.split}_shards becomes an example "
+                f"(see rejects.jsonl and the warnings above; data.max_rejects_in_a_row sets the limit).")
 
     def failed(self, reason: str, shard: str | None, key: str | None, error: BaseException) -> None:
         """Count a sample whose conversion raised ``error``; raise ``SystematicFailure`` when too many in a row did."""
@@ -86,7 +104,7 @@ class Rejects:
     def succeeded(self) -> None:
         """Count a sample that became a training example."""
         self.converted += 1
-        self.failures_in_a_row = 0
+        self.failures_in_a_row = self.rejects_in_a_row = 0
 
     def check_end(self) -> None:
         """At the end of a worker's stream: raise ``SystematicFailure`` if samples failed and none was converted."""
@@ -97,8 +115,9 @@ class Rejects:
             )
 
     def malformed(self, error: BaseException) -> bool:
-        """A webdataset exception handler: count a malformed sample (e.g. a file twice in it) and go on."""
-        self.add("malformed sample", None, None, error)
+        """A webdataset exception handler: count a malformed sample (e.g. a file twice in it) and go on. Its key
+        is in the error's message; its shard is the one being read."""
+        self.add("malformed sample", self.shard, None, error)
         return True
 
     def drain(self) -> tuple[dict[str, int], list[dict[str, Any]]]:
@@ -224,16 +243,20 @@ def read_shards(shards: Iterable[dict[str, Any]], rejects: Rejects, retries: int
     A shard that fails to open or stops downloading is read again ``retries`` times (waiting ``retry_wait``
     seconds, doubled each time), skipping files already passed on, then skipped as an ``unreachable shard``.
     A truncated or broken tar is not retried: its files before the damage are kept. So are those of a shard given
-    up, and the sample cut off there is counted by what it lacks (e.g. ``no caption``).
+    up, and the sample cut off there is counted by what it lacks (e.g. ``no caption``). ``max_failures_in_a_row``
+    shards in a row given up, with nothing read from any, stop the run: the storage or the network is down.
     """
     given_up: set[str] = set()  # drawn again (resampling), such a shard is tried once more, without waiting
+    unreachable_in_a_row = 0
     for shard in shards:
         url, done = shard["url"], 0
+        rejects.shard = url
         attempts = 1 if url in given_up else retries + 1
         for attempt in range(attempts):
             try:
                 for member in _shard_files(url, done):
                     member["__url__"] = url
+                    unreachable_in_a_row = 0
                     yield member
                     done += 1
                 break
@@ -245,22 +268,31 @@ def read_shards(shards: Iterable[dict[str, Any]], rejects: Rejects, retries: int
                 if attempt == attempts - 1:
                     rejects.add("unreachable shard", url, None, e)
                     given_up.add(url)
+                    unreachable_in_a_row += 1
+                    if unreachable_in_a_row >= rejects.max_failures_in_a_row:
+                        raise SystematicFailure(
+                            f"{unreachable_in_a_row} {rejects.split} shards in a row could not be read, the last one "
+                            f"{url} with {type(e).__name__}: {e} (data.max_failures_in_a_row sets the limit)") from e
                 else:
                     log.warning("reading shard %s failed (%s), attempt %d of %d", url, e, attempt + 1, attempts)
                     time.sleep(retry_wait * 2**attempt)
         yield {}  # end of shard: group_by_keys must not join its last sample with the next shard's first
 
 
-def carry_leftovers(batches: Iterable[dict[str, Any]], rejects: Rejects) -> Iterator[dict[str, Any]]:
+def carry_leftovers(batches: Iterable[dict[str, Any]], rejects: Rejects, empty: Callable[[], dict] | None
+                    ) -> Iterator[dict[str, Any]]:
     """Pipeline stage: hold each batch back until the next, so that the last one also carries what was rejected
-    after it was collated (training drops a partial last batch). A worker that yields no batch at all still
-    loses its rejects, which are then only in the log."""
+    after it was collated (training drops a partial last batch). A worker left with rejects and no batch to carry
+    them yields ``empty()`` (a batch of no samples, which evaluation takes); without ``empty`` (training, where
+    every batch is a step) they wait for that worker's next batch, in the next epoch."""
     held = None
     for batch in batches:
         if held is not None:
             yield held
         held = batch
     rejects.check_end()
+    if held is None and rejects.counts and empty is not None:
+        held = empty()
     if held is not None:
         counts, records = rejects.drain()
         for reason, count in counts.items():
@@ -280,6 +312,11 @@ class Collate:
         skipped, records = self.rejects.drain()
         return {"pixels": torch.stack(pixels), "text": collate_text(list(seqs), self.pad_id),
                 "labels": list(labels), "keys": list(keys), "skipped": skipped, "rejects": records}
+
+    @staticmethod
+    def empty() -> dict[str, Any]:
+        """A batch of no samples, to carry rejects (see ``carry_leftovers``)."""
+        return {"pixels": torch.empty(0), "text": None, "labels": [], "keys": [], "skipped": {}, "rejects": []}
 
 
 def leave_the_process_group(worker_id: int) -> None:
@@ -320,15 +357,18 @@ class NXTPDataModule(L.LightningDataModule):
         shard_retry_wait: seconds before the first retry of a shard, doubled for each further one.
         nltk_data: folder of NLTK data for label extraction; None: ``$NXTP_NLTK_DATA``, else the packaged copy.
         max_failures_in_a_row: this many samples in a row failing with an error (label extraction, tokenization,
-            image transform) stop the run: that is a bug or a broken set-up, not bad data.
+            image transform), or this many shards in a row unreachable, stop the run: that is a bug or a broken
+            set-up, not bad data.
+        max_rejects_in_a_row: this many samples or shards in a row rejected for any reason, with none becoming an
+            example, stop the run (resampled shards that are all bad would otherwise be read for ever).
     """
 
     def __init__(self, train_shards: Shards = None, val_shards: Shards = None, test_shards: Shards = None,
                  batch_size: int = 64, num_workers: int = 2, shuffle_buffer: int = 2000, resampled: bool = False,
                  hflip: bool = False, augment: bool = False, max_labels: int = 16, seed: int = 0,
                  max_image_pixels: int = MAX_IMAGE_PIXELS, shard_retries: int = 3, shard_retry_wait: float = 1.0,
-                 nltk_data: str | None = None,
-                 max_failures_in_a_row: int = 20) -> None:
+                 nltk_data: str | None = None, max_failures_in_a_row: int = 20,
+                 max_rejects_in_a_row: int = 10_000) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = None
@@ -360,7 +400,9 @@ class NXTPDataModule(L.LightningDataModule):
         return batch
 
     def _first_time(self, record: dict[str, Any]) -> bool:
-        key = (record["split"], record["shard"], record["key"], record["reason"])
+        # a sample by its key; a shard, or a malformed sample (no key), by its error too
+        key = (record["split"], record["shard"], record["key"], record["reason"],
+               record["error"] if record["key"] is None else None)
         if key in self._seen_rejects:
             return False
         self._seen_rejects.add(key)
@@ -383,7 +425,8 @@ class NXTPDataModule(L.LightningDataModule):
     def _loader(self, shards: Shards, train: bool, name: str):
         urls = self._urls(shards, name)
         hp = self.hparams
-        rejects = Rejects(name, hp.max_failures_in_a_row)  # shared by the stages below; each worker gets its own copy
+        # shared by the stages below; each worker gets its own copy
+        rejects = Rejects(name, hp.max_failures_in_a_row, hp.max_rejects_in_a_row)
         # Labels are extracted the reference's way exactly when the model follows the reference (model.reference_compat).
         compat = self.model.reference_compat
         # open_clip's training transform crops at random, which can cut objects (and so labels) out of an image.
@@ -408,7 +451,7 @@ class NXTPDataModule(L.LightningDataModule):
             stages.append(Shuffle(hp.shuffle_buffer, seed, "samples", epoch))
         stages += [wds.map(decoder), wds.select(lambda s: s is not None),
                    wds.batched(hp.batch_size, Collate(rejects, self.model.sequences.pad_id), partial=not train),
-                   wds.pipelinefilter(carry_leftovers)(rejects)]
+                   wds.pipelinefilter(carry_leftovers)(rejects, None if train else Collate.empty)]
         workers = min(hp.num_workers, len(urls))
         return wds.WebLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=workers,
                              persistent_workers=workers > 0, worker_init_fn=leave_the_process_group)

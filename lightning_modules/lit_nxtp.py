@@ -8,6 +8,7 @@ import os
 import random
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -17,6 +18,8 @@ import torch
 from lightning.pytorch.utilities import grad_norm, rank_zero_info, rank_zero_warn
 from PIL import Image, ImageDraw
 from torchmetrics import MeanMetric, SumMetric
+
+from datamodules.webdataset import REJECT_REASONS
 
 from .attention_maps import explain, overlay, pixels_to_image
 from .decoder import DecoderConfig
@@ -30,6 +33,7 @@ from .vision import VisionConfig
 TOKENIZER_KEY = "nxtp_tokenizer_files"
 RNG_KEY = "nxtp_rng_states"
 MAX_STEPS_KEY = "nxtp_max_steps"
+TRAIN_SKIPPED_KEY = "nxtp_train_skipped"
 
 
 def tokenizer_files(tokenizer) -> dict[str, bytes]:
@@ -85,8 +89,8 @@ class LitNXTP(L.LightningModule):
         warmup: warm-up steps; a value below 1 is a fraction of the total steps.
         decay_fraction: for ``wsd``, the fraction of steps spent decaying.
         min_lr_ratio: the lr at the end, as a fraction of ``lr``.
-        max_nonfinite_steps: a step whose loss is NaN or infinite is skipped and counted; after this many the run
-            stops with an error naming the batch's samples.
+        max_nonfinite_steps: a step whose loss is NaN or infinite (on any rank) is skipped by every rank and
+            counted; after this many in a run the run stops with an error naming the batch's samples.
 
     Evaluation:
         eval_topk: the top-k cut-offs at which validation/test recall, precision and F1 are reported.
@@ -164,6 +168,9 @@ class LitNXTP(L.LightningModule):
                 raise ValueError(f"model.init_allow_missing: pattern {pattern!r} matches no tensor of the model")
         self._initialized_from: str | None = None
         self.nonfinite_steps = 0
+        self._drop_gradients = False  # set by a skipped step, for the optimizer step that follows it
+        self._restore_stats: list[torch.Tensor] | None = None  # ... and its running statistics, put back after backward
+        self.train_skipped = dict.fromkeys(REJECT_REASONS, 0)  # since the run started, over every rank
         # Evaluation keeps only sums (torchmetrics states) and syncs them once per epoch: ranks may hold different
         # numbers of batches (shards are split between ranks), so no collective may run per batch.
         self.eval_loss = MeanMetric()  # weighted by counted tokens: the same mean whatever the batching
@@ -218,12 +225,17 @@ class LitNXTP(L.LightningModule):
         checkpoint[TOKENIZER_KEY] = tokenizer_files(self.model.tokenizer)
         if self._trainer is not None:  # how long the run is meant to be: a run that got there is finished
             checkpoint[MAX_STEPS_KEY] = self.trainer.max_steps
+        checkpoint[TRAIN_SKIPPED_KEY] = {"skipped": dict(self.train_skipped), "nonfinite": self.nonfinite_steps}
         _, keys, pos, has_gauss, gauss = np.random.get_state()
         checkpoint[RNG_KEY] = {"torch": torch.get_rng_state(), "python": random.getstate(),
                                "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # A resumed run continues the random streams (dropout, init of new parts) where they stopped.
+        # A resumed run goes on counting where it stopped, and continues the random streams (dropout, init of new
+        # parts) there.
+        if TRAIN_SKIPPED_KEY in checkpoint:
+            self.train_skipped.update(checkpoint[TRAIN_SKIPPED_KEY]["skipped"])
+            self.nonfinite_steps = checkpoint[TRAIN_SKIPPED_KEY]["nonfinite"]
         if RNG_KEY in checkpoint:
             torch.set_rng_state(checkpoint[RNG_KEY]["torch"])
             keys, pos, has_gauss, gauss = checkpoint[RNG_KEY]["numpy"]
@@ -233,29 +245,55 @@ class LitNXTP(L.LightningModule):
     # training -------------------------------------------------------------------------------------------
 
     def training_step(self, batch, batch_idx):
+        running_stats = [b.clone() for b in self._running_stats()]
         loss, n_tokens = self.model(batch["pixels"], batch["text"])
         bs = len(batch["keys"])
-        if not torch.isfinite(loss):
-            return self._skip_nonfinite(loss, batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        skip = self._count_step(batch["skipped"], loss)
+        if skip:  # backward still runs (with DDP, every rank must take part); its gradients are dropped
+            self._skip_nonfinite(loss, batch, running_stats)
+        # A skipped step's loss is logged as NaN: Lightning would write the last value again for a key not logged.
+        self.log("train/loss", float("nan") if skip else loss, prog_bar=True, batch_size=bs)
         self._log_throughput(bs, n_tokens.item())
-        self._log_skipped(batch, "train")
         return loss
 
-    def _skip_nonfinite(self, loss, batch) -> None:
-        """Count and skip a step with a non-finite loss (returning None skips backward and the optimizer step).
+    def _count_step(self, skipped: dict[str, int], loss: torch.Tensor) -> bool:
+        """Add this step's skipped samples of every rank to the run's totals, logged as ``train/skipped/<reason>``
+        (a total, so that no count is lost between the steps that are logged); True if the loss of any rank is not
+        finite. One all-reduce of a small vector per step with several ranks: every rank then skips the same
+        steps (a rank that skipped alone would leave the others waiting in the gradient all-reduce)."""
+        rejected = torch.tensor([skipped.get(reason, 0) for reason in REJECT_REASONS], device=loss.device)
+        counts = torch.cat([(~torch.isfinite(loss.detach())).long().view(1), rejected])
+        if self._trainer is not None and self.trainer.world_size > 1:
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        counts = counts.tolist()
+        for reason, count in zip(REJECT_REASONS, counts[1:]):
+            self.train_skipped[reason] += count
+            if self.train_skipped[reason]:
+                self.log(f"train/skipped/{reason}", float(self.train_skipped[reason]), batch_size=1)
+        return counts[0] > 0
 
-        With several devices every rank must skip together, which holds when the cause is the model (all ranks
-        share its weights) but not for one rank's bad batch; there the run stops at ``max_nonfinite_steps``.
-        """
+    def _running_stats(self) -> list[torch.Tensor]:
+        """The buffers a training forward changes: the running statistics of BatchNorm layers (the conv stem)."""
+        return [buffer for module in self.model.modules() if isinstance(module, torch.nn.modules.batchnorm._NormBase)
+                for buffer in module.buffers(recurse=False)]
+
+    def _skip_nonfinite(self, loss, batch, running_stats: list[torch.Tensor]) -> None:
+        """Skip a step where the loss of some rank is not finite, on every rank (see ``_count_step``), leaving the
+        model as it was: the running statistics the forward changed are put back after backward (which still reads
+        them), and the step's gradients are dropped before the optimizer step (``on_before_optimizer_step``;
+        Lightning refuses a training step that returns None under DDP, and a GradScaler skips such a step itself)."""
+        self._restore_stats, self._drop_gradients = running_stats, True
         self.nonfinite_steps += 1
-        keys = batch["keys"][:8]
+        here = not torch.isfinite(loss)
+        where = "on another rank"
+        if here:
+            world = self.trainer.world_size if self._trainer is not None else 1
+            where = f"batch samples {batch['keys'][:8]}" + (f" on rank {self.global_rank}" if world > 1 else "")
         self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=len(batch["keys"]))
         if self.nonfinite_steps > self.hparams.max_nonfinite_steps:
-            raise RuntimeError(f"loss is {loss.item()} for the {self.nonfinite_steps}th time (more than "
-                               f"model.max_nonfinite_steps={self.hparams.max_nonfinite_steps}); batch samples {keys}")
-        rank_zero_warn(f"skipping step {self.global_step}: loss is {loss.item()} (batch samples {keys})")
-        return None
+            raise RuntimeError(f"the loss is not finite for the {self.nonfinite_steps}th time (more than "
+                               f"model.max_nonfinite_steps={self.hparams.max_nonfinite_steps}); {where}")
+        (warnings.warn if here else rank_zero_warn)(f"skipping step {self.global_step}: loss is not finite ({where})")
 
     def on_train_epoch_start(self) -> None:
         self._step_started = None  # waiting for the first batch is not throughput
@@ -269,11 +307,20 @@ class LitNXTP(L.LightningModule):
             self.log("train/tokens_per_sec", tokens / elapsed, batch_size=images)
         self._step_started = now
 
-    def _log_skipped(self, batch, stage: str) -> None:
-        for reason, count in batch["skipped"].items():
-            self.log(f"{stage}/skipped/{reason}", float(count), reduce_fx="sum", batch_size=1)
+    def on_after_backward(self) -> None:
+        if self._restore_stats is not None:
+            with torch.no_grad():
+                for buffer, saved in zip(self._running_stats(), self._restore_stats):
+                    buffer.copy_(saved)
+            self._restore_stats = None
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        if self._drop_gradients:  # a skipped step (with gradient accumulation: one of its micro-batches)
+            self._drop_gradients = False
+            for param in self.parameters():
+                param.grad = None  # AdamW leaves a parameter without a gradient as it is
+            self.log("train/grad_norm", float("nan"))
+            return
         norms = grad_norm(self.model, norm_type=2)
         if "grad_2.0_norm_total" in norms:
             self.log("train/grad_norm", norms["grad_2.0_norm_total"])
@@ -297,11 +344,13 @@ class LitNXTP(L.LightningModule):
     # evaluation -----------------------------------------------------------------------------------------
 
     def _evaluate(self, batch, batch_idx: int, stage: str):
+        for reason, count in batch["skipped"].items():
+            self.eval_skipped[reason] = self.eval_skipped.get(reason, 0) + count
+        if not batch["keys"]:
+            return  # a batch that only carries rejects (datamodules.webdataset.carry_leftovers)
         loss, n_tokens = self.model(batch["pixels"], batch["text"])
         self.eval_loss.update(loss, n_tokens)
         self.eval_images.update(len(batch["keys"]))
-        for reason, count in batch["skipped"].items():
-            self.eval_skipped[reason] = self.eval_skipped.get(reason, 0) + count
         # The paper's protocol: the top-k labels come from a sampling with exactly k branches (cutting a top-10
         # sampling would let branches 6-10 merge into and outrank the top-5 labels).
         predictions = {k: recognize(self.model, batch["pixels"], topk=k, min_prob=self.hparams.eval_min_prob)
@@ -346,6 +395,11 @@ class LitNXTP(L.LightningModule):
         ``compute()`` has already summed the states of all ranks, so every rank logs the same values; ``sync_dist``
         only averages those equal values (one collective per key, the same keys in the same order on every rank).
         """
+        if self.eval_images.compute() == 0 and not self.trainer.sanity_checking:  # summed over ranks: all raise
+            limit = getattr(self.trainer, f"limit_{stage}_batches")
+            read = "" if limit == 1.0 else f" in the batches read (trainer.limit_{stage}_batches={limit})"
+            raise RuntimeError(f"{stage}: no sample of data.{stage}_shards could be evaluated{read}: every shard "
+                               f"empty, unreadable or rejected (see rejects.jsonl); there is no score to report")
         for name, metric in (("loss", self.eval_loss), ("images", self.eval_images)):
             self.log(f"{stage}/{name}", metric.compute(), sync_dist=True)
             metric.reset()
@@ -385,6 +439,8 @@ class LitNXTP(L.LightningModule):
         self._log_metrics("test")
 
     def predict_step(self, batch, batch_idx):
+        if not batch["keys"]:
+            return []
         preds = recognize(self.model, batch["pixels"], topk=max(self.hparams.eval_topk), min_prob=self.hparams.eval_min_prob)
         return [{"key": k, "labels": p} for k, p in zip(batch["keys"], preds)]
 

@@ -2,10 +2,13 @@
 
 import io
 import json
+import signal
 import struct
+import tarfile
 import types
 import zlib
 from collections import Counter
+from contextlib import contextmanager
 
 import lightning as L
 import numpy as np
@@ -163,6 +166,60 @@ def test_a_shard_drawn_again_after_it_failed_is_not_retried_again(tmp_path):
     assert attempts.read_text().count("attempt") == RETRIES + 1 + 2  # resampling draws it again: once each
 
 
+def test_a_worker_with_nothing_but_rejects_still_reports_them(tmp_path, model):
+    urls, _, _ = write_bad_shards(tmp_path, tmp_path / "attempts")
+    # Worker 1's only shard is unreachable: it has no batch to carry that count, so it yields one of no samples.
+    dm = NXTPDataModule(val_shards=[urls[3], urls[2]], batch_size=4, num_workers=2, shard_retries=0)
+    dm.bind(model)
+    batches = list(dm.val_dataloader())
+    assert sorted(key for batch in batches for key in batch["keys"]) == [f"whole_{i}" for i in range(6)]
+    assert sum((Counter(batch["skipped"]) for batch in batches), Counter()) == {"unreachable shard": 1}
+
+
+def test_a_malformed_sample_is_recorded_with_its_shard(tmp_path, model):
+    jpeg, path = encode(Image.new("RGB", (40, 30), "blue"), "JPEG"), tmp_path / "twice.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in [("k0.jpg", jpeg), ("k0.txt", b"a dog"), ("k0.jpg", jpeg), ("k1.jpg", jpeg),
+                           ("k1.txt", b"a dog")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    dm = NXTPDataModule(val_shards=str(path), batch_size=4, num_workers=0)
+    dm.bind(model)
+    (batch,) = list(dm.val_dataloader())
+    assert batch["skipped"] == {"malformed sample": 1}
+    assert [(r["shard"], r["reason"]) for r in batch["rejects"]] == [(str(path), "malformed sample")]
+    assert "k0.jpg" in batch["rejects"][0]["error"]
+
+
+@contextmanager
+def deadline(seconds: int):
+    """Fail with TimeoutError instead of running for ever."""
+    def expire(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_resampled_shards_that_give_nothing_stop_the_run_instead_of_reading_for_ever(tmp_path, model):
+    with wds.TarWriter(str(tmp_path / "captionless.tar")) as sink:
+        for i in range(5):
+            sink.write({"__key__": f"k{i}", "jpg": encode(Image.new("RGB", (40, 30), "blue"), "JPEG")})
+    for shards, message in [(str(tmp_path / "captionless.tar"), "the last 50 train samples or shards were all "
+                             r"rejected, the last one \(sample k\d in shard .*captionless.tar\) as no caption"),
+                            ("pipe:exit 1", "3 train shards in a row could not be read, the last one pipe:exit 1")]:
+        dm = NXTPDataModule(train_shards=shards, resampled=True, num_workers=0, shard_retries=0,
+                            max_failures_in_a_row=3, max_rejects_in_a_row=50)
+        dm.bind(model)
+        with deadline(60), pytest.raises(SystematicFailure, match=message):
+            next(iter(dm.train_dataloader()))
+
+
 def test_odd_modes_are_converted_not_rejected():
     modes = {name: to_rgb(Image.open(io.BytesIO(data))) for name, (_, data) in odd_modes().items()}
     assert all(image.mode == "RGB" and image.size == (40, 30) for image in modes.values())
@@ -191,18 +248,25 @@ def test_shards_that_match_nothing_name_the_key(model, shards):
         dm.train_dataloader()
 
 
+def tiny_module() -> LitNXTP:
+    return LitNXTP(VisionConfig(model_name="nxtp-tiny-vit"),
+                   DecoderConfig(config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                         "num_attention_heads": 4, "num_key_value_heads": 4}),
+                   str(LLAMA_TOKENIZER), semantic_metric=False, log_images=0, eval_topk=[1])
+
+
+def quiet_trainer(tmp_path, **kwargs) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", logger=TensorBoardLogger(tmp_path / "logs"), enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **kwargs)
+
+
 def test_a_run_writes_every_reject_to_its_log_dir(tmp_path):
     urls, _, expected = write_bad_shards(tmp_path, tmp_path / "attempts")
-    module = LitNXTP(VisionConfig(model_name="nxtp-tiny-vit"),
-                     DecoderConfig(config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                           "num_attention_heads": 4, "num_key_value_heads": 4}),
-                     str(LLAMA_TOKENIZER), semantic_metric=False, log_images=0, eval_topk=[1])
+    module = tiny_module()
     # Training reads every shard; validation and testing (kept short) one each.
     dm = NXTPDataModule(train_shards=urls, val_shards=urls[0], test_shards=urls[1], batch_size=8, num_workers=0,
                         shuffle_buffer=8, shard_retries=0, shard_retry_wait=0)
-    trainer = L.Trainer(max_epochs=1, max_steps=50, accelerator="cpu", logger=TensorBoardLogger(tmp_path / "logs"),
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, log_every_n_steps=1)
+    trainer = quiet_trainer(tmp_path, max_epochs=1, max_steps=50, log_every_n_steps=1)
     trainer.fit(module, datamodule=dm)
     trainer.validate(module, datamodule=dm)  # a second pass over the same val shard: its rejects are not repeated
     trainer.test(module, datamodule=dm)
@@ -215,7 +279,18 @@ def test_a_run_writes_every_reject_to_its_log_dir(tmp_path):
     no_labels = next(r for r in records if r["reason"] == "no labels")
     assert no_labels["key"] == "no_nouns" and no_labels["shard"] == urls[0]
     events = EventAccumulator(str(tmp_path / "logs/lightning_logs/version_0")).Reload()
-    assert {"train/skipped/no labels", "val/skipped/image too large"} <= set(events.Tags()["scalars"])
+    assert "val/skipped/image too large" in events.Tags()["scalars"]
+    # train/skipped/<reason> is the run's total so far: at the last step, every reject of the epoch.
+    totals = {tag.split("/")[-1]: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"]
+              if tag.startswith("train/skipped/")}
+    assert totals == expected
+
+
+def test_an_evaluation_of_no_sample_is_an_error_not_a_score(tmp_path):
+    dm = NXTPDataModule(test_shards="pipe:exit 1", num_workers=0, shard_retries=0)
+    with pytest.raises(RuntimeError, match="test: no sample of data.test_shards could be evaluated"):
+        quiet_trainer(tmp_path).test(tiny_module(), datamodule=dm)
+    assert not (tmp_path / "logs/lightning_logs/version_0/metrics.json").exists()
 
 
 # --- Errors while turning a sample into an example: one sample's fault, or the set-up's -------------------------

@@ -3,6 +3,7 @@ through `torchrun` as two "nodes" on 127.0.0.1. Every run has a deadline (confte
 group), so a hang fails the test in minutes."""
 
 import json
+import math
 import os
 import signal
 import socket
@@ -123,6 +124,51 @@ def test_a_finished_run_is_not_resumed_and_a_new_version_starts(ddp_run, shapes)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "its run is finished (step 8 of 8), so a new run starts" in again.stdout
     assert json.loads((ddp_run["version"].parent / "version_1" / "metrics.json").read_text())["global_step"] == 8
+
+
+def write_shard_without_some_captions(source: Path, out: Path, samples: int, every: int) -> int:
+    """The first ``samples`` samples of ``source``, every ``every``-th without its caption; the number of those."""
+    with tarfile.open(source) as tar, tarfile.open(out, "w") as dst:
+        keys = list(dict.fromkeys(m.name.split(".")[0] for m in tar.getmembers()))[:samples]
+        dropped = set(keys[::every])
+        for m in tar.getmembers():
+            key, ext = m.name.split(".", 1)
+            if key in keys and not (key in dropped and ext == "txt"):
+                dst.addfile(m, tar.extractfile(m))
+    return len(dropped)
+
+
+@pytest.mark.slow
+def test_a_nonfinite_loss_on_one_rank_is_skipped_by_both_and_skipped_samples_are_summed_over_ranks(tmp_path, shapes):
+    # Epochs: rank 0 reads a good shard, rank 1 one with 16 samples of 64 missing their caption. At step 2 rank 1's
+    # loss is NaN; rank 0 must skip that step too (alone, it would wait for rank 1's gradients for ever).
+    shards = tmp_path / "train"
+    shards.mkdir()
+    (shards / "shard-000000.tar").symlink_to(shapes / "train" / "shard-000000.tar")
+    write_shard_without_some_captions(shapes / "train" / "shard-000001.tar", shards / "shard-000001.tar", 64, 4)
+    command = fit_command(shapes, tmp_path / "logs", 6) + DDP + [
+        "--data.train_shards", str(shards / "shard-{000000..000001}.tar"), "--data.resampled", "false",
+        "--trainer.limit_val_batches", "0",
+        "--trainer.callbacks+=tests.nonfinite_at.NonFiniteAt", "--trainer.callbacks.rank", "1",
+        "--trainer.callbacks.step", "2"]
+    result = run(command, timeout=DEADLINE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipping step 2: loss is not finite (on another rank)" in result.stderr
+    assert "skipping step 2: loss is not finite (batch samples ['train-0000" in result.stderr  # rank 1's
+    assert "on rank 1)" in result.stderr
+    version = tmp_path / "logs" / "default" / "version_0"
+    checkpoint = torch.load(version / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 6 and checkpoint["nxtp_train_skipped"]["nonfinite"] == 1
+    scalars = EventAccumulator(str(version)).Reload()
+    losses = [e.value for e in scalars.Scalars("train/loss")]
+    assert len(losses) == 6 and math.isnan(losses[2]) and all(map(math.isfinite, losses[:2] + losses[3:]))
+    assert losses[3] < losses[1]  # it trained before and after the skipped step
+    # Rank 0 logs the total over both ranks: every reject rank 1 wrote down, none of its own.
+    rejects = [json.loads(line) for line in (version / "rejects.rank1.jsonl").open()]
+    assert not (version / "rejects.jsonl").exists()
+    assert {r["reason"] for r in rejects} == {"no caption"} and len(rejects) >= 16
+    assert scalars.Scalars("train/skipped/no caption")[-1].value == len(rejects)
+    assert checkpoint["nxtp_train_skipped"]["skipped"]["no caption"] == len(rejects)
 
 
 @pytest.mark.slow

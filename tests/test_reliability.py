@@ -1,5 +1,6 @@
 """Checkpoints written atomically, corrupt checkpoints named, non-finite losses skipped and counted."""
 
+import lightning as L
 import pytest
 import torch
 from conftest import LLAMA_TOKENIZER
@@ -37,21 +38,49 @@ def test_a_corrupt_checkpoint_is_named(tmp_path):
         AtomicCheckpointIO().load_checkpoint(path)
 
 
-def test_nonfinite_losses_are_skipped_then_stop_the_run():
-    module = LitNXTP(VisionConfig(model_name="nxtp-tiny-vit"),
+class Record(L.Callback):
+    """The module's parameters and buffers at the start of every training step."""
+
+    def __init__(self) -> None:
+        self.states: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.states.append({k: v.clone() for k, v in pl_module.state_dict().items()})
+
+
+def fit_with_nan_at(steps: list[int], max_steps: int, max_nonfinite_steps: int = 10):
+    module = LitNXTP(VisionConfig(model_name="nxtp-tiny-vit", conv_stem=True),  # BatchNorm: a forward changes it
                      DecoderConfig(config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                num_attention_heads=4, num_key_value_heads=4)),
-                     str(LLAMA_TOKENIZER), semantic_metric=False, max_nonfinite_steps=2)
+                     str(LLAMA_TOKENIZER), semantic_metric=False, max_nonfinite_steps=max_nonfinite_steps, warmup=0)
     model = module.model
-    batch = {"pixels": torch.randn(2, 3, 64, 64), "keys": ["k1", "k2"], "skipped": {},
-             "text": collate_text([model.sequences(model.prompt, ["dog"])] * 2, model.sequences.pad_id)}
-    assert torch.isfinite(module.training_step(batch, 0))
-    with torch.no_grad():
-        model.projection.weight[0, 0] = float("nan")
-    assert module.training_step(batch, 1) is None and module.training_step(batch, 2) is None
-    assert module.nonfinite_steps == 2
-    with pytest.raises(RuntimeError, match=r"max_nonfinite_steps=2\); batch samples \['k1', 'k2'\]"):
-        module.training_step(batch, 3)
+    size = model.visual.image_size
+    batches = [{"pixels": torch.randn(2, 3, *size), "keys": [f"s{i}a", f"s{i}b"], "skipped": {},
+                "text": collate_text([model.sequences(model.prompt, ["dog"])] * 2, model.sequences.pad_id)}
+               for i in range(max_steps)]
+    for step in steps:
+        batches[step]["pixels"].fill_(float("nan"))
+    record = Record()
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[record])
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    return module, record.states
+
+
+def test_a_nonfinite_step_is_skipped_and_leaves_the_model_as_it_was():
+    module, states = fit_with_nan_at([1], max_steps=4)
+    before, after, later = states[1], states[2], states[3]
+    assert any("running_mean" in k for k in before)  # the statistics a forward changes are checked too
+    for key in before:
+        assert torch.equal(before[key], after[key]), key  # step 1 changed nothing
+    assert not all(torch.equal(after[k], later[k]) for k in after)  # step 2 trained
+    assert all(torch.isfinite(v).all() for v in module.state_dict().values() if v.is_floating_point())
+    assert module.nonfinite_steps == 1
+
+
+def test_too_many_nonfinite_steps_stop_the_run_naming_the_samples():
+    with pytest.raises(RuntimeError, match=r"max_nonfinite_steps=1\); batch samples \['s2a', 's2b'\]"):
+        fit_with_nan_at([1, 2], max_steps=4, max_nonfinite_steps=1)
 
 
 @pytest.mark.parametrize("image_size, patch_size, conv_stem, message", [
