@@ -262,15 +262,18 @@ class LitNXTP(L.LightningModule):
         finite. One all-reduce of a small vector per step with several ranks: every rank then skips the same
         steps (a rank that skipped alone would leave the others waiting in the gradient all-reduce)."""
         rejected = torch.tensor([skipped.get(reason, 0) for reason in REJECT_REASONS], device=loss.device)
-        counts = torch.cat([(~torch.isfinite(loss.detach())).long().view(1), rejected])
-        if self._trainer is not None and self.trainer.world_size > 1:
-            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
-        counts = counts.tolist()
+        counts = self._sum_over_ranks(torch.cat([(~torch.isfinite(loss.detach())).long().view(1), rejected]))
         for reason, count in zip(REJECT_REASONS, counts[1:]):
             self.train_skipped[reason] += count
             if self.train_skipped[reason]:
                 self.log(f"train/skipped/{reason}", float(self.train_skipped[reason]), batch_size=1)
         return counts[0] > 0
+
+    def _sum_over_ranks(self, counts: torch.Tensor) -> list[int]:
+        """``counts`` (a vector of the same length on every rank) summed over every rank, in one all-reduce."""
+        if self._trainer is not None and self.trainer.world_size > 1:
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        return counts.tolist()
 
     def _running_stats(self) -> list[torch.Tensor]:
         """The buffers a training forward changes: the running statistics of BatchNorm layers (the conv stem)."""
@@ -408,16 +411,10 @@ class LitNXTP(L.LightningModule):
             for key, value in metric.compute().items():
                 self.log(f"{stage}/{name}/{key}", value, prog_bar=key == "f1" and name in shown, sync_dist=True)
             metric.reset()
-        skipped = [self.eval_skipped]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            skipped = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(skipped, self.eval_skipped)
-        totals: dict[str, float] = {}
-        for counts in skipped:
-            for reason, count in counts.items():
-                totals[reason] = totals.get(reason, 0) + count
-        for reason, count in totals.items():
-            self.log(f"{stage}/skipped/{reason}", float(count), sync_dist=True)
+        skipped = torch.tensor([self.eval_skipped.get(reason, 0) for reason in REJECT_REASONS], device=self.device)
+        for reason, count in zip(REJECT_REASONS, self._sum_over_ranks(skipped)):
+            if count:
+                self.log(f"{stage}/skipped/{reason}", float(count), sync_dist=True)
         self.eval_skipped = {}
 
     def on_validation_epoch_start(self):
