@@ -8,7 +8,7 @@ EXPERIMENT ?= configs/experiment/default.yaml
 SWEEP ?= configs/sweep/decoder_depth.yaml
 CHECKPOINT ?= logs/default/version_0/checkpoints/last.ckpt
 
-.PHONY: install data train sweep serve test test-fast tensorboard clean
+.PHONY: install data train sweep serve lint format test test-fast tensorboard clean
 
 install: $(VENV)/.installed
 
@@ -43,6 +43,15 @@ serve: $(VENV)/.serve-installed
 $(VENV)/.serve-installed: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[serve]"
 	touch $@
+
+# ruff, configured in pyproject.toml: `make lint` checks (CI runs it), `make format` rewrites.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 # The suite runs in TEST_WORKERS processes at once (pytest-xdist), a test module to each: most of a test's
 # time is a command starting up on one core.

@@ -69,8 +69,9 @@ def draft_size(size: tuple[int, int], input_size: int | tuple[int, int] | None) 
     return (side, side) if min(size) >= 2 * side else None
 
 
-def decode_image(source: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS,
-                 input_size: int | tuple[int, int] | None = None) -> Image.Image:
+def decode_image(
+    source: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS, input_size: int | tuple[int, int] | None = None
+) -> Image.Image:
     """Read an image (bytes, a path, a binary file or a PIL image) into upright RGB.
 
     Args:
@@ -101,8 +102,10 @@ def decode_image(source: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS,
     with image:
         width, height = image.size
         if width * height > max_pixels:
-            raise ImageError("image too large", f"{width}x{height} = {width * height} pixels, more than "
-                                                f"max_image_pixels={max_pixels}")
+            raise ImageError(
+                "image too large",
+                f"{width}x{height} = {width * height} pixels, more than max_image_pixels={max_pixels}",
+            )
         size = draft_size(image.size, input_size)
         if size is not None:  # JPEG (and phones' MPO) only, a no-op for other formats
             image.draft("RGB", size)  # the mode stays as stored (RGB, L, CMYK): only the scale changes

@@ -74,7 +74,8 @@ NOISE_WORDS: tuple[str, ...] = (
     "ounce",
     "top",
 )
-_NOISE_WORD = re.compile(r"(?<![\w-])(?:%s)s?(?![\w-])" % "|".join(sorted(NOISE_WORDS, key=len, reverse=True)))
+_NOISE_ALTERNATIVES = "|".join(sorted(NOISE_WORDS, key=len, reverse=True))
+_NOISE_WORD = re.compile(rf"(?<![\w-])(?:{_NOISE_ALTERNATIVES})s?(?![\w-])")
 
 # Everything except letters, digits, spaces and ' . , & - is dropped; commas and
 # ampersands then become spaces so that lists of nouns tokenize cleanly.
@@ -160,7 +161,8 @@ class _Lemmas(WordNetCorpusReader):
             lines = index.read().decode(self._ENCODING).splitlines()
         noun = {"n": ()}  # one shared entry, not 117k small objects for the garbage collector to walk
         self._lemma_pos_offset_map.update(
-            (line.split(" ", 1)[0], noun) for line in lines if line and not line.startswith(" "))  # " ": licence
+            (line.split(" ", 1)[0], noun) for line in lines if line and not line.startswith(" ")
+        )  # " ": licence
 
     def lemmatize(self, noun: str) -> str:
         """``WordNetLemmatizer().lemmatize(noun, pos="n")``: the shortest WordNet lemma, else the word itself."""
@@ -317,22 +319,24 @@ class _PerceptronTags:
             if not tag:
                 # PerceptronTagger._get_features, in the same order.
                 current, before, after = context[i], context[i - 1], context[i + 1]
-                tag = self._predict([
-                    "bias",
-                    f"i suffix {word[-3:]}",
-                    f"i pref1 {word[0] if word else ''}",
-                    f"i-1 tag {prev}",
-                    f"i-2 tag {prev2}",
-                    f"i tag+i-2 tag {prev} {prev2}",
-                    f"i word {current}",
-                    f"i-1 tag+i word {prev} {current}",
-                    f"i-1 word {before}",
-                    f"i-1 suffix {before[-3:]}",
-                    f"i-2 word {context[i - 2]}",
-                    f"i+1 word {after}",
-                    f"i+1 suffix {after[-3:]}",
-                    f"i+2 word {context[i + 2]}",
-                ])
+                tag = self._predict(
+                    [
+                        "bias",
+                        f"i suffix {word[-3:]}",
+                        f"i pref1 {word[0] if word else ''}",
+                        f"i-1 tag {prev}",
+                        f"i-2 tag {prev2}",
+                        f"i tag+i-2 tag {prev} {prev2}",
+                        f"i word {current}",
+                        f"i-1 tag+i word {prev} {current}",
+                        f"i-1 word {before}",
+                        f"i-1 suffix {before[-3:]}",
+                        f"i-2 word {context[i - 2]}",
+                        f"i+1 word {after}",
+                        f"i+1 suffix {after[-3:]}",
+                        f"i+2 word {context[i + 2]}",
+                    ]
+                )
             tags.append(tag)
             prev2, prev = prev, tag
         return tags
@@ -383,8 +387,9 @@ def _extract(caption: str, reference_compat: bool, root: Path) -> tuple[str, ...
     return tuple(labels)
 
 
-def extract_labels(caption: str, reference_compat: bool = False, nltk_data: str | os.PathLike | None = None
-                   ) -> list[str]:
+def extract_labels(
+    caption: str, reference_compat: bool = False, nltk_data: str | os.PathLike | None = None
+) -> list[str]:
     """Return the deduplicated noun lemmas of ``caption`` in order of first appearance.
 
     Args:
@@ -399,8 +404,9 @@ def extract_labels(caption: str, reference_compat: bool = False, nltk_data: str 
     return list(_extract(caption, reference_compat, nltk_data_dir(nltk_data)))
 
 
-def extract_labels_batch(captions: list[str], reference_compat: bool = False,
-                         nltk_data: str | os.PathLike | None = None) -> list[list[str]]:
+def extract_labels_batch(
+    captions: list[str], reference_compat: bool = False, nltk_data: str | os.PathLike | None = None
+) -> list[list[str]]:
     """Apply :func:`extract_labels` to each caption."""
     return [extract_labels(c, reference_compat, nltk_data) for c in captions]
 

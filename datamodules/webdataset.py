@@ -46,9 +46,21 @@ Shards = str | list[str] | None
 REJECTS_FILE = "rejects.jsonl"
 # Why a sample (or, for the last four, a shard) was skipped: the keys of ``batch["skipped"]``, in a fixed order, so
 # that ranks can sum their counts as one vector.
-REJECT_REASONS = ("no image", "no caption", "caption not utf-8", "empty caption", *IMAGE_ERRORS, "no labels",
-                  "label extraction failed", "tokenization failed", "image transform failed", "malformed sample",
-                  "truncated shard", "corrupt shard", "unreachable shard")
+REJECT_REASONS = (
+    "no image",
+    "no caption",
+    "caption not utf-8",
+    "empty caption",
+    *IMAGE_ERRORS,
+    "no labels",
+    "label extraction failed",
+    "tokenization failed",
+    "image transform failed",
+    "malformed sample",
+    "truncated shard",
+    "corrupt shard",
+    "unreachable shard",
+)
 
 
 class SystematicFailure(RuntimeError):
@@ -87,7 +99,8 @@ class Rejects:
             raise SystematicFailure(
                 f"the last {self.rejects_in_a_row} {self.split} samples or shards were all rejected, the last one "
                 f"({what}) as {reason}: nothing of data.{self.split}_shards becomes an example "
-                f"(see rejects.jsonl and the warnings above; data.max_rejects_in_a_row sets the limit).")
+                f"(see rejects.jsonl and the warnings above; data.max_rejects_in_a_row sets the limit)."
+            )
 
     def failed(self, reason: str, shard: str | None, key: str | None, error: BaseException) -> None:
         """Count a sample whose conversion raised ``error``; raise ``SystematicFailure`` when too many in a row did."""
@@ -160,11 +173,22 @@ class SampleDecoder:
     ``reference_compat`` and ``nltk_data`` are passed to :func:`~datamodules.labels.extract_labels`.
     """
 
-    def __init__(self, transform: Callable, sequences: SequenceBuilder, prompt: str, shuffle_labels: bool,
-                 hflip: bool, max_labels: int, seed: int, rejects: Rejects,
-                 max_image_pixels: int = MAX_IMAGE_PIXELS, full_references: bool = False,
-                 reference_compat: bool = False, nltk_data: str | None = None,
-                 input_size: int | tuple[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        transform: Callable,
+        sequences: SequenceBuilder,
+        prompt: str,
+        shuffle_labels: bool,
+        hflip: bool,
+        max_labels: int,
+        seed: int,
+        rejects: Rejects,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
+        full_references: bool = False,
+        reference_compat: bool = False,
+        nltk_data: str | None = None,
+        input_size: int | tuple[int, int] | None = None,
+    ) -> None:
         self.transform, self.sequences, self.prompt = transform, sequences, prompt
         self.shuffle_labels, self.hflip, self.max_labels = shuffle_labels, hflip, max_labels
         self.seed, self.rejects, self.max_image_pixels = seed, rejects, max_image_pixels
@@ -236,8 +260,9 @@ def _shard_files(url: str, skip: int) -> Iterator[dict[str, Any]]:
     stream.close()
 
 
-def read_shards(shards: Iterable[dict[str, Any]], rejects: Rejects, retries: int, retry_wait: float
-                ) -> Iterator[dict[str, Any]]:
+def read_shards(
+    shards: Iterable[dict[str, Any]], rejects: Rejects, retries: int, retry_wait: float
+) -> Iterator[dict[str, Any]]:
     """Pipeline stage: ``{"url": ...}`` shards to the files in them, for ``group_by_keys``.
 
     A shard that fails to open or stops downloading is read again ``retries`` times (waiting ``retry_wait``
@@ -272,15 +297,17 @@ def read_shards(shards: Iterable[dict[str, Any]], rejects: Rejects, retries: int
                     if unreachable_in_a_row >= rejects.max_failures_in_a_row:
                         raise SystematicFailure(
                             f"{unreachable_in_a_row} {rejects.split} shards in a row could not be read, the last one "
-                            f"{url} with {type(e).__name__}: {e} (data.max_failures_in_a_row sets the limit)") from e
+                            f"{url} with {type(e).__name__}: {e} (data.max_failures_in_a_row sets the limit)"
+                        ) from e
                 else:
                     log.warning("reading shard %s failed (%s), attempt %d of %d", url, e, attempt + 1, attempts)
                     time.sleep(retry_wait * 2**attempt)
         yield {}  # end of shard: group_by_keys must not join its last sample with the next shard's first
 
 
-def carry_leftovers(batches: Iterable[dict[str, Any]], rejects: Rejects, empty: Callable[[], dict] | None
-                    ) -> Iterator[dict[str, Any]]:
+def carry_leftovers(
+    batches: Iterable[dict[str, Any]], rejects: Rejects, empty: Callable[[], dict] | None
+) -> Iterator[dict[str, Any]]:
     """Pipeline stage: hold each batch back until the next, so that the last one also carries what was rejected
     after it was collated (training drops a partial last batch). A worker left with rejects and no batch to carry
     them yields ``empty()`` (a batch of no samples, which evaluation takes); without ``empty`` (training, where
@@ -310,8 +337,14 @@ class Collate:
     def __call__(self, samples: list) -> dict[str, Any]:
         pixels, seqs, labels, keys = zip(*samples)
         skipped, records = self.rejects.drain()
-        return {"pixels": torch.stack(pixels), "text": collate_text(list(seqs), self.pad_id),
-                "labels": list(labels), "keys": list(keys), "skipped": skipped, "rejects": records}
+        return {
+            "pixels": torch.stack(pixels),
+            "text": collate_text(list(seqs), self.pad_id),
+            "labels": list(labels),
+            "keys": list(keys),
+            "skipped": skipped,
+            "rejects": records,
+        }
 
     @staticmethod
     def empty() -> dict[str, Any]:
@@ -363,12 +396,26 @@ class NXTPDataModule(L.LightningDataModule):
             example, stop the run (resampled shards that are all bad would otherwise be read for ever).
     """
 
-    def __init__(self, train_shards: Shards = None, val_shards: Shards = None, test_shards: Shards = None,
-                 batch_size: int = 64, num_workers: int = 2, shuffle_buffer: int = 2000, resampled: bool = False,
-                 hflip: bool = False, augment: bool = False, max_labels: int = 16, seed: int = 0,
-                 max_image_pixels: int = MAX_IMAGE_PIXELS, shard_retries: int = 3, shard_retry_wait: float = 1.0,
-                 nltk_data: str | None = None, max_failures_in_a_row: int = 20,
-                 max_rejects_in_a_row: int = 10_000) -> None:
+    def __init__(
+        self,
+        train_shards: Shards = None,
+        val_shards: Shards = None,
+        test_shards: Shards = None,
+        batch_size: int = 64,
+        num_workers: int = 2,
+        shuffle_buffer: int = 2000,
+        resampled: bool = False,
+        hflip: bool = False,
+        augment: bool = False,
+        max_labels: int = 16,
+        seed: int = 0,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
+        shard_retries: int = 3,
+        shard_retry_wait: float = 1.0,
+        nltk_data: str | None = None,
+        max_failures_in_a_row: int = 20,
+        max_rejects_in_a_row: int = 10_000,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = None
@@ -401,8 +448,13 @@ class NXTPDataModule(L.LightningDataModule):
 
     def _first_time(self, record: dict[str, Any]) -> bool:
         # a sample by its key; a shard, or a malformed sample (no key), by its error too
-        key = (record["split"], record["shard"], record["key"], record["reason"],
-               record["error"] if record["key"] is None else None)
+        key = (
+            record["split"],
+            record["shard"],
+            record["key"],
+            record["reason"],
+            record["error"] if record["key"] is None else None,
+        )
         if key in self._seen_rejects:
             return False
         self._seen_rejects.add(key)
@@ -418,8 +470,10 @@ class NXTPDataModule(L.LightningDataModule):
             raise ValueError(f"data.{name}_shards matches no shards ({shards!r})")
         missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
         if missing:  # remote shards are retried while streaming; a local one that is not there is a typo
-            raise FileNotFoundError(f"data.{name}_shards: {len(missing)} of {len(urls)} shards do not exist, "
-                                    f"e.g. {missing[0]} (from {shards!r})")
+            raise FileNotFoundError(
+                f"data.{name}_shards: {len(missing)} of {len(urls)} shards do not exist, "
+                f"e.g. {missing[0]} (from {shards!r})"
+            )
         return urls
 
     def _loader(self, shards: Shards, train: bool, name: str):
@@ -427,34 +481,58 @@ class NXTPDataModule(L.LightningDataModule):
         hp = self.hparams
         # shared by the stages below; each worker gets its own copy
         rejects = Rejects(name, hp.max_failures_in_a_row, hp.max_rejects_in_a_row)
-        # Labels are extracted the reference's way exactly when the model follows the reference (model.reference_compat).
+        # Labels are extracted the reference's way exactly when the model follows the reference
+        # (model.reference_compat).
         compat = self.model.reference_compat
         # open_clip's training transform crops at random, which can cut objects (and so labels) out of an image.
         transform = self.model.train_transform if train and hp.augment else self.model.eval_transform
         seed = self._stream_seed() if train else hp.seed
         epoch = self.trainer.current_epoch if self.trainer is not None else 0  # where a resumed epoch run starts
-        decoder = SampleDecoder(transform, self.model.sequences, self.model.prompt, shuffle_labels=train,
-                                hflip=train and hp.hflip, max_labels=hp.max_labels, seed=seed, rejects=rejects,
-                                max_image_pixels=hp.max_image_pixels, full_references=not train,
-                                reference_compat=compat, nltk_data=hp.nltk_data,
-                                # random crops may keep a small part of the image: decode those at full size
-                                input_size=None if train and hp.augment else self.model.visual.image_size)
+        decoder = SampleDecoder(
+            transform,
+            self.model.sequences,
+            self.model.prompt,
+            shuffle_labels=train,
+            hflip=train and hp.hflip,
+            max_labels=hp.max_labels,
+            seed=seed,
+            rejects=rejects,
+            max_image_pixels=hp.max_image_pixels,
+            full_references=not train,
+            reference_compat=compat,
+            nltk_data=hp.nltk_data,
+            # random crops may keep a small part of the image: decode those at full size
+            input_size=None if train and hp.augment else self.model.visual.image_size,
+        )
         resampled = train and hp.resampled
         # deterministic: drawn from `seed` and the worker, not from the clock and pid
-        stages = [wds.ResampledShards(urls, seed=seed, deterministic=True) if resampled else wds.SimpleShardList(urls),
-                  wds.split_by_node, wds.split_by_worker]
+        stages = [
+            wds.ResampledShards(urls, seed=seed, deterministic=True) if resampled else wds.SimpleShardList(urls),
+            wds.split_by_node,
+            wds.split_by_worker,
+        ]
         if train and not resampled:
             stages.append(Shuffle(100, seed, "shards", epoch))
-        stages += [wds.pipelinefilter(read_shards)(rejects, hp.shard_retries, hp.shard_retry_wait),
-                   wds.pipelinefilter(wds.tariterators.group_by_keys)(handler=rejects.malformed)]
+        stages += [
+            wds.pipelinefilter(read_shards)(rejects, hp.shard_retries, hp.shard_retry_wait),
+            wds.pipelinefilter(wds.tariterators.group_by_keys)(handler=rejects.malformed),
+        ]
         if train:
             stages.append(Shuffle(hp.shuffle_buffer, seed, "samples", epoch))
-        stages += [wds.map(decoder), wds.select(lambda s: s is not None),
-                   wds.batched(hp.batch_size, Collate(rejects, self.model.sequences.pad_id), partial=not train),
-                   wds.pipelinefilter(carry_leftovers)(rejects, None if train else Collate.empty)]
+        stages += [
+            wds.map(decoder),
+            wds.select(lambda s: s is not None),
+            wds.batched(hp.batch_size, Collate(rejects, self.model.sequences.pad_id), partial=not train),
+            wds.pipelinefilter(carry_leftovers)(rejects, None if train else Collate.empty),
+        ]
         workers = min(hp.num_workers, len(urls))
-        return wds.WebLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=workers,
-                             persistent_workers=workers > 0, worker_init_fn=leave_the_process_group)
+        return wds.WebLoader(
+            wds.DataPipeline(*stages),
+            batch_size=None,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            worker_init_fn=leave_the_process_group,
+        )
 
     def _stream_seed(self) -> int:
         """The seed of this rank's training stream: ``data.seed`` for a new run on one process (the same command

@@ -40,8 +40,14 @@ def photo(width: int, height: int, seed: int) -> Image.Image:
     """Photo-like content: JPEG spends its time on detail, so flat test images would decode unrealistically fast."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width].astype(np.float32) / max(width, height)
-    a = np.stack([120 + 100 * np.sin(3 * x + rng.uniform(0, 6)), 120 + 100 * np.cos(2 * y + rng.uniform(0, 6)),
-                  128 + 80 * np.sin(4 * (x + y))], -1)
+    a = np.stack(
+        [
+            120 + 100 * np.sin(3 * x + rng.uniform(0, 6)),
+            120 + 100 * np.cos(2 * y + rng.uniform(0, 6)),
+            128 + 80 * np.sin(4 * (x + y)),
+        ],
+        -1,
+    )
     a += rng.normal(0, 8, a.shape).astype(np.float32)
     image = Image.fromarray(a.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
@@ -77,8 +83,7 @@ def default_model(tokenizer: str | None, folder: Path) -> NXTP:
 
 def label_folder(recognizer: Recognizer, paths: list[Path], workers: int, batch_size: int) -> tuple[float, float]:
     """Label every image as ``nxtp label`` does; return (seconds, seconds spent waiting for decoded images)."""
-    files = ImageFiles(paths, recognizer.model.eval_transform, recognizer.max_image_pixels,
-                       recognizer.draft_input_size)
+    files = ImageFiles(paths, recognizer.model.eval_transform, recognizer.max_image_pixels, recognizer.draft_input_size)
     start = time.perf_counter()
     loader = iter(torch.utils.data.DataLoader(files, batch_size=batch_size, num_workers=workers, collate_fn=list))
     waited = 0.0
@@ -100,9 +105,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--folder", help="where the photos are written (and reused); default: a temporary folder")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads of the labelling process (on a busy 2-core machine 2 threads made the "
-                             "model 20x slower than 1: its small matrix products wait on each other)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of the labelling process (on a busy 2-core machine 2 threads made the "
+        "model 20x slower than 1: its small matrix products wait on each other)",
+    )
     parser.add_argument("--tokenizer", help="a tokenizer folder (default: one fitted to the synthetic scenes)")
     args = parser.parse_args()
     size = tuple(int(v) for v in args.size.split("x"))
@@ -128,16 +137,20 @@ def main() -> None:
                 for path in subset:
                     recognizer.preprocess(path)
                 times[name] = 1000 * (time.perf_counter() - start) / max(1, len(subset))
-            print(f"reading one {kind} JPEG (decode, orient, resize): plain {times['plain']:.0f} ms, "
-                  f"draft {times['draft']:.0f} ms ({times['plain'] / times['draft']:.1f}x)")
+            print(
+                f"reading one {kind} JPEG (decode, orient, resize): plain {times['plain']:.0f} ms, "
+                f"draft {times['draft']:.0f} ms ({times['plain'] / times['draft']:.1f}x)"
+            )
         print(f"{'workers':>7} {'decoding':>8} {'images/s':>9} {'decode share':>12} {'ms/image':>9}")
         for workers in args.workers:
             rates = {}
             for name, recognizer in recognizers.items():
                 seconds, waited = label_folder(recognizer, paths, workers, args.batch_size)
                 rates[name] = len(paths) / seconds
-                print(f"{workers:>7} {name:>8} {rates[name]:>9.2f} {waited / seconds:>12.0%} "
-                      f"{1000 * seconds / len(paths):>9.1f}")
+                print(
+                    f"{workers:>7} {name:>8} {rates[name]:>9.2f} {waited / seconds:>12.0%} "
+                    f"{1000 * seconds / len(paths):>9.1f}"
+                )
             print(f"{workers:>7} {'ratio':>8} {rates['draft'] / rates['plain']:>9.2f}x draft/plain")
 
 

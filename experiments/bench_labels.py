@@ -25,12 +25,40 @@ from datamodules.labels import extract_labels, extract_labels_batch, extract_lab
 
 TARGET = 5000
 
-SUBJECTS = ["a dog", "two cats", "a young woman", "an old man", "three kids", "a brown horse", "a red car",
-            "a group of people", "a small boat", "a wooden table", "the chef's knife", "a U.S. flag"]
-VERBS = ["sitting on", "running across", "standing next to", "playing with", "parked near", "lying under",
-         "isn't far from", "leaning against"]
-PLACES = ["the grass", "a sandy beach", "a busy street", "the kitchen counter", "a snowy mountain", "the sofa",
-          "a well-lit room", "the old bridge. It's raining"]
+SUBJECTS = [
+    "a dog",
+    "two cats",
+    "a young woman",
+    "an old man",
+    "three kids",
+    "a brown horse",
+    "a red car",
+    "a group of people",
+    "a small boat",
+    "a wooden table",
+    "the chef's knife",
+    "a U.S. flag",
+]
+VERBS = [
+    "sitting on",
+    "running across",
+    "standing next to",
+    "playing with",
+    "parked near",
+    "lying under",
+    "isn't far from",
+    "leaning against",
+]
+PLACES = [
+    "the grass",
+    "a sandy beach",
+    "a busy street",
+    "the kitchen counter",
+    "a snowy mountain",
+    "the sofa",
+    "a well-lit room",
+    "the old bridge. It's raining",
+]
 
 
 def captions(n: int, seed: int = 0) -> list[str]:
@@ -65,8 +93,10 @@ def main() -> None:
     texts = captions(3, seed=args.repeats)
     assert extract_labels_batch(texts) == nltk_batch(texts)
     print(f"example: {texts[0]!r} -> {extract_labels(texts[0])}")
-    print(f"NLTK calls: {baseline:.0f} captions/s, fast path: {fast:.0f} captions/s ({fast / baseline:.1f}x), "
-          f"best of {args.repeats} x {args.n} unique captions")
+    print(
+        f"NLTK calls: {baseline:.0f} captions/s, fast path: {fast:.0f} captions/s ({fast / baseline:.1f}x), "
+        f"best of {args.repeats} x {args.n} unique captions"
+    )
     print(f"captions/s: {fast:.0f} (target {TARGET}: {'met' if fast >= TARGET else 'not met'})")
 
 

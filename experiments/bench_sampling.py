@@ -27,14 +27,23 @@ TOKENIZER = Path(__file__).parents[1] / "tests" / "fixtures" / "llama2-tokenizer
 
 CONFIGS = {
     # the default experiment's size: 16 image tokens, decoder 128 x 1 block
-    "tiny": (VisionConfig(model_name="nxtp-tiny-vit", conv_stem=True),
-             dict(hidden_size=128, intermediate_size=384, num_hidden_layers=1, num_attention_heads=4)),
+    "tiny": (
+        VisionConfig(model_name="nxtp-tiny-vit", conv_stem=True),
+        dict(hidden_size=128, intermediate_size=384, num_hidden_layers=1, num_attention_heads=4),
+    ),
     # 257 image tokens (16 x 16 patches + CLS), decoder 1024 x 6 blocks
-    "medium": (VisionConfig(model_name="bench-medium-vit", config={
-        "embed_dim": 256, "quick_gelu": True,
-        "vision_cfg": {"image_size": 224, "patch_size": 14, "width": 256, "layers": 2, "head_width": 64},
-        "text_cfg": {"context_length": 2, "vocab_size": 2, "width": 8, "heads": 1, "layers": 1}}),
-        dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=6, num_attention_heads=16)),
+    "medium": (
+        VisionConfig(
+            model_name="bench-medium-vit",
+            config={
+                "embed_dim": 256,
+                "quick_gelu": True,
+                "vision_cfg": {"image_size": 224, "patch_size": 14, "width": 256, "layers": 2, "head_width": 64},
+                "text_cfg": {"context_length": 2, "vocab_size": 2, "width": 8, "heads": 1, "layers": 1},
+            },
+        ),
+        dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=6, num_attention_heads=16),
+    ),
 }
 
 
@@ -65,22 +74,31 @@ def main() -> None:
             model, decoder = build(name, torch.device(args.device))[0].eval(), {**LLAMA2_7B, "num_hidden_layers": 6}
         else:
             vision, decoder = CONFIGS[name]
-            model = NXTP(vision, DecoderConfig(config={**decoder, "num_key_value_heads": decoder["num_attention_heads"]}),
-                         str(TOKENIZER)).to(args.device).eval()
+            model = (
+                NXTP(
+                    vision,
+                    DecoderConfig(config={**decoder, "num_key_value_heads": decoder["num_attention_heads"]}),
+                    str(TOKENIZER),
+                )
+                .to(args.device)
+                .eval()
+            )
         with torch.no_grad():  # labels of varied length, ended by the delimiter, as in a trained model
             model.decoder.get_output_embeddings().weight[model.sequences.delimiter_id] *= 3
         size = model.visual.image_size[0]
         pixels = torch.randn(args.batch, 3, size, size, device=args.device)
         amp = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.bf16)
         with amp:  # the recompute baseline is long enough that one-off start-up costs do not matter
-            slow, ref = timed(lambda: decode_recompute(model, pixels, args.topk), 1, warmup=False)
-            fast, got = timed(lambda: decode_branches(model, pixels, args.topk), args.repeats)
+            slow, ref = timed(lambda m=model, x=pixels: decode_recompute(m, x, args.topk), 1, warmup=False)
+            fast, got = timed(lambda m=model, x=pixels: decode_branches(m, x, args.topk), args.repeats)
         same = all(a.tokens == b.tokens for x, y in zip(ref, got) for a, b in zip(x, y))
         ratios[name] = slow / fast
-        print(f"{name}: {model.n_image_tokens} image tokens, decoder {decoder['hidden_size']} x "
-              f"{decoder['num_hidden_layers']}, batch {args.batch}, top-{args.topk}, {args.device}: "
-              f"recompute {1000 * slow / args.batch:.1f} ms/image, cached {1000 * fast / args.batch:.1f} ms/image, "
-              f"same labels: {same}")
+        print(
+            f"{name}: {model.n_image_tokens} image tokens, decoder {decoder['hidden_size']} x "
+            f"{decoder['num_hidden_layers']}, batch {args.batch}, top-{args.topk}, {args.device}: "
+            f"recompute {1000 * slow / args.batch:.1f} ms/image, cached {1000 * fast / args.batch:.1f} ms/image, "
+            f"same labels: {same}"
+        )
     for name, ratio in ratios.items():
         print(f"speedup {name} top-{args.topk}: {ratio:.2f}x")
 

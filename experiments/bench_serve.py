@@ -50,11 +50,28 @@ class Server:
 
     def __init__(self, checkpoint: str, serve_args: list[str], deadline: float, log: Path) -> None:
         self.port, self.deadline, self.log_path = free_port(), deadline, log
-        cmd = [sys.executable, "-m", "lightning_modules.cli", "serve", "--checkpoint", checkpoint,
-               "--port", str(self.port), "--log-level", "warning", *serve_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "lightning_modules.cli",
+            "serve",
+            "--checkpoint",
+            checkpoint,
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+            *serve_args,
+        ]
         self.log = log.open("w")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def wait_ready(self) -> None:
         while time.time() < self.deadline and self.proc.poll() is None:
@@ -112,11 +129,23 @@ def load(port: int, images: list[bytes], requests: int, concurrency: int, deadli
         t.join(timeout=max(0.0, deadline - time.time()) + 5)
     wall = time.perf_counter() - start
     if not latencies:
-        return {"ok": 0, "failed": len(failures), "throughput": 0.0, "p50": float("nan"), "p95": float("nan"),
-                "p99": float("nan")}
+        return {
+            "ok": 0,
+            "failed": len(failures),
+            "throughput": 0.0,
+            "p50": float("nan"),
+            "p95": float("nan"),
+            "p99": float("nan"),
+        }
     q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
-    return {"ok": len(latencies), "failed": len(failures), "throughput": len(latencies) / wall,
-            "p50": 1e3 * q[49], "p95": 1e3 * q[94], "p99": 1e3 * q[98]}
+    return {
+        "ok": len(latencies),
+        "failed": len(failures),
+        "throughput": len(latencies) / wall,
+        "p50": 1e3 * q[49],
+        "p95": 1e3 * q[94],
+        "p99": 1e3 * q[98],
+    }
 
 
 def main() -> None:
@@ -136,24 +165,33 @@ def main() -> None:
     if not paths:
         parser.error(f"no .jpg/.png files in {args.images}")
     images = [p.read_bytes() for p in paths]
-    settings = {f"batched (max {args.max_batch_size})": ["--max-batch-size", str(args.max_batch_size),
-                                                         "--batch-timeout", str(args.batch_timeout)],
-                "unbatched (max 1)": ["--max-batch-size", "1"]}
+    settings = {
+        f"batched (max {args.max_batch_size})": [
+            "--max-batch-size",
+            str(args.max_batch_size),
+            "--batch-timeout",
+            str(args.batch_timeout),
+        ],
+        "unbatched (max 1)": ["--max-batch-size", "1"],
+    }
     print(f"{args.checkpoint}: {len(images)} photos, {args.requests} requests per level, {os.cpu_count()} CPUs")
     results: dict[tuple[str, int], dict[str, float]] = {}
     logs = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     try:
         for name, serve_args in settings.items():
-            server = Server(args.checkpoint, serve_args + args.serve_args.split(), deadline,
-                            logs / f"{len(results)}.log")
+            server = Server(
+                args.checkpoint, serve_args + args.serve_args.split(), deadline, logs / f"{len(results)}.log"
+            )
             try:
                 server.wait_ready()
                 load(server.port, images, min(8, args.requests), 4, deadline)  # warm-up, not counted
                 for c in args.concurrency:
                     results[(name, c)] = r = load(server.port, images, args.requests, c, deadline)
-                    print(f"{name:>20}  concurrency {c:>3}: {r['throughput']:7.2f} req/s  p50 {r['p50']:8.1f} ms  "
-                          f"p95 {r['p95']:8.1f} ms  p99 {r['p99']:8.1f} ms  ({r['ok']} ok, {r['failed']} failed)",
-                          flush=True)
+                    print(
+                        f"{name:>20}  concurrency {c:>3}: {r['throughput']:7.2f} req/s  p50 {r['p50']:8.1f} ms  "
+                        f"p95 {r['p95']:8.1f} ms  p99 {r['p99']:8.1f} ms  ({r['ok']} ok, {r['failed']} failed)",
+                        flush=True,
+                    )
             finally:
                 server.stop()
     except RuntimeError as e:

@@ -23,9 +23,9 @@ FLOPs per image are counted from the model and the batch's shapes: every weight 
 parameter and token forward (tokens: 257 per image for ViT-L/14, the padded sequence length for the decoder, the
 loss rows only for the output layer), and 2 more each for the input gradient (needed when anything upstream trains)
 and the weight gradient (when the weights train): 6 x parameters x tokens for a trained block, 2 x for a frozen
-block with nothing trainable before it (forward only). Attention adds 4 x S^2 x width FLOPs per block forward (scores and weighted sum over the full S x S matrix,
-for every path, so that all paths are credited the same work) and twice that backward. On a GPU the achieved
-TFLOP/s is compared with the card's dense bf16 peak (MFU).
+block with nothing trainable before it (forward only). Attention adds 4 x S^2 x width FLOPs per block forward
+(scores and weighted sum over the full S x S matrix, for every path, so that all paths are credited the same work)
+and twice that backward. On a GPU the achieved TFLOP/s is compared with the card's dense bf16 peak (MFU).
 
 The last lines are machine-readable: ``speedup <config> dense/fast: 1.23x``, ``fast/causal <config>: 1.05x`` and
 ``label-masked/causal <config>: 1.05x``, the last for the path ``attention: auto`` trains with on this device
@@ -56,16 +56,54 @@ from lightning_modules.vision import VisionConfig  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 TEST_TOKENIZER = ROOT / "tests/fixtures/llama2-tokenizer"
 # LLaMA-2-7B's architecture (its config.json), for random weights without a download.
-LLAMA2_7B = dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-5, vocab_size=32000,
-                 max_position_embeddings=4096, tie_word_embeddings=False)
-MEDIUM_VIT = {"embed_dim": 384, "vision_cfg": {"image_size": 128, "layers": 4, "width": 384, "head_width": 64,
-                                               "patch_size": 8},
-              "text_cfg": {"context_length": 4, "vocab_size": 8, "width": 32, "heads": 1, "layers": 1}}
-MEDIUM_DECODER = dict(model_type="llama", hidden_size=1024, intermediate_size=2816, num_hidden_layers=6,
-                      num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=1024)
-LABELS = ["dog", "cat", "frisbee", "grass", "traffic light", "bus", "person", "umbrella", "bicycle", "tree",
-          "red circle", "blue square", "kite", "sky", "boat", "water", "table", "cup", "pizza", "window"]
+LLAMA2_7B = dict(
+    model_type="llama",
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    rms_norm_eps=1e-5,
+    vocab_size=32000,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+)
+MEDIUM_VIT = {
+    "embed_dim": 384,
+    "vision_cfg": {"image_size": 128, "layers": 4, "width": 384, "head_width": 64, "patch_size": 8},
+    "text_cfg": {"context_length": 4, "vocab_size": 8, "width": 32, "heads": 1, "layers": 1},
+}
+MEDIUM_DECODER = dict(
+    model_type="llama",
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=6,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    max_position_embeddings=1024,
+)
+LABELS = [
+    "dog",
+    "cat",
+    "frisbee",
+    "grass",
+    "traffic light",
+    "bus",
+    "person",
+    "umbrella",
+    "bicycle",
+    "tree",
+    "red circle",
+    "blue square",
+    "kite",
+    "sky",
+    "boat",
+    "water",
+    "table",
+    "cup",
+    "pizza",
+    "window",
+]
 # Dense bf16 tensor-core peak in TFLOP/s, by a part of the device name (first match wins).
 PEAK_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("GH200", 989), ("A100", 312)]
 
@@ -79,9 +117,12 @@ def build(name: str, device: torch.device) -> tuple[NXTP, int, int]:
         cfg["vision"], cfg["decoder"] = VisionConfig(**cfg["vision"]), DecoderConfig(**cfg["decoder"])
         batch, labels = 64, 4
     elif name == "medium":
-        cfg = dict(vision=VisionConfig(model_name="bench-medium-vit", config=MEDIUM_VIT),
-                   decoder=DecoderConfig(config=MEDIUM_DECODER), tokenizer=str(TEST_TOKENIZER),
-                   trainable=["visual.transformer.resblocks.[23].*", "visual.ln_post.*", "projection.*", "decoder.*"])
+        cfg = dict(
+            vision=VisionConfig(model_name="bench-medium-vit", config=MEDIUM_VIT),
+            decoder=DecoderConfig(config=MEDIUM_DECODER),
+            tokenizer=str(TEST_TOKENIZER),
+            trainable=["visual.transformer.resblocks.[23].*", "visual.ln_post.*", "projection.*", "decoder.*"],
+        )
         batch, labels = 4, 10
     elif name == "paper":
         cfg = yaml.safe_load((ROOT / "configs/model/nxtp_paper.yaml").read_text())
@@ -160,10 +201,15 @@ def step_flops(model: NXTP, batch: int, seq_len: int, loss_rows: int) -> float:
 def stem_flops(model: NXTP) -> float:
     """Forward FLOPs per image of the convolutions before the transformer, from their output sizes."""
     flops = []
-    hooks = [m.register_forward_hook(lambda m, i, out: flops.append(2 * m.weight.numel() * out.shape[-2] * out.shape[-1]))
-             for m in model.visual.conv1.modules() if isinstance(m, torch.nn.Conv2d)]
+    hooks = [
+        m.register_forward_hook(lambda m, i, out: flops.append(2 * m.weight.numel() * out.shape[-2] * out.shape[-1]))
+        for m in model.visual.conv1.modules()
+        if isinstance(m, torch.nn.Conv2d)
+    ]
     size = image_size(model)
-    param = model.visual.conv1.weight if hasattr(model.visual.conv1, "weight") else next(model.visual.conv1.parameters())
+    param = (
+        model.visual.conv1.weight if hasattr(model.visual.conv1, "weight") else next(model.visual.conv1.parameters())
+    )
     with torch.no_grad():
         model.visual.conv1.eval()(torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype))
     model.visual.conv1.train()
@@ -222,16 +268,22 @@ def bench(name: str, device: torch.device, steps: int, warmup: int, compile: boo
     flops = step_flops(model, batch, seq_len, rows)
     peak = peak_tflops(device)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"\n== {name}: {n_params / 1e6:.1f}M parameters ({sum(p.numel() for p in params) / 1e6:.1f}M trainable), "
-          f"batch {batch}, {n_labels} labels/image, sequence {seq_len} ({model.n_image_tokens} image), "
-          f"{rows} loss tokens, {flops / batch / 1e9:.1f} GFLOP/image, {device}")
-    print(f"{'path':8s} {'step ms':>9s} {'spread':>7s} {'images/s':>9s} {'tokens/s':>9s} {'loss tok/s':>10s} "
-          f"{'TFLOP/s':>8s}" + (f" {'MFU':>6s}" if peak else ""))
+    print(
+        f"\n== {name}: {n_params / 1e6:.1f}M parameters ({sum(p.numel() for p in params) / 1e6:.1f}M trainable), "
+        f"batch {batch}, {n_labels} labels/image, sequence {seq_len} ({model.n_image_tokens} image), "
+        f"{rows} loss tokens, {flops / batch / 1e9:.1f} GFLOP/image, {device}"
+    )
+    print(
+        f"{'path':8s} {'step ms':>9s} {'spread':>7s} {'images/s':>9s} {'tokens/s':>9s} {'loss tok/s':>10s} "
+        f"{'TFLOP/s':>8s}" + (f" {'MFU':>6s}" if peak else "")
+    )
     for path in paths:
         t = median[path]
         spread = (max(times[path]) - min(times[path])) / t
-        line = (f"{path:8s} {t * 1e3:9.1f} {spread:6.0%} {batch / t:9.1f} {batch * seq_len / t:9.0f} {rows / t:10.0f} "
-                f"{flops / t / 1e12:8.3f}")
+        line = (
+            f"{path:8s} {t * 1e3:9.1f} {spread:6.0%} {batch / t:9.1f} {batch * seq_len / t:9.0f} {rows / t:10.0f} "
+            f"{flops / t / 1e12:8.3f}"
+        )
         print(line + (f" {flops / t / 1e12 / peak:6.1%}" if peak else ""))
     return median
 
@@ -250,8 +302,10 @@ def main() -> None:
         print("paper: skipped, it needs a GPU")
         configs = [c for c in configs if c != "paper"]
     torch.manual_seed(args.seed)
-    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
-          f"threads {torch.get_num_threads()}, torch {torch.__version__}")
+    print(
+        f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
+        f"threads {torch.get_num_threads()}, torch {torch.__version__}"
+    )
     results = {name: bench(name, device, args.steps, args.warmup, args.compile) for name in configs}
     print()
     auto = "flex" if flex_available(device) else "dense"  # what ``attention: auto`` trains with here

@@ -56,8 +56,11 @@ def wordnet_nouns(n: int, seed: int = 0) -> list[str]:
     """``n`` WordNet noun lemmas (spaces for underscores), drawn with a fixed seed."""
     root = str(ensure_nltk_data())  # the packaged copy, put on NLTK's search path
     index = nltk.data.find("corpora/wordnet/index.noun", paths=[root])
-    lemmas = [line.split(" ", 1)[0].replace("_", " ") for line in index.open().read().decode().splitlines()
-              if line and not line.startswith(" ")]
+    lemmas = [
+        line.split(" ", 1)[0].replace("_", " ")
+        for line in index.open().read().decode().splitlines()
+        if line and not line.startswith(" ")
+    ]
     return random.Random(seed).sample([w for w in lemmas if w.replace(" ", "").isalpha()], n)
 
 
@@ -75,8 +78,9 @@ def brute_force(model, pixels, candidates: list[list[int]], per_forward: int) ->
             text = torch.tensor([head + c[:-1] + [model.sequences.pad_id] * (width - len(c) + 1) for c in group])
             length = image.shape[1] + text.shape[1]
             mask = prefix_attention(image.shape[1], text.shape[1]).expand(len(group), -1, -1, -1)
-            hidden = model.hidden_states(image[b : b + 1].expand(len(group), -1, -1), text, mask,
-                                         torch.arange(length).expand(len(group), -1))
+            hidden = model.hidden_states(
+                image[b : b + 1].expand(len(group), -1, -1), text, mask, torch.arange(length).expand(len(group), -1)
+            )
             logp = model.logits(hidden[:, length - width - 1 :]).float().log_softmax(-1).double()
             for j, c in enumerate(group):
                 out[b, start + j] = logp[j, torch.arange(len(c)), torch.tensor(c)].sum().exp()
@@ -100,8 +104,10 @@ def bench(config: str, names: list[str], pixels_of, n_images: int, n_brute: int)
     pixels = pixels_of(model)[:n_images]
     seconds, candidates = timed(lambda: tokenize(model, Vocabulary.coerce(names)))
     tokens = sum(len(c) for c in candidates.ids)
-    print(f"{config}: {sum(p.numel() for p in model.parameters()):,} parameters, {model.n_image_tokens} image tokens; "
-          f"{len(names)} names -> {tokens} tokens (delimiters included), tokenized in {seconds * 1e3:.0f} ms")
+    print(
+        f"{config}: {sum(p.numel() for p in model.parameters()):,} parameters, {model.n_image_tokens} image tokens; "
+        f"{len(names)} names -> {tokens} tokens (delimiters included), tokenized in {seconds * 1e3:.0f} ms"
+    )
     score_candidates(model, pixels[:1], candidates.ids[:50])  # warm-up
     exact_s, exact = timed(lambda: score_candidates(model, pixels, candidates.ids))
     open_s, _ = timed(lambda: recognize(model, pixels, topk=10))
@@ -109,12 +115,18 @@ def bench(config: str, names: list[str], pixels_of, n_images: int, n_brute: int)
     brute_s, brute = timed(lambda: brute_force(model, pixels[:1], subset, 1))
     batched_s, _ = timed(lambda: brute_force(model, pixels[:1], subset, 64))
     scale = len(candidates.ids) / len(subset)
-    ms = {"exact": exact_s / len(pixels), "open-set": open_s / len(pixels), "brute": brute_s * scale,
-          "brute x64": batched_s * scale}
+    ms = {
+        "exact": exact_s / len(pixels),
+        "open-set": open_s / len(pixels),
+        "brute": brute_s * scale,
+        "brute x64": batched_s * scale,
+    }
     print("  ms/image: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in ms.items()))
     diff = (exact[:1, : len(subset)] - brute).abs().max().item()
-    print(f"  brute/exact: {ms['brute'] / ms['exact']:.1f}x, brute x64/exact: {ms['brute x64'] / ms['exact']:.1f}x, "
-          f"exact/open-set: {ms['exact'] / ms['open-set']:.2f}x; max |exact - brute| = {diff:.1e}")
+    print(
+        f"  brute/exact: {ms['brute'] / ms['exact']:.1f}x, brute x64/exact: {ms['brute x64'] / ms['exact']:.1f}x, "
+        f"exact/open-set: {ms['exact'] / ms['open-set']:.2f}x; max |exact - brute| = {diff:.1e}"
+    )
 
 
 def main() -> None:

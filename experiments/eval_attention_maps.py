@@ -60,20 +60,31 @@ def load_model(checkpoint: str) -> NXTP:
 def random_like(model: NXTP, seed: int = 0) -> NXTP:
     """A model of ``model``'s architecture, tokenizer and prompt, freshly initialised as training starts it."""
     args = model.init_args
-    decoder = DecoderConfig(config={"model_type": model.decoder.config.model_type, **model.decoder.config.to_diff_dict()})
+    decoder = DecoderConfig(
+        config={"model_type": model.decoder.config.model_type, **model.decoder.config.to_diff_dict()}
+    )
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory(prefix="nxtp-tokenizer-") as folder:  # read into memory by NXTP
         model.tokenizer.save_pretrained(folder)
-        return NXTP(VisionConfig(**{**args["vision"], "pretrained": None}), decoder, folder, prompt=args["prompt"],
-                    reference_compat=args["reference_compat"],
-                    reset_label_positions=args["reset_label_positions"]).eval()
+        return NXTP(
+            VisionConfig(**{**args["vision"], "pretrained": None}),
+            decoder,
+            folder,
+            prompt=args["prompt"],
+            reference_compat=args["reference_compat"],
+            reset_label_positions=args["reset_label_positions"],
+        ).eval()
 
 
 def random_from_config(config: str, tokenizer: str, seed: int = 0) -> NXTP:
     cfg = yaml.safe_load(Path(config).read_text())
     torch.manual_seed(seed)
-    return NXTP(VisionConfig(**cfg["vision"]), DecoderConfig(**cfg["decoder"]), tokenizer,
-                reset_label_positions=cfg.get("reset_label_positions", False)).eval()
+    return NXTP(
+        VisionConfig(**cfg["vision"]),
+        DecoderConfig(**cfg["decoder"]),
+        tokenizer,
+        reset_label_positions=cfg.get("reset_label_positions", False),
+    ).eval()
 
 
 def variants(record: am.LabelAttention) -> dict[str, torch.Tensor]:
@@ -86,8 +97,9 @@ def variants(record: am.LabelAttention) -> dict[str, torch.Tensor]:
     return out
 
 
-def evaluate(model: NXTP, scenes: list[tuple[str, bytes, dict]], batch_size: int, device: torch.device,
-             out: Path | None = None) -> dict[str, tuple[list[float], list[float]]]:
+def evaluate(
+    model: NXTP, scenes: list[tuple[str, bytes, dict]], batch_size: int, device: torch.device, out: Path | None = None
+) -> dict[str, tuple[list[float], list[float]]]:
     """Pointing hits and in-box mass per map kind, over every (image, kind) pair of ``scenes``."""
     model = model.to(device)
     size = tuple(model.visual.image_size)
@@ -113,8 +125,10 @@ def evaluate(model: NXTP, scenes: list[tuple[str, bytes, dict]], batch_size: int
                     mass.append(am.mass_in_box(g[n], coverage))
                 n += 1
             if out is not None:
-                maps = [am.LabelMap(k, s, grids[am.DEFAULT_METHOD][first + j])
-                        for j, (k, s) in enumerate(zip(kinds, record.scores[b]))]
+                maps = [
+                    am.LabelMap(k, s, grids[am.DEFAULT_METHOD][first + j])
+                    for j, (k, s) in enumerate(zip(kinds, record.scores[b]))
+                ]
                 am.write_maps(out, key, am.pixels_to_image(model, pixels[b]), maps)
     return results
 
@@ -144,9 +158,14 @@ def table(rows: list[tuple[str, dict[str, tuple[list[float], list[float]]]]], ma
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", help="a .ckpt of nxtp fit or a save_pretrained folder")
-    parser.add_argument("--shards", nargs="+", required=True, help="synthetic shards, e.g. 'data/shapes/test/shard-000000.tar'")
-    parser.add_argument("--model", default="configs/model/nxtp_tiny.yaml", help="architecture of the random-init "
-                        "model when no --checkpoint is given")
+    parser.add_argument(
+        "--shards", nargs="+", required=True, help="synthetic shards, e.g. 'data/shapes/test/shard-000000.tar'"
+    )
+    parser.add_argument(
+        "--model",
+        default="configs/model/nxtp_tiny.yaml",
+        help="architecture of the random-init model when no --checkpoint is given",
+    )
     parser.add_argument("--tokenizer", help="tokenizer of that model (default: the shards' dataset's tokenizer/)")
     parser.add_argument("--limit", type=int, help="at most this many images")
     parser.add_argument("--batch-size", type=int, default=32)

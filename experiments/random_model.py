@@ -34,8 +34,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="paper", choices=["tiny", "medium", "paper"])
     parser.add_argument("--out", required=True, help="the model folder to write")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="dtype of the saved weights (a float32 model is 7 GB at paper scale)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of the saved weights (a float32 model is 7 GB at paper scale)",
+    )
     parser.add_argument("--images", help="also write test photos here")
     parser.add_argument("--count", type=int, default=64)
     args = parser.parse_args()

@@ -110,7 +110,9 @@ class _Recorder:
         tail = (w.to(value.dtype) @ value.repeat_interleave(groups, dim=1)).transpose(1, 2)
         return torch.cat([head, tail], dim=1)
 
-    def record(self, layer: int, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scaling: float) -> None:
+    def record(
+        self, layer: int, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scaling: float
+    ) -> None:
         q_len, k_len = query.shape[2], key.shape[2]
         if self.phase == "prefix":
             if q_len != k_len:  # a sampler step: the labels are explained in their own pass
@@ -133,7 +135,9 @@ def _explain_attention_forward(module, query: Tensor, key: Tensor, value: Tensor
     if recorder is not None and recorder.phase == "gradient":
         return recorder.attend_with_graph(module, query, key, value, attention_mask, **kwargs), None
     out = label_masked_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    full_mask = attention_mask is None or (isinstance(attention_mask, Tensor) and attention_mask.shape[2] == query.shape[2])
+    full_mask = attention_mask is None or (
+        isinstance(attention_mask, Tensor) and attention_mask.shape[2] == query.shape[2]
+    )
     if recorder is not None and full_mask:
         recorder.record(module.layer_idx, query, key, value, attention_mask, kwargs.get("scaling", module.scaling))
     return out
@@ -146,7 +150,11 @@ AttentionMaskInterface.register(EXPLAIN, sdpa_mask)  # masks are prepared as for
 @contextlib.contextmanager
 def _explaining(model: NXTP, recorder: _Recorder) -> Iterator[None]:
     """Switch the decoder to ``EXPLAIN`` and record into ``recorder``; restore both afterwards."""
-    configs = {id(m.config): m.config for m in model.decoder.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")}
+    configs = {
+        id(m.config): m.config
+        for m in model.decoder.modules()
+        if hasattr(getattr(m, "config", None), "_attn_implementation")
+    }
     before = {k: c._attn_implementation for k, c in configs.items()}
     token = _RECORDER.set(recorder)
     try:
@@ -212,7 +220,9 @@ def _prefix(model: NXTP, pixels: Tensor) -> Tensor:
     mask = prefix_attention(n_image, len(prompt), device=pixels.device).expand(batch, -1, -1, -1)
     positions = torch.arange(n_image + len(prompt), device=pixels.device).expand(batch, -1)
     embeds = torch.cat([image, model.embed_text(prompt.expand(batch, -1)).to(image.dtype)], dim=1)
-    out = model.decoder.get_decoder()(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
+    out = model.decoder.get_decoder()(
+        inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
+    )
     return out.last_hidden_state[:, -1]
 
 
@@ -223,9 +233,16 @@ def _label_ids(model: NXTP, label: str) -> list[int]:
 
 
 @torch.no_grad()
-def label_attention(model: NXTP, pixels: Tensor, labels: Sequence[Sequence[str]] | None = None, topk: int = 10,
-                    min_prob: float = 0.0, max_label_tokens: int = 19, rollout: bool = True,
-                    gradient: bool = False) -> LabelAttention:
+def label_attention(
+    model: NXTP,
+    pixels: Tensor,
+    labels: Sequence[Sequence[str]] | None = None,
+    topk: int = 10,
+    min_prob: float = 0.0,
+    max_label_tokens: int = 19,
+    rollout: bool = True,
+    gradient: bool = False,
+) -> LabelAttention:
     """Record how each label of each image attends, for ``pixels`` [B, 3, H, W] (preprocessed).
 
     Args:
@@ -244,8 +261,9 @@ def label_attention(model: NXTP, pixels: Tensor, labels: Sequence[Sequence[str]]
     with _explaining(model, recorder):
         if labels is None:
             branches = decode_branches(model, pixels, topk, max_label_tokens)
-            ranked = rank_images(branches, model.tokenizer.decode, min_prob, model.reference_compat, seqs.delimiter,
-                                 seqs.delimiter_id)
+            ranked = rank_images(
+                branches, model.tokenizer.decode, min_prob, model.reference_compat, seqs.delimiter, seqs.delimiter_id
+            )
             labels = [[label for label, _ in r] for r in ranked]
             given_scores = [[p for _, p in r] for r in ranked]
             anchor_hidden = None
@@ -283,8 +301,13 @@ def label_attention(model: NXTP, pixels: Tensor, labels: Sequence[Sequence[str]]
             cache.update(k[image_index], v[image_index], layer)
         base = model.decoder.get_decoder()
         recorder.phase = "labels"
-        out = base(inputs_embeds=model.embed_text(tokens), attention_mask=mask,
-                   position_ids=(prefix_len + col).expand(n, -1), use_cache=True, **_cache_kwarg(base, cache))
+        out = base(
+            inputs_embeds=model.embed_text(tokens),
+            attention_mask=mask,
+            position_ids=(prefix_len + col).expand(n, -1),
+            use_cache=True,
+            **_cache_kwarg(base, cache),
+        )
 
     if given_scores is None:  # teacher-forced score: first token from the prompt, the rest from the label rows
         first = model.logits(anchor_hidden[image_index]).float().softmax(-1).gather(1, tokens[:, :1])
@@ -297,12 +320,29 @@ def label_attention(model: NXTP, pixels: Tensor, labels: Sequence[Sequence[str]]
             i += len(ls)
     prefix = [recorder.prefix_attn[l] for l in range(n_layers)] if rollout else None
     cam = _gradient_attention(model, pixels, recorder, image_index, tokens, lengths, n_layers) if gradient else None
-    return LabelAttention(labels, given_scores, image_index, lengths, [recorder.heads[l] for l in range(n_layers)],
-                          [recorder.rows[l] for l in range(n_layers)], prefix, grid, patches, cam)
+    return LabelAttention(
+        labels,
+        given_scores,
+        image_index,
+        lengths,
+        [recorder.heads[l] for l in range(n_layers)],
+        [recorder.rows[l] for l in range(n_layers)],
+        prefix,
+        grid,
+        patches,
+        cam,
+    )
 
 
-def _gradient_attention(model: NXTP, pixels: Tensor, recorder: _Recorder, image_index: Tensor, tokens: Tensor,
-                        lengths: Tensor, n_layers: int) -> Tensor:
+def _gradient_attention(
+    model: NXTP,
+    pixels: Tensor,
+    recorder: _Recorder,
+    image_index: Tensor,
+    tokens: Tensor,
+    lengths: Tensor,
+    n_layers: int,
+) -> Tensor:
     """Gradient-weighted attention (Chefer et al. 2021): mean over layers and heads of ``relu(dA * A)`` of the rows
     that predict the label's tokens and delimiter (the anchor and the label tokens) with respect to the label's
     log-probability, image columns: [N, n_image]. Model parameters get no ``.grad``."""
@@ -317,8 +357,11 @@ def _gradient_attention(model: NXTP, pixels: Tensor, recorder: _Recorder, image_
     recorder.phase, recorder.first_row = "gradient", n_image + len(prompt) - 1
     with torch.enable_grad(), _explaining(model, recorder):
         embeds = torch.cat([image, model.embed_text(text).to(image.dtype)], dim=1).detach().requires_grad_(True)
-        out = model.decoder.get_decoder()(inputs_embeds=embeds, attention_mask=mask,
-                                          position_ids=torch.arange(length, device=pixels.device).expand(n, -1))
+        out = model.decoder.get_decoder()(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=torch.arange(length, device=pixels.device).expand(n, -1),
+        )
         rows = out.last_hidden_state[:, recorder.first_row : recorder.first_row + t]  # row i predicts tokens[:, i]
         logp = model.logits(rows).float().log_softmax(-1).gather(2, tokens[..., None])[..., 0]
         valid = torch.arange(t, device=pixels.device)[None] <= lengths[:, None]
@@ -340,8 +383,13 @@ def row_weights(record: LabelAttention, include_delimiter: bool = True) -> Tenso
     return w / w.sum(1, keepdim=True)
 
 
-def maps(record: LabelAttention, method: Method = DEFAULT_METHOD, layer: int = -1, head: int = 0,
-         include_delimiter: bool = True) -> Tensor:
+def maps(
+    record: LabelAttention,
+    method: Method = DEFAULT_METHOD,
+    layer: int = -1,
+    head: int = 0,
+    include_delimiter: bool = True,
+) -> Tensor:
     """One map per (image, label) pair: [N, grid_h, grid_w], each a distribution over the patches (sums to 1).
 
     ``layer`` and ``head`` choose the single head of ``method="head"`` (negative counts from the end).
@@ -352,8 +400,9 @@ def maps(record: LabelAttention, method: Method = DEFAULT_METHOD, layer: int = -
     n_image = record.heads[0].shape[-1]
     if method == "head":
         if not -record.n_layers <= layer < record.n_layers or not -record.n_heads <= head < record.n_heads:
-            raise ValueError(f"layer={layer}, head={head}: the decoder has {record.n_layers} layers of "
-                             f"{record.n_heads} heads")
+            raise ValueError(
+                f"layer={layer}, head={head}: the decoder has {record.n_layers} layers of {record.n_heads} heads"
+            )
         image = (w[:, :, None] * record.heads[layer][:, head]).sum(1)
     elif method == "mean":
         image = torch.stack([(w[:, None, :, None] * h).sum(2).mean(1) for h in record.heads]).mean(0)
@@ -399,17 +448,35 @@ class LabelMap:
     extra: dict = field(default_factory=dict)
 
 
-def explain(model: NXTP, pixels: Tensor, labels: Sequence[Sequence[str]] | None = None, method: Method = DEFAULT_METHOD,
-            layer: int = -1, head: int = 0, topk: int = 10, min_prob: float = 0.0,
-            max_label_tokens: int = 19) -> list[list[LabelMap]]:
+def explain(
+    model: NXTP,
+    pixels: Tensor,
+    labels: Sequence[Sequence[str]] | None = None,
+    method: Method = DEFAULT_METHOD,
+    layer: int = -1,
+    head: int = 0,
+    topk: int = 10,
+    min_prob: float = 0.0,
+    max_label_tokens: int = 19,
+) -> list[list[LabelMap]]:
     """The map of every label of every image (given, or predicted by one-shot sampling when ``labels`` is None)."""
-    record = label_attention(model, pixels, labels, topk, min_prob, max_label_tokens, rollout=method == "rollout",
-                             gradient=method == "gradient")
+    record = label_attention(
+        model,
+        pixels,
+        labels,
+        topk,
+        min_prob,
+        max_label_tokens,
+        rollout=method == "rollout",
+        gradient=method == "gradient",
+    )
     grids = maps(record, method, layer, head).cpu().numpy().astype(np.float32) if record.rows else None
     out, i = [], 0
     extra = {"layer": layer, "head": head} if method == "head" else {}
     for ls, ps in zip(record.labels, record.scores):
-        out.append([LabelMap(label, float(p), grids[i + j], method, dict(extra)) for j, (label, p) in enumerate(zip(ls, ps))])
+        out.append(
+            [LabelMap(label, float(p), grids[i + j], method, dict(extra)) for j, (label, p) in enumerate(zip(ls, ps))]
+        )
         i += len(ls)
     return out
 
@@ -417,8 +484,19 @@ def explain(model: NXTP, pixels: Tensor, labels: Sequence[Sequence[str]] | None 
 # pictures and files ------------------------------------------------------------------------------------------------
 
 # Inferno-like anchors (dark purple -> red -> yellow): dark where the map is low, so the image shows through.
-_ANCHORS = np.array([[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21],
-                     [250, 193, 39], [252, 255, 164]], dtype=np.float32)
+_ANCHORS = np.array(
+    [
+        [0, 0, 4],
+        [40, 11, 84],
+        [101, 21, 110],
+        [159, 42, 99],
+        [212, 72, 66],
+        [245, 125, 21],
+        [250, 193, 39],
+        [252, 255, 164],
+    ],
+    dtype=np.float32,
+)
 
 
 def colormap(values: np.ndarray) -> np.ndarray:
@@ -431,7 +509,9 @@ def colormap(values: np.ndarray) -> np.ndarray:
 
 def pixels_to_image(model: NXTP, pixels: Tensor) -> Image.Image:
     """The image the model saw ([3, H, W] preprocessed pixels), normalisation undone."""
-    norm = next((t for t in getattr(model.eval_transform, "transforms", []) if hasattr(t, "mean") and hasattr(t, "std")), None)
+    norm = next(
+        (t for t in getattr(model.eval_transform, "transforms", []) if hasattr(t, "mean") and hasattr(t, "std")), None
+    )
     x = pixels.detach().float().cpu()
     if norm is not None:
         x = x * torch.tensor(norm.std)[:, None, None] + torch.tensor(norm.mean)[:, None, None]
@@ -449,7 +529,9 @@ def overlay(image: Image.Image, grid: np.ndarray, alpha: float = 0.6, min_size: 
     image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
     # Stretched from its minimum to its peak: a person looks for where the map is highest, not at its scale.
     lo, span = float(grid.min()), float(grid.max() - grid.min()) or 1.0
-    heat = Image.fromarray(((grid - lo) / span).astype(np.float32), mode="F").resize(image.size, Image.Resampling.BILINEAR)
+    heat = Image.fromarray(((grid - lo) / span).astype(np.float32), mode="F").resize(
+        image.size, Image.Resampling.BILINEAR
+    )
     value = np.asarray(heat)
     colour = colormap(value).astype(np.float32)
     a = alpha * np.clip(value, 0.15, 1)[..., None]  # low attention dims the image only a little
@@ -471,11 +553,21 @@ def write_maps(out_dir: str | Path, stem: str, image: Image.Image, label_maps: S
         name = f"{stem}.{i:02d}.{_slug(m.label)}"
         overlay(image, m.grid).save(out / f"{name}.png")
         np.save(out / f"{name}.npy", m.grid)
-        entries.append({"label": m.label, "score": m.score, "method": m.method, **m.extra,
-                        "grid": m.grid.round(6).tolist(), "png": f"{name}.png", "npy": f"{name}.npy"})
+        entries.append(
+            {
+                "label": m.label,
+                "score": m.score,
+                "method": m.method,
+                **m.extra,
+                "grid": m.grid.round(6).tolist(),
+                "png": f"{name}.png",
+                "npy": f"{name}.npy",
+            }
+        )
     path = out / f"{stem}.json"
-    path.write_text(json.dumps({"grid_size": list(label_maps[0].grid.shape) if label_maps else None,
-                                "labels": entries}, indent=1))
+    path.write_text(
+        json.dumps({"grid_size": list(label_maps[0].grid.shape) if label_maps else None, "labels": entries}, indent=1)
+    )
     return path
 
 
@@ -492,8 +584,12 @@ def transform_box(box: Sequence[float], original_size: tuple[int, int], image_si
     dx, dy = int(round((new_w - out_w) / 2)), int(round((new_h - out_h) / 2))
     sx, sy = new_w / w, new_h / h
     x0, y0, x1, y1 = box
-    return [min(max(x0 * sx - dx, 0), out_w), min(max(y0 * sy - dy, 0), out_h),
-            min(max(x1 * sx - dx, 0), out_w), min(max(y1 * sy - dy, 0), out_h)]
+    return [
+        min(max(x0 * sx - dx, 0), out_w),
+        min(max(y0 * sy - dy, 0), out_h),
+        min(max(x1 * sx - dx, 0), out_w),
+        min(max(y1 * sy - dy, 0), out_h),
+    ]
 
 
 def box_coverage(boxes: Sequence[Sequence[float]], grid: tuple[int, int], image_size: tuple[int, int]) -> np.ndarray:
@@ -505,8 +601,9 @@ def box_coverage(boxes: Sequence[Sequence[float]], grid: tuple[int, int], image_
         covered[int(round(y0)) : int(round(y1)), int(round(x0)) : int(round(x1))] = True
     ys = np.linspace(0, h, grid[0] + 1).round().astype(int)
     xs = np.linspace(0, w, grid[1] + 1).round().astype(int)
-    return np.array([[covered[ys[i] : ys[i + 1], xs[j] : xs[j + 1]].mean() for j in range(grid[1])]
-                     for i in range(grid[0])])
+    return np.array(
+        [[covered[ys[i] : ys[i + 1], xs[j] : xs[j + 1]].mean() for j in range(grid[1])] for i in range(grid[0])]
+    )
 
 
 def pointing_hit(grid: np.ndarray, coverage: np.ndarray) -> float:

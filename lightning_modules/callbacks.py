@@ -46,8 +46,10 @@ class GlobalBatchSize(L.Callback):
                 f"data.batch_size={per_device} x {trainer.world_size} devices"
             )
         trainer.accumulate_grad_batches = self.global_batch_size // per_step
-        rank_zero_info(f"global batch {self.global_batch_size} = {per_device} per device x {trainer.world_size} "
-                       f"devices x {trainer.accumulate_grad_batches} accumulation steps")
+        rank_zero_info(
+            f"global batch {self.global_batch_size} = {per_device} per device x {trainer.world_size} "
+            f"devices x {trainer.accumulate_grad_batches} accumulation steps"
+        )
 
 
 # TensorBoard: what the run is and what the model sees ------------------------------------------------------
@@ -64,8 +66,9 @@ def attention_mask_image(seg: Tensor, mask: Tensor, min_size: int = 384) -> np.n
     a masked cell is white. Enlarged with nearest-neighbour so that single tokens stay visible.
     """
     seg, mask = seg.cpu(), mask.cpu()
-    colours = torch.tensor([BLOCK_COLOURS.get(int(s)) or LABEL_PALETTE[(int(s) - 1) % len(LABEL_PALETTE)] for s in seg],
-                           dtype=torch.uint8)
+    colours = torch.tensor(
+        [BLOCK_COLOURS.get(int(s)) or LABEL_PALETTE[(int(s) - 1) % len(LABEL_PALETTE)] for s in seg], dtype=torch.uint8
+    )
     picture = torch.where(mask[..., None], colours[:, None, :], torch.full((1, 1, 3), 255, dtype=torch.uint8))
     scale = max(1, -(-min_size // len(seg)))
     return picture.repeat_interleave(scale, 0).repeat_interleave(scale, 1).numpy()
@@ -130,9 +133,11 @@ class SaveConfigToTensorBoard(SaveConfigCallback):
         # Four spaces make TensorBoard's markdown show the YAML as it is.
         experiment.add_text("config", "\n".join("    " + line for line in text.splitlines()), trainer.global_step)
         config = yaml.safe_load(text)
-        params = {k: v for k, v in flat_config(config).items()
-                  if k.startswith(("model.", "data.", "seed_everything"))
-                  or (k.startswith("trainer.") and k.count(".") == 1)}
+        params = {
+            k: v
+            for k, v in flat_config(config).items()
+            if k.startswith(("model.", "data.", "seed_everything")) or (k.startswith("trainer.") and k.count(".") == 1)
+        }
         hp = pl_module.hparams
         tags = hparam_metric_tags(list(hp.get("eval_topk", [])), bool(hp.get("semantic_metric", False)))
         # The summaries name the metric tags only; their values are the scalars logged during the run.
@@ -150,7 +155,7 @@ def numbered(folder: Path, pattern: str) -> dict[int, Path]:
     prefix, suffix = pattern.split("{}")
     found = {}
     for path in folder.glob(pattern.replace("{}", "*")):
-        middle = path.name[len(prefix): len(path.name) - len(suffix)]
+        middle = path.name[len(prefix) : len(path.name) - len(suffix)]
         if middle.isdigit():
             found[int(middle)] = path
     return found
@@ -182,8 +187,14 @@ class SlurmRequeue(L.Callback):
     def _on_signal(self, signum, frame) -> None:
         self.signalled = True
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        if not self.listening or self.requeued or not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
+        if (
+            not self.listening
+            or self.requeued
+            or not trainer.strategy.reduce_boolean_decision(self.signalled, all=False)
+        ):
             return
         checkpoint = trainer.checkpoint_callback
         folder = Path(checkpoint.dirpath if checkpoint is not None and checkpoint.dirpath else trainer.default_root_dir)
@@ -304,12 +315,15 @@ class GracefulStop(L.Callback):
         if hasattr(self._launcher, "procs"):  # `--trainer.devices N` started the other ranks from this process
             self._launcher.kill(signum)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         if not trainer.strategy.reduce_boolean_decision(self.signalled is not None, all=False):
             return
         if 0 < trainer.max_steps <= trainer.global_step:
             return  # the last step is done: the run ends as it would have (and is not resumed later)
         signum = self.signalled or signal.SIGTERM  # a rank that saw no signal stops with the others
         save_last_checkpoints(trainer)
-        raise Interrupted(128 + signum, f"stopped by {signum.name} at step {trainer.global_step}; "
-                                        f"run the same command to resume")
+        raise Interrupted(
+            128 + signum, f"stopped by {signum.name} at step {trainer.global_step}; run the same command to resume"
+        )

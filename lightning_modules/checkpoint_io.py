@@ -24,9 +24,11 @@ from .vision import VisionConfig
 # Python (``nxtp fit`` stores them as dicts). Optimizer, scheduler, callback and RNG states are plain data.
 SAFE_GLOBALS: list[type] = [VisionConfig, DecoderConfig]
 
-TRUST_HINT = ("If you trust this file (you wrote it, or know who did), load it on purpose with "
-              "`--trust-checkpoint` (nxtp label / nxtp export), `trust=True` (Recognizer.from_checkpoint, "
-              "load_checkpoint) or `weights_only=False` (Trainer.fit)")
+TRUST_HINT = (
+    "If you trust this file (you wrote it, or know who did), load it on purpose with "
+    "`--trust-checkpoint` (nxtp label / nxtp export), `trust=True` (Recognizer.from_checkpoint, "
+    "load_checkpoint) or `weights_only=False` (Trainer.fit)"
+)
 
 
 class UntrustedCheckpointError(pickle.UnpicklingError):
@@ -41,8 +43,9 @@ def _open(path: str | Path):
     return open(path, "rb")
 
 
-def load_checkpoint(path: str | Path, trust: bool = False, map_location: Any = "cpu", mmap: bool = False
-                    ) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, trust: bool = False, map_location: Any = "cpu", mmap: bool = False
+) -> dict[str, Any]:
     """Read a ``.ckpt`` without running code from it, unless ``trust`` is set.
 
     Args:
@@ -75,7 +78,8 @@ def load_checkpoint(path: str | Path, trust: bool = False, map_location: Any = "
             raise UntrustedCheckpointError(
                 f"refusing to load checkpoint {path}: it pickles {', '.join(names)} outside the "
                 f"allow-list of what this project's checkpoints contain, and unpickling them could run code. "
-                f"{TRUST_HINT}.") from None
+                f"{TRUST_HINT}."
+            ) from None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -101,10 +105,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         # Lightning passes None unless the user chose: only an explicit weights_only=False trusts the file.
         try:
-            return load_checkpoint(path, trust=weights_only is False,
-                                   map_location=map_location or (lambda storage, loc: storage))
+            return load_checkpoint(
+                path, trust=weights_only is False, map_location=map_location or (lambda storage, loc: storage)
+            )
         except (FileNotFoundError, UntrustedCheckpointError):
             raise
         except Exception as e:  # truncated or corrupt: say which file, keep the cause
-            raise RuntimeError(f"checkpoint {path} is corrupt or was only partly written ({type(e).__name__}: {e}); "
-                               f"resume from an earlier checkpoint") from e
+            raise RuntimeError(
+                f"checkpoint {path} is corrupt or was only partly written ({type(e).__name__}: {e}); "
+                f"resume from an earlier checkpoint"
+            ) from e

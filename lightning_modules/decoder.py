@@ -34,8 +34,9 @@ except ImportError:  # older transformers always dequantize GGUF weights
 LABEL_MASKED = "nxtp_label_masked"
 
 
-def label_masked_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
-                                   attention_mask: Tensor | None, **kwargs) -> tuple[Tensor, Tensor | None]:
+def label_masked_attention_forward(
+    module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, **kwargs
+) -> tuple[Tensor, Tensor | None]:
     """Attention with the kernel the mask's form asks for; returns ([B, q, heads, head_dim], weights or None)."""
     if attention_mask is not None and not isinstance(attention_mask, Tensor):  # a FlexAttention BlockMask
         from transformers.integrations.flex_attention import flex_attention_forward
@@ -86,8 +87,10 @@ def decoder_config(cfg: DecoderConfig) -> PretrainedConfig:
         raise ValueError(f"decoder.num_blocks={cfg.num_blocks}: a decoder needs at least 1 block")
     if cfg.name_or_path is None:
         if cfg.gguf_file is not None:
-            raise ValueError(f"decoder.gguf_file={cfg.gguf_file!r} needs decoder.name_or_path: the folder or hub "
-                             "repository that holds it")
+            raise ValueError(
+                f"decoder.gguf_file={cfg.gguf_file!r} needs decoder.name_or_path: the folder or hub "
+                "repository that holds it"
+            )
         if cfg.num_blocks is not None:  # alone, it sets the depth; with a full config, it cuts it (as pretrained)
             overrides.setdefault("num_hidden_layers", cfg.num_blocks)
         hf_config = AutoConfig.for_model(overrides.pop("model_type", "llama"), **overrides)
@@ -128,8 +131,13 @@ def build_decoder(cfg: DecoderConfig, vocab_size: int) -> nn.Module:
             gguf["gguf_file"] = cfg.gguf_file
             if GgufConfig is not None:  # newer transformers may keep GGUF weights packed, which cannot train
                 gguf["quantization_config"] = GgufConfig(dequantize=True)
-        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, config=hf_config, dtype=getattr(torch, cfg.dtype),
-                                                     attn_implementation=LABEL_MASKED, **gguf)
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.name_or_path,
+            config=hf_config,
+            dtype=getattr(torch, cfg.dtype),
+            attn_implementation=LABEL_MASKED,
+            **gguf,
+        )
         if getattr(model, "hf_quantizer", None) is not None and cfg.gguf_file is not None:
             # Dense float weights now: drop the GGUF quantization record, which would otherwise go into config.yaml.
             model.hf_quantizer.remove_quantization_config(model)

@@ -53,8 +53,9 @@ class _Decoder(nn.Module):
         self.rotary = base.rotary_emb
         self.lm_head = model.decoder.get_output_embeddings()
 
-    def forward(self, hidden: Tensor, positions: Tensor, past: list[tuple[Tensor, Tensor]] | None,
-                mask: Tensor | None) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    def forward(
+        self, hidden: Tensor, positions: Tensor, past: list[tuple[Tensor, Tensor]] | None, mask: Tensor | None
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         """Logits at the last position [B, V] and every layer's full cache (past + new positions).
 
         ``mask`` is an additive [1, 1, S, S] mask over the new positions only; ``past`` positions are
@@ -101,8 +102,7 @@ class PrefixGraph(nn.Module):
         prompt = torch.tensor(model.sequences.prompt_ids(model.prompt), dtype=torch.long)
         self.register_buffer("prompt", prompt, persistent=False)
         allowed = prefix_attention(model.n_image_tokens, len(prompt))
-        self.register_buffer("mask", torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf")),
-                             persistent=False)
+        self.register_buffer("mask", torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf")), persistent=False)
 
     def forward(self, pixels: Tensor) -> tuple[Tensor, ...]:
         image = self.model.embed_images(pixels)
@@ -131,8 +131,16 @@ def _kv_names(prefix: str, n_layers: int) -> list[str]:
     return [f"{prefix}_{kind}_{i}" for i in range(n_layers) for kind in ("key", "value")]
 
 
-def _export_graph(module: nn.Module, args: tuple[Tensor, ...], path: Path, inputs: list[str], outputs: list[str],
-                  axes: dict[str, dict[int, str]], opset: int, large: bool) -> None:
+def _export_graph(
+    module: nn.Module,
+    args: tuple[Tensor, ...],
+    path: Path,
+    inputs: list[str],
+    outputs: list[str],
+    axes: dict[str, dict[int, str]],
+    opset: int,
+    large: bool,
+) -> None:
     # nn.MultiheadAttention's fused inference kernel (used by the vision tower) has no ONNX export.
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
@@ -140,16 +148,31 @@ def _export_graph(module: nn.Module, args: tuple[Tensor, ...], path: Path, input
         with warnings.catch_warnings():
             # The vision tower's shape checks are constant for a fixed image size; their warnings are noise.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs,
-                              dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                input_names=inputs,
+                output_names=outputs,
+                dynamic_axes=axes,
+                opset_version=opset,
+                dynamo=False,
+                do_constant_folding=True,
+            )
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
     if large:
         import onnx
 
         graph = onnx.load(str(path))  # also reads weights the exporter may already have put aside
-        onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
+        onnx.save_model(
+            graph,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + ".data",
+            size_threshold=1024,
+        )
 
 
 def _load_model(checkpoint_or_model: NXTP | str | Path, trust: bool = False) -> NXTP:
@@ -161,8 +184,13 @@ def _load_model(checkpoint_or_model: NXTP | str | Path, trust: bool = False) -> 
 
 
 @torch.no_grad()
-def export(checkpoint_or_model: NXTP | str | Path, out_dir: str | Path, format: ExportFormat = "safetensors",
-           opset: int = 17, trust: bool = False) -> Path:
+def export(
+    checkpoint_or_model: NXTP | str | Path,
+    out_dir: str | Path,
+    format: ExportFormat = "safetensors",
+    opset: int = 17,
+    trust: bool = False,
+) -> Path:
     """Write a model (or a ``.ckpt`` / ``save_pretrained`` folder) to ``out_dir`` in ``format``; return it.
 
     A ``.ckpt`` is read safely (see ``checkpoint_io.load_checkpoint``) unless ``trust`` is set.
@@ -177,8 +205,10 @@ def export(checkpoint_or_model: NXTP | str | Path, out_dir: str | Path, format: 
     model = _load_model(checkpoint_or_model, trust)
     decoder_type = model.decoder.config.model_type
     if format == "onnx" and decoder_type not in ONNX_DECODER_TYPES:
-        raise ValueError(f"ONNX export writes {', '.join(ONNX_DECODER_TYPES)} decoder blocks only, not "
-                         f"{decoder_type!r} (model.decoder); --format safetensors exports any decoder")
+        raise ValueError(
+            f"ONNX export writes {', '.join(ONNX_DECODER_TYPES)} decoder blocks only, not "
+            f"{decoder_type!r} (model.decoder); --format safetensors exports any decoder"
+        )
     out = model.save_pretrained(out_dir)
     if format == "safetensors":
         return out
@@ -198,30 +228,62 @@ def export(checkpoint_or_model: NXTP | str | Path, out_dir: str | Path, format: 
     prefix = PrefixGraph(model).eval()
     past_names = _kv_names("past", n_layers)
     prefix_out = prefix(pixels)
-    _export_graph(prefix, (pixels,), out / "prefix.onnx", ["pixels"], ["first_logits", *past_names],
-                  {"pixels": {0: "batch"}, "first_logits": {0: "batch"}, **{n: {0: "batch"} for n in past_names}},
-                  opset, large)
+    _export_graph(
+        prefix,
+        (pixels,),
+        out / "prefix.onnx",
+        ["pixels"],
+        ["first_logits", *past_names],
+        {"pixels": {0: "batch"}, "first_logits": {0: "batch"}, **{n: {0: "batch"} for n in past_names}},
+        opset,
+        large,
+    )
 
     cache_axes = {0: "branches", 2: "cache_length"}
-    step_args = (torch.zeros(2, 1, dtype=torch.long), torch.full((2, 1), prefix_out[1].shape[2], dtype=torch.long),
-                 *prefix_out[1:])
+    step_args = (
+        torch.zeros(2, 1, dtype=torch.long),
+        torch.full((2, 1), prefix_out[1].shape[2], dtype=torch.long),
+        *prefix_out[1:],
+    )
     present_names = _kv_names("present", n_layers)
-    _export_graph(StepGraph(model).eval(), step_args, out / "step.onnx", ["token_ids", "position", *past_names],
-                  ["logits", *present_names],
-                  {"token_ids": {0: "branches"}, "position": {0: "branches"}, "logits": {0: "branches"},
-                   **{n: cache_axes for n in past_names},
-                   **{n: {0: "branches", 2: "new_length"} for n in present_names}},
-                  opset, large)
+    _export_graph(
+        StepGraph(model).eval(),
+        step_args,
+        out / "step.onnx",
+        ["token_ids", "position", *past_names],
+        ["logits", *present_names],
+        {
+            "token_ids": {0: "branches"},
+            "position": {0: "branches"},
+            "logits": {0: "branches"},
+            **{n: cache_axes for n in past_names},
+            **{n: {0: "branches", 2: "new_length"} for n in present_names},
+        },
+        opset,
+        large,
+    )
 
     seqs = model.sequences
-    meta = dict(n_layers=n_layers, prefix_length=int(prefix_out[1].shape[2]), delimiter_id=seqs.delimiter_id,
-                eos_id=seqs.eos_id, delimiter=seqs.delimiter, reference_compat=model.reference_compat)
+    meta = dict(
+        n_layers=n_layers,
+        prefix_length=int(prefix_out[1].shape[2]),
+        delimiter_id=seqs.delimiter_id,
+        eos_id=seqs.eos_id,
+        delimiter=seqs.delimiter,
+        reference_compat=model.reference_compat,
+    )
     (out / META_FILE).write_text(json.dumps(meta, indent=2))
     return out
 
 
-def onnx_recognize(out_dir: str | Path, pixels: np.ndarray, topk: int = 10, min_prob: float = 0.0,
-                   max_label_tokens: int = 19, providers: list[str] | None = None) -> list[list[tuple[str, float]]]:
+def onnx_recognize(
+    out_dir: str | Path,
+    pixels: np.ndarray,
+    topk: int = 10,
+    min_prob: float = 0.0,
+    max_label_tokens: int = 19,
+    providers: list[str] | None = None,
+) -> list[list[tuple[str, float]]]:
     """``sampling.recognize`` on an ONNX export: the graphs run in onnxruntime (no torch model), the decoding loop
     is ``sampling.one_shot``.
 
@@ -247,13 +309,21 @@ def onnx_recognize(out_dir: str | Path, pixels: np.ndarray, topk: int = 10, min_
         nonlocal cache
         if keep is not None:
             cache = [c[keep.numpy()] for c in cache]
-        feed = {"token_ids": tokens[:, None].numpy().astype(np.int64),
-                "position": np.full((len(tokens), 1), length + offset - 1, dtype=np.int64),
-                **dict(zip(past_names, cache))}
+        feed = {
+            "token_ids": tokens[:, None].numpy().astype(np.int64),
+            "position": np.full((len(tokens), 1), length + offset - 1, dtype=np.int64),
+            **dict(zip(past_names, cache)),
+        }
         logits, *cache = step_graph.run(None, feed)
         return torch.from_numpy(logits).float().softmax(-1)
 
     compat = meta["reference_compat"]
-    branches = one_shot(torch.from_numpy(first_logits).float().softmax(-1), step, topk,
-                        [meta["delimiter_id"], meta["eos_id"]], compat, max_label_tokens)
+    branches = one_shot(
+        torch.from_numpy(first_logits).float().softmax(-1),
+        step,
+        topk,
+        [meta["delimiter_id"], meta["eos_id"]],
+        compat,
+        max_label_tokens,
+    )
     return rank_images(branches, tokenizer.decode, min_prob, compat, meta["delimiter"], meta["delimiter_id"])

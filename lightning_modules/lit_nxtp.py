@@ -26,9 +26,8 @@ from .decoder import DecoderConfig
 from .metrics import ExactLabelScore, SemanticLabelScore, score_name
 from .nxtp import NXTP, PROMPT, load_weights, read_weights
 from .sampling import recognize
-from .vocabulary import LabelMapper, Vocabulary, VocabularyScore, score_vocabulary, tokenize, vocabulary_targets
 from .vision import VisionConfig
-
+from .vocabulary import LabelMapper, Vocabulary, VocabularyScore, score_vocabulary, tokenize, vocabulary_targets
 
 TOKENIZER_KEY = "nxtp_tokenizer_files"
 RNG_KEY = "nxtp_rng_states"
@@ -133,7 +132,7 @@ class LitNXTP(L.LightningModule):
         decay_fraction: float = 0.25,
         min_lr_ratio: float = 0.0,
         max_nonfinite_steps: int = 10,
-        eval_topk: list[int] = [5, 10],
+        eval_topk: list[int] = [5, 10],  # noqa: B006 (jsonargparse needs a list; never mutated)
         eval_min_prob: float = 0.0,
         eval_vocabulary: str | None = None,
         eval_vocabulary_threshold: float = 0.1,
@@ -149,8 +148,16 @@ class LitNXTP(L.LightningModule):
         self.save_hyperparameters()
         if Path(tokenizer).exists():  # a checkpoint must find its tokenizer from any working directory
             self.hparams.tokenizer = tokenizer = os.path.abspath(tokenizer)
-        self.model = NXTP(vision, decoder, tokenizer, prompt, reference_compat, reset_label_positions,
-                          attention=attention, pad_to_multiple=pad_to_multiple)
+        self.model = NXTP(
+            vision,
+            decoder,
+            tokenizer,
+            prompt,
+            reference_compat,
+            reset_label_positions,
+            attention=attention,
+            pad_to_multiple=pad_to_multiple,
+        )
         self._set_trainable(trainable)
         if train_new_token_embeddings:
             self._train_rows(self.model.decoder.get_input_embeddings().weight, self.model.sequences.new_token_ids)
@@ -227,8 +234,11 @@ class LitNXTP(L.LightningModule):
             checkpoint[MAX_STEPS_KEY] = self.trainer.max_steps
         checkpoint[TRAIN_SKIPPED_KEY] = {"skipped": dict(self.train_skipped), "nonfinite": self.nonfinite_steps}
         _, keys, pos, has_gauss, gauss = np.random.get_state()
-        checkpoint[RNG_KEY] = {"torch": torch.get_rng_state(), "python": random.getstate(),
-                               "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+        checkpoint[RNG_KEY] = {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # A resumed run goes on counting where it stopped, and continues the random streams (dropout, init of new
@@ -277,8 +287,12 @@ class LitNXTP(L.LightningModule):
 
     def _running_stats(self) -> list[torch.Tensor]:
         """The buffers a training forward changes: the running statistics of BatchNorm layers (the conv stem)."""
-        return [buffer for module in self.model.modules() if isinstance(module, torch.nn.modules.batchnorm._NormBase)
-                for buffer in module.buffers(recurse=False)]
+        return [
+            buffer
+            for module in self.model.modules()
+            if isinstance(module, torch.nn.modules.batchnorm._NormBase)
+            for buffer in module.buffers(recurse=False)
+        ]
 
     def _skip_nonfinite(self, loss, batch, running_stats: list[torch.Tensor]) -> None:
         """Skip a step where the loss of some rank is not finite, on every rank (see ``_count_step``), leaving the
@@ -294,8 +308,10 @@ class LitNXTP(L.LightningModule):
             where = f"batch samples {batch['keys'][:8]}" + (f" on rank {self.global_rank}" if world > 1 else "")
         self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=len(batch["keys"]))
         if self.nonfinite_steps > self.hparams.max_nonfinite_steps:
-            raise RuntimeError(f"the loss is not finite for the {self.nonfinite_steps}th time (more than "
-                               f"model.max_nonfinite_steps={self.hparams.max_nonfinite_steps}); {where}")
+            raise RuntimeError(
+                f"the loss is not finite for the {self.nonfinite_steps}th time (more than "
+                f"model.max_nonfinite_steps={self.hparams.max_nonfinite_steps}); {where}"
+            )
         (warnings.warn if here else rank_zero_warn)(f"skipping step {self.global_step}: loss is not finite ({where})")
 
     def on_train_epoch_start(self) -> None:
@@ -356,8 +372,10 @@ class LitNXTP(L.LightningModule):
         self.eval_images.update(len(batch["keys"]))
         # The paper's protocol: the top-k labels come from a sampling with exactly k branches (cutting a top-10
         # sampling would let branches 6-10 merge into and outrank the top-5 labels).
-        predictions = {k: recognize(self.model, batch["pixels"], topk=k, min_prob=self.hparams.eval_min_prob)
-                       for k in self.hparams.eval_topk}
+        predictions = {
+            k: recognize(self.model, batch["pixels"], topk=k, min_prob=self.hparams.eval_min_prob)
+            for k in self.hparams.eval_topk
+        }
         for k, labels in predictions.items():
             labels = [[label for label, _ in p] for p in labels]
             self.metrics[score_name("exact", k)].update(labels, batch["labels"])
@@ -401,8 +419,10 @@ class LitNXTP(L.LightningModule):
         if self.eval_images.compute() == 0 and not self.trainer.sanity_checking:  # summed over ranks: all raise
             limit = getattr(self.trainer, f"limit_{stage}_batches")
             read = "" if limit == 1.0 else f" in the batches read (trainer.limit_{stage}_batches={limit})"
-            raise RuntimeError(f"{stage}: no sample of data.{stage}_shards could be evaluated{read}: every shard "
-                               f"empty, unreadable or rejected (see rejects.jsonl); there is no score to report")
+            raise RuntimeError(
+                f"{stage}: no sample of data.{stage}_shards could be evaluated{read}: every shard "
+                f"empty, unreadable or rejected (see rejects.jsonl); there is no score to report"
+            )
         for name, metric in (("loss", self.eval_loss), ("images", self.eval_images)):
             self.log(f"{stage}/{name}", metric.compute(), sync_dist=True)
             metric.reset()
@@ -438,7 +458,9 @@ class LitNXTP(L.LightningModule):
     def predict_step(self, batch, batch_idx):
         if not batch["keys"]:
             return []
-        preds = recognize(self.model, batch["pixels"], topk=max(self.hparams.eval_topk), min_prob=self.hparams.eval_min_prob)
+        preds = recognize(
+            self.model, batch["pixels"], topk=max(self.hparams.eval_topk), min_prob=self.hparams.eval_min_prob
+        )
         return [{"key": k, "labels": p} for k, p in zip(batch["keys"], preds)]
 
     def _log_predictions(self, batch, predictions) -> None:
@@ -463,8 +485,13 @@ class LitNXTP(L.LightningModule):
         experiment.add_image("val/predictions", np.asarray(grid), self.global_step, dataformats="HWC")
 
 
-def caption_tile(image: Image.Image, truth: list[str], predicted: list[tuple[str, float]],
-                 maps: list[tuple[str, Image.Image]] = (), size: int = 160) -> Image.Image:
+def caption_tile(
+    image: Image.Image,
+    truth: list[str],
+    predicted: list[tuple[str, float]],
+    maps: list[tuple[str, Image.Image]] = (),
+    size: int = 160,
+) -> Image.Image:
     """The image enlarged, with the true labels and the predicted ones (with probabilities) written below, then
     the given maps (label, overlay) side by side under their labels."""
     lines = ["true: " + ", ".join(sorted(truth))] + [f"{p:.2f} {label}" for label, p in predicted]

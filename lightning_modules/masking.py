@@ -70,8 +70,9 @@ def label_block_mask(seg: Tensor):
 
     batch, length = seg.shape
     # Compiling the mask construction avoids materialising B x S x S on the GPU; on the CPU it only costs time.
-    return create_block_mask(label_mask_mod(seg), batch, None, length, length, device=seg.device,
-                             _compile=seg.device.type == "cuda")
+    return create_block_mask(
+        label_mask_mod(seg), batch, None, length, length, device=seg.device, _compile=seg.device.type == "cuda"
+    )
 
 
 def prefix_attention(n_image: int, n_text: int, device=None) -> Tensor:

@@ -33,8 +33,15 @@ from torchmetrics import Metric
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
-__all__ = ["ExactLabelScore", "SemanticLabelScore", "default_embedder_path", "normalize_label", "metric_tag", "score_name",
-           "MAIN_METRIC"]
+__all__ = [
+    "ExactLabelScore",
+    "SemanticLabelScore",
+    "default_embedder_path",
+    "normalize_label",
+    "metric_tag",
+    "score_name",
+    "MAIN_METRIC",
+]
 
 
 def score_name(kind: str, k: int) -> str:
@@ -48,7 +55,9 @@ def metric_tag(stage: str, kind: str, k: int, value: str) -> str:
     return f"{stage}/{score_name(kind, k)}/{value}"
 
 
-MAIN_METRIC = metric_tag("val", "exact", 5, "f1")  # what sweeps sort by by default (and the configs' checkpoint monitor)
+MAIN_METRIC = metric_tag(
+    "val", "exact", 5, "f1"
+)  # what sweeps sort by by default (and the configs' checkpoint monitor)
 
 ONLINE_EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
 

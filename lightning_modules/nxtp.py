@@ -17,8 +17,8 @@ from typing import Literal
 
 import safetensors.torch
 import torch
-import yaml
 import torch.nn.functional as F
+import yaml
 from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -100,8 +100,13 @@ class NXTP(nn.Module):
             raise ValueError(f"attention={attention!r}: choose one of {Attention.__args__}")
         if pad_to_multiple is not None and pad_to_multiple < 1:
             raise ValueError(f"pad_to_multiple={pad_to_multiple}: must be a positive length")
-        self.init_args = dict(vision=asdict(vision), decoder=asdict(decoder), prompt=prompt,
-                              reference_compat=reference_compat, reset_label_positions=reset_label_positions)
+        self.init_args = dict(
+            vision=asdict(vision),
+            decoder=asdict(decoder),
+            prompt=prompt,
+            reference_compat=reference_compat,
+            reset_label_positions=reset_label_positions,
+        )
         self.tokenizer = load_tokenizer(tokenizer)
         self.sequences = SequenceBuilder(self.tokenizer, reference_compat=reference_compat)
         self.prompt = prompt
@@ -123,7 +128,9 @@ class NXTP(nn.Module):
     def embed_text(self, ids: Tensor) -> Tensor:
         return self.decoder.get_input_embeddings()(ids)
 
-    def hidden_states(self, image_embeds: Tensor, text_ids: Tensor, attention_mask: Tensor, positions: Tensor) -> Tensor:
+    def hidden_states(
+        self, image_embeds: Tensor, text_ids: Tensor, attention_mask: Tensor, positions: Tensor
+    ) -> Tensor:
         """Decoder output after the final norm, at every position: [B, n_image + T, hidden]."""
         embeds = torch.cat([image_embeds, self.embed_text(text_ids).to(image_embeds.dtype)], dim=1)
         out = self.decoder.get_decoder()(
@@ -139,8 +146,10 @@ class NXTP(nn.Module):
         if self.attention == "auto":
             return "flex" if flex_available(device) else "dense"
         if self.attention == "flex" and device.type == "cpu" and torch.is_grad_enabled():
-            raise RuntimeError("attention='flex' cannot train on the CPU (FlexAttention has no CPU backward); "
-                               "use 'auto', 'dense' or 'compact' there")
+            raise RuntimeError(
+                "attention='flex' cannot train on the CPU (FlexAttention has no CPU backward); "
+                "use 'auto', 'dense' or 'compact' there"
+            )
         return self.attention
 
     def layout(self, text: TextBatch, attention: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -198,8 +207,12 @@ class NXTP(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         config = {**self.init_args, "reference_compat": self.reference_compat}
         config["vision"] = {**config["vision"], "pretrained": None}  # the weights are in model.safetensors
-        config["decoder"] = {"name_or_path": None, "num_blocks": None, "dtype": "float32",
-                             "config": {"model_type": self.decoder.config.model_type, **self.decoder.config.to_diff_dict()}}
+        config["decoder"] = {
+            "name_or_path": None,
+            "num_blocks": None,
+            "dtype": "float32",
+            "config": {"model_type": self.decoder.config.model_type, **self.decoder.config.to_diff_dict()},
+        }
         config["tokenizer"] = "tokenizer"
         self.tokenizer.save_pretrained(out / "tokenizer")
         safetensors.torch.save_model(self, str(out / "model.safetensors"))
@@ -207,13 +220,15 @@ class NXTP(nn.Module):
         return out
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, **overrides) -> "NXTP":
+    def from_pretrained(cls, path: str | Path, **overrides) -> NXTP:
         """Rebuild a model written by ``save_pretrained`` (no pickle involved)."""
         path = Path(path)
         config = {**yaml.safe_load((path / "config.yaml").read_text()), **overrides}
         model = cls(
-            VisionConfig(**config.pop("vision")), DecoderConfig(**config.pop("decoder")),
-            tokenizer=str(path / config.pop("tokenizer")), **config,
+            VisionConfig(**config.pop("vision")),
+            DecoderConfig(**config.pop("decoder")),
+            tokenizer=str(path / config.pop("tokenizer")),
+            **config,
         )
         missing, unexpected = safetensors.torch.load_model(model, str(path / "model.safetensors"), strict=False)
         if missing or unexpected:
@@ -234,8 +249,10 @@ def read_weights(path: str | Path) -> dict[str, Tensor]:
     if isinstance(path, Path) and path.is_dir():
         path = path / "model.safetensors"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist: a weights folder is one written by save_pretrained, "
-                                    f"nxtp import-official or nxtp export --format safetensors")
+            raise FileNotFoundError(
+                f"{path} does not exist: a weights folder is one written by save_pretrained, "
+                f"nxtp import-official or nxtp export --format safetensors"
+            )
     if str(path).endswith(".safetensors"):
         return safetensors.torch.load_file(str(path))
     from .checkpoint_io import load_checkpoint
@@ -252,8 +269,9 @@ def _listed(keys: list[str], limit: int = 20) -> str:
     return f"{shown}, ... ({len(keys) - limit} more)" if len(keys) > limit else shown
 
 
-def load_weights(model: nn.Module, state: dict[str, Tensor], allow_missing: list[str] = (),
-                 source: str = "the source") -> list[str]:
+def load_weights(
+    model: nn.Module, state: dict[str, Tensor], allow_missing: list[str] = (), source: str = "the source"
+) -> list[str]:
     """Copy ``state`` into ``model``, whose names and shapes it must match exactly; return the keys left as built.
 
     Keys of ``model`` absent from ``state`` are allowed only where they match a pattern of ``allow_missing``
@@ -271,16 +289,24 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], allow_missing: list
     allowed = [k for k in absent if any(fnmatch.fnmatch(k, p) for p in allow_missing)]
     missing = [k for k in absent if k not in allowed]
     unexpected = sorted(state.keys() - expected.keys())
-    mis_shaped = [f"{k}: source {tuple(v.shape)}, model {tuple(expected[k].shape)}"
-                  for k, v in sorted(state.items()) if k in expected and v.shape != expected[k].shape]
+    mis_shaped = [
+        f"{k}: source {tuple(v.shape)}, model {tuple(expected[k].shape)}"
+        for k, v in sorted(state.items())
+        if k in expected and v.shape != expected[k].shape
+    ]
     if missing or unexpected or mis_shaped:
-        problems = [f"missing from the source (name them in model.init_allow_missing to keep them as built): "
-                    f"{_listed(missing)}" if missing else "",
-                    f"not in the model: {_listed(unexpected)}" if unexpected else "",
-                    f"shape mismatches: {_listed(mis_shaped)}" if mis_shaped else ""]
-        raise ValueError(f"model.init_from={source} does not fit the model built from the config (the model config "
-                         f"must describe the source's architecture, e.g. --model FOLDER/config.yaml for a "
-                         f"save_pretrained folder):\n  " + "\n  ".join(p for p in problems if p))
+        problems = [
+            f"missing from the source (name them in model.init_allow_missing to keep them as built): {_listed(missing)}"
+            if missing
+            else "",
+            f"not in the model: {_listed(unexpected)}" if unexpected else "",
+            f"shape mismatches: {_listed(mis_shaped)}" if mis_shaped else "",
+        ]
+        raise ValueError(
+            f"model.init_from={source} does not fit the model built from the config (the model config "
+            f"must describe the source's architecture, e.g. --model FOLDER/config.yaml for a "
+            f"save_pretrained folder):\n  " + "\n  ".join(p for p in problems if p)
+        )
     with torch.no_grad():
         model.load_state_dict(state, strict=False)
     return allowed

@@ -92,8 +92,14 @@ def _count(keys, pattern: str) -> int:
     return len({int(m.group(1)) for k in keys if (m := re.match(pattern, k))})
 
 
-def convert(ckpt: dict[str, Tensor], clip_visual: dict[str, Tensor], vision_heads: int | None = None,
-            decoder_heads: int | None = None, norm_eps: float = 1e-5, rope_theta: float = 10000.0):
+def convert(
+    ckpt: dict[str, Tensor],
+    clip_visual: dict[str, Tensor],
+    vision_heads: int | None = None,
+    decoder_heads: int | None = None,
+    norm_eps: float = 1e-5,
+    rope_theta: float = 10000.0,
+):
     """Turn the official tensors into (VisionConfig, DecoderConfig, NXTP state dict)."""
     ckpt = {k.removeprefix("module."): v.detach().float() for k, v in ckpt.items()}
     vision = {k.removeprefix("vision_encoder."): v for k, v in ckpt.items() if k.startswith("vision_encoder.")}
@@ -109,23 +115,44 @@ def convert(ckpt: dict[str, Tensor], clip_visual: dict[str, Tensor], vision_head
     vision_layers = _count(visual, r"transformer\.resblocks\.(\d+)\.")
     mlp = visual["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
     heads = vision_heads or width // 64
-    vision_cfg = VisionConfig(model_name="nxtp-imported-vit", config={
-        "embed_dim": width, "quick_gelu": True,
-        "vision_cfg": {"image_size": patch * grid, "patch_size": patch, "width": width, "layers": vision_layers,
-                       "head_width": width // heads, "mlp_ratio": mlp / width},
-        "text_cfg": {"context_length": 2, "vocab_size": 2, "width": 8, "heads": 1, "layers": 1},  # unused
-    })
+    vision_cfg = VisionConfig(
+        model_name="nxtp-imported-vit",
+        config={
+            "embed_dim": width,
+            "quick_gelu": True,
+            "vision_cfg": {
+                "image_size": patch * grid,
+                "patch_size": patch,
+                "width": width,
+                "layers": vision_layers,
+                "head_width": width // heads,
+                "mlp_ratio": mlp / width,
+            },
+            "text_cfg": {"context_length": 2, "vocab_size": 2, "width": 8, "heads": 1, "layers": 1},  # unused
+        },
+    )
 
     vocab, dim = decoder["tok_embeddings.weight"].shape
     n_layers = _count(decoder, r"layers\.(\d+)\.")
     n_heads = decoder_heads or max(1, dim // 128)
     hidden = decoder["layers.0.feed_forward.w1.weight"].shape[0]
-    decoder_cfg = DecoderConfig(config={
-        "model_type": "llama", "vocab_size": vocab, "hidden_size": dim, "intermediate_size": hidden,
-        "num_hidden_layers": n_layers, "num_attention_heads": n_heads, "num_key_value_heads": n_heads,
-        "rms_norm_eps": norm_eps, "rope_theta": rope_theta, "max_position_embeddings": 2048,
-        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
-    })
+    decoder_cfg = DecoderConfig(
+        config={
+            "model_type": "llama",
+            "vocab_size": vocab,
+            "hidden_size": dim,
+            "intermediate_size": hidden,
+            "num_hidden_layers": n_layers,
+            "num_attention_heads": n_heads,
+            "num_key_value_heads": n_heads,
+            "rms_norm_eps": norm_eps,
+            "rope_theta": rope_theta,
+            "max_position_embeddings": 2048,
+            "tie_word_embeddings": False,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        }
+    )
 
     state = {f"visual.{k}": v for k, v in visual.items()}
     if projection is not None:
@@ -144,25 +171,42 @@ def convert(ckpt: dict[str, Tensor], clip_visual: dict[str, Tensor], vision_head
     return vision_cfg, decoder_cfg, state
 
 
-def import_official(checkpoint: str, clip: str, tokenizer: str, out: str, vision_heads: int | None = None,
-                    decoder_heads: int | None = None, norm_eps: float = 1e-5, reference_compat: bool = False) -> NXTP:
+def import_official(
+    checkpoint: str,
+    clip: str,
+    tokenizer: str,
+    out: str,
+    vision_heads: int | None = None,
+    decoder_heads: int | None = None,
+    norm_eps: float = 1e-5,
+    reference_compat: bool = False,
+) -> NXTP:
     """Build an ``NXTP`` from an official checkpoint and CLIP weights, write it to ``out`` and return it."""
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if "model" not in ckpt:
         raise ValueError(f"{checkpoint}: no 'model' entry; expected an official NXTP checkpoint")
-    vision_cfg, decoder_cfg, state = convert(ckpt["model"], load_clip_visual(clip), vision_heads, decoder_heads, norm_eps)
+    vision_cfg, decoder_cfg, state = convert(
+        ckpt["model"], load_clip_visual(clip), vision_heads, decoder_heads, norm_eps
+    )
     model = NXTP(vision_cfg, decoder_cfg, tokenizer, reference_compat=reference_compat)
     rows = state["decoder.model.embed_tokens.weight"].shape[0]
     if len(model.tokenizer) != rows:
-        raise ValueError(f"tokenizer {tokenizer} has {len(model.tokenizer)} tokens with <|image|> and <|empty|>; "
-                         f"the checkpoint's embeddings have {rows} rows")
+        raise ValueError(
+            f"tokenizer {tokenizer} has {len(model.tokenizer)} tokens with <|image|> and <|empty|>; "
+            f"the checkpoint's embeddings have {rows} rows"
+        )
     expected = model.state_dict()
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    mis_shaped = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)}"
-                  for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    mis_shaped = [
+        f"{k}: checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
     if missing or extra or mis_shaped:
-        raise ValueError(f"cannot load the official checkpoint: missing keys {missing}, unexpected keys {extra}, "
-                         f"mis-shaped {mis_shaped}")
+        raise ValueError(
+            f"cannot load the official checkpoint: missing keys {missing}, unexpected keys {extra}, "
+            f"mis-shaped {mis_shaped}"
+        )
     model.load_state_dict(state)
     model.save_pretrained(out)
     return model.eval()

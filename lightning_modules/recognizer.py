@@ -1,11 +1,11 @@
 """The Python API: name the objects in images.
 
-    from lightning_modules import Recognizer
-    recognizer = Recognizer.from_checkpoint("logs/default/version_0/checkpoints/last.ckpt")
-    recognizer.label(["cat.jpg", pil_image], topk=10, min_prob=0.1)
-    # [[("cat", 0.71), ("sofa", 0.12)], [...]]
-    recognizer.score(["cat.jpg"], ["cat", "dog", ["sofa", "couch"]], topk=2)  # exact, over a closed vocabulary
-    recognizer.map_labels(["cat.jpg"], "classes.txt")  # open-set labels mapped onto a vocabulary
+from lightning_modules import Recognizer
+recognizer = Recognizer.from_checkpoint("logs/default/version_0/checkpoints/last.ckpt")
+recognizer.label(["cat.jpg", pil_image], topk=10, min_prob=0.1)
+# [[("cat", 0.71), ("sofa", 0.12)], [...]]
+recognizer.score(["cat.jpg"], ["cat", "dog", ["sofa", "couch"]], topk=2)  # exact, over a closed vocabulary
+recognizer.map_labels(["cat.jpg"], "classes.txt")  # open-set labels mapped onto a vocabulary
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from torch import Tensor
 
 from datamodules.images import MAX_IMAGE_PIXELS, decode_image
 
-from .nxtp import NXTP
 from .attention_maps import DEFAULT_METHOD, LabelMap, explain
+from .nxtp import NXTP
 from .sampling import recognize
 from .vocabulary import Candidates, LabelMapper, Vocabulary, ranked, score_vocabulary, tokenize
 
@@ -35,8 +35,13 @@ class Recognizer:
     reduced scale unless ``draft`` is off.
     """
 
-    def __init__(self, model: NXTP, device: str | torch.device = "cpu", max_image_pixels: int = MAX_IMAGE_PIXELS,
-                 draft: bool = True) -> None:
+    def __init__(
+        self,
+        model: NXTP,
+        device: str | torch.device = "cpu",
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
+        draft: bool = True,
+    ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.max_image_pixels, self.draft = max_image_pixels, draft
@@ -51,8 +56,14 @@ class Recognizer:
         return decode_image(image, self.max_image_pixels, self.draft_input_size)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", trust: bool = False,
-                        max_image_pixels: int = MAX_IMAGE_PIXELS, draft: bool = True) -> "Recognizer":
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        trust: bool = False,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
+        draft: bool = True,
+    ) -> Recognizer:
         """Load a Lightning ``.ckpt`` written by ``nxtp fit`` or a folder written by ``save_pretrained`` /
         ``nxtp import-official``; ``max_image_pixels`` and ``draft`` as for ``Recognizer``.
 
@@ -65,7 +76,9 @@ class Recognizer:
         from .lit_nxtp import TOKENIZER_KEY, LitNXTP
 
         checkpoint = load_checkpoint(path, trust=trust)
-        stored = checkpoint.get(TOKENIZER_KEY) if not Path(checkpoint["hyper_parameters"]["tokenizer"]).exists() else None
+        stored = (
+            checkpoint.get(TOKENIZER_KEY) if not Path(checkpoint["hyper_parameters"]["tokenizer"]).exists() else None
+        )
         del checkpoint
         with tempfile.TemporaryDirectory(prefix="nxtp-tokenizer-") as folder:
             overrides = {}
@@ -76,8 +89,9 @@ class Recognizer:
             # Lightning reads the file again (its hyperparameter and version migrations are not public API),
             # under the same allow-list.
             with torch.serialization.safe_globals(SAFE_GLOBALS):
-                module = LitNXTP.load_from_checkpoint(path, map_location="cpu", weights_only=not trust,
-                                                      semantic_metric=False, **overrides)
+                module = LitNXTP.load_from_checkpoint(
+                    path, map_location="cpu", weights_only=not trust, semantic_metric=False, **overrides
+                )
         return cls(module.model, device, max_image_pixels, draft)
 
     def preprocess(self, image: ImageInput) -> Tensor:
@@ -87,8 +101,9 @@ class Recognizer:
         return self.model.eval_transform(self.read(image))
 
     @torch.no_grad()
-    def label(self, images: ImageInput | list[ImageInput], topk: int = 10, min_prob: float = 0.0,
-              batch_size: int = 32) -> list[list[tuple[str, float]]]:
+    def label(
+        self, images: ImageInput | list[ImageInput], topk: int = 10, min_prob: float = 0.0, batch_size: int = 32
+    ) -> list[list[tuple[str, float]]]:
         """``(label, probability)`` pairs sorted by probability, one list per image."""
         if not isinstance(images, list):
             images = [images]
@@ -110,18 +125,30 @@ class Recognizer:
         return vocabulary, tokenize(self.model, vocabulary)
 
     @torch.no_grad()
-    def score_tensor(self, images: ImageInput | list[ImageInput], vocabulary, batch_size: int = 32,
-                     chunk_tokens: int = 2048) -> Tensor:
+    def score_tensor(
+        self, images: ImageInput | list[ImageInput], vocabulary, batch_size: int = 32, chunk_tokens: int = 2048
+    ) -> Tensor:
         """The probability [images, entries] (float64, on the CPU) of every vocabulary entry: the sum over its names
         of the exact probability of each (see ``vocabulary.score_vocabulary``)."""
         if not (isinstance(vocabulary, tuple) and isinstance(vocabulary[1], Candidates)):
             vocabulary = self.tokenize(vocabulary)
         vocab, candidates = vocabulary
-        return torch.cat([score_vocabulary(self.model, pixels, candidates, len(vocab), chunk_tokens).cpu()
-                          for pixels in self._pixels(images, batch_size)])
+        return torch.cat(
+            [
+                score_vocabulary(self.model, pixels, candidates, len(vocab), chunk_tokens).cpu()
+                for pixels in self._pixels(images, batch_size)
+            ]
+        )
 
-    def score(self, images: ImageInput | list[ImageInput], vocabulary, topk: int | None = None, min_prob: float = 0.0,
-              batch_size: int = 32, chunk_tokens: int = 2048) -> list[list[tuple[str, float]]]:
+    def score(
+        self,
+        images: ImageInput | list[ImageInput],
+        vocabulary,
+        topk: int | None = None,
+        min_prob: float = 0.0,
+        batch_size: int = 32,
+        chunk_tokens: int = 2048,
+    ) -> list[list[tuple[str, float]]]:
         """``(entry name, probability)`` for every entry of a closed ``vocabulary``, sorted, one list per image: at
         most ``topk`` (None: all) and none below ``min_prob``. ``vocabulary`` is a ``Vocabulary``, a file (text, JSON
         or JSON lines), a list of names and name lists (synonyms, whose probabilities add up), or what
@@ -132,19 +159,36 @@ class Recognizer:
         scores = self.score_tensor(images, vocabulary, batch_size, chunk_tokens)
         return ranked(scores, vocabulary[0].names, topk, min_prob)
 
-    def map_labels(self, images: ImageInput | list[ImageInput],
-                   vocabulary: LabelMapper | Vocabulary | str | Path | list, topk: int = 10, min_prob: float = 0.0,
-                   keep_unmapped: bool = False, batch_size: int = 32) -> list[list[tuple[str, float]]]:
+    def map_labels(
+        self,
+        images: ImageInput | list[ImageInput],
+        vocabulary: LabelMapper | Vocabulary | str | Path | list,
+        topk: int = 10,
+        min_prob: float = 0.0,
+        keep_unmapped: bool = False,
+        batch_size: int = 32,
+    ) -> list[list[tuple[str, float]]]:
         """Open-set labels (``topk`` branches, as :meth:`label`) mapped onto ``vocabulary`` by a ``LabelMapper``
         (give one to choose its threshold and methods), probabilities that land on one entry summed, sorted, none
         below ``min_prob``; labels that map nowhere dropped unless ``keep_unmapped``."""
-        mapper = vocabulary if isinstance(vocabulary, LabelMapper) else \
-            LabelMapper(Vocabulary.coerce(vocabulary), device=self.device)
+        mapper = (
+            vocabulary
+            if isinstance(vocabulary, LabelMapper)
+            else LabelMapper(Vocabulary.coerce(vocabulary), device=self.device)
+        )
         return [mapper.map(labels, keep_unmapped, min_prob) for labels in self.label(images, topk, 0.0, batch_size)]
 
-    def explain(self, images: ImageInput | list[ImageInput], labels: list[list[str]] | None = None,
-                method: str = DEFAULT_METHOD, layer: int = -1, head: int = 0, topk: int = 10, min_prob: float = 0.0,
-                batch_size: int = 32) -> list[list[LabelMap]]:
+    def explain(
+        self,
+        images: ImageInput | list[ImageInput],
+        labels: list[list[str]] | None = None,
+        method: str = DEFAULT_METHOD,
+        layer: int = -1,
+        head: int = 0,
+        topk: int = 10,
+        min_prob: float = 0.0,
+        batch_size: int = 32,
+    ) -> list[list[LabelMap]]:
         """Where each label looks: for every image, a ``LabelMap`` (label, probability, patch grid) per label, the
         given ``labels`` (teacher-forced) or the predicted ones (one-shot sampling). ``method``: ``gradient`` (the
         default: gradient-weighted attention), ``mean``, ``rollout``, or ``head`` (one decoder ``layer`` and

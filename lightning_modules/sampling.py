@@ -37,8 +37,14 @@ class Branch:
 StepFn = Callable[[Tensor, "Tensor | None", int], Tensor]
 
 
-def one_shot(first_probs: Tensor, step: StepFn, topk: int, stop_ids: list[int], reference_compat: bool = False,
-             max_label_tokens: int = 19) -> list[list[Branch]]:
+def one_shot(
+    first_probs: Tensor,
+    step: StepFn,
+    topk: int,
+    stop_ids: list[int],
+    reference_compat: bool = False,
+    max_label_tokens: int = 19,
+) -> list[list[Branch]]:
     """The decoding loop every backend shares: the ``topk`` most likely first tokens of each image
     (``first_probs`` [B, V], the distribution at the last prompt position) start ``topk`` branches, each continued
     greedily through ``step`` until a stop token or ``max_label_tokens`` tokens (the closing one included).
@@ -104,9 +110,12 @@ def decode_branches(model: NXTP, pixels: Tensor, topk: int, max_label_tokens: in
     def step(tokens: Tensor, keep: Tensor | None, offset: int) -> Tensor:
         if keep is not None:
             cache.batch_select_indices(keep.nonzero().squeeze(1))
-        out = base(inputs_embeds=model.embed_text(tokens[:, None]).to(embeds.dtype),
-                   position_ids=torch.full((len(tokens), 1), length + offset - 1, device=pixels.device),
-                   use_cache=True, **cache_kwarg)
+        out = base(
+            inputs_embeds=model.embed_text(tokens[:, None]).to(embeds.dtype),
+            position_ids=torch.full((len(tokens), 1), length + offset - 1, device=pixels.device),
+            use_cache=True,
+            **cache_kwarg,
+        )
         return model.logits(out.last_hidden_state[:, -1]).float().softmax(-1)
 
     return one_shot(first_probs, step, topk, _stop_ids(model), model.reference_compat, max_label_tokens)
@@ -139,7 +148,9 @@ def decode_recompute(model: NXTP, pixels: Tensor, topk: int, max_label_tokens: i
     return one_shot(first_probs, step, topk, _stop_ids(model), model.reference_compat, max_label_tokens)
 
 
-def split_branches(tokens: list[list[list[int]]], probs: list[list[list[float]]], stops: set[int]) -> list[list[Branch]]:
+def split_branches(
+    tokens: list[list[list[int]]], probs: list[list[list[float]]], stops: set[int]
+) -> list[list[Branch]]:
     """Cut every decoded branch ([image][branch][step]) at its first stop token."""
     result = []
     for image_tokens, image_probs in zip(tokens, probs):
@@ -198,15 +209,20 @@ def rank_labels_reference(branches: list[Branch], decode, delimiter_id: int) -> 
     return [(key.replace(",", ""), round(score.item(), 5)) for key, score in ranked]
 
 
-def recognize(model: NXTP, pixels: Tensor, topk: int = 10, min_prob: float = 0.0, max_label_tokens: int = 19) -> list[list[tuple[str, float]]]:
+def recognize(
+    model: NXTP, pixels: Tensor, topk: int = 10, min_prob: float = 0.0, max_label_tokens: int = 19
+) -> list[list[tuple[str, float]]]:
     """Labels with probabilities, sorted, for every image of a batch of preprocessed pixels."""
     seqs = model.sequences
     branches = decode_branches(model, pixels, topk, max_label_tokens)
-    return rank_images(branches, model.tokenizer.decode, min_prob, model.reference_compat, seqs.delimiter, seqs.delimiter_id)
+    return rank_images(
+        branches, model.tokenizer.decode, min_prob, model.reference_compat, seqs.delimiter, seqs.delimiter_id
+    )
 
 
-def rank_images(branches: list[list[Branch]], decode, min_prob: float, reference_compat: bool, delimiter: str,
-                delimiter_id: int) -> list[list[tuple[str, float]]]:
+def rank_images(
+    branches: list[list[Branch]], decode, min_prob: float, reference_compat: bool, delimiter: str, delimiter_id: int
+) -> list[list[tuple[str, float]]]:
     """Rank the branches of every image, the reference's way in ``reference_compat``."""
     if reference_compat:
         return [[(l, p) for l, p in rank_labels_reference(b, decode, delimiter_id) if p >= min_prob] for b in branches]

@@ -133,7 +133,7 @@ class TextBatch:
     anchors: Tensor  # [B] long
     label_ends: Tensor  # [B, max_labels] long, -1 padded
 
-    def to(self, device) -> "TextBatch":
+    def to(self, device) -> TextBatch:
         return TextBatch(*(t.to(device) for t in (self.ids, self.lengths, self.anchors, self.label_ends)))
 
 
@@ -221,4 +221,3 @@ def loss_targets(text: TextBatch, seg: Tensor, n_image: int, reference_compat: b
         anchor_rows = (n_image + text.anchors)[:, None].expand_as(rows)
         rows = torch.where(first_of_label, anchor_rows, rows)
     return rows, torch.where(valid, targets, torch.full_like(targets, IGNORE))
-

@@ -100,21 +100,27 @@ def _image_base64(value: Any, text: bool) -> bytes:
 
 
 # Every field a request may carry and how it is read (value, is_text) -> value. ``image`` comes from the body.
-FIELDS: dict[str, Callable[[Any, bool], Any]] = {"image": _image_base64, "filename": _filename, "topk": _topk,
-                                                 "min_prob": _min_prob}
+FIELDS: dict[str, Callable[[Any, bool], Any]] = {
+    "image": _image_base64,
+    "filename": _filename,
+    "topk": _topk,
+    "min_prob": _min_prob,
+}
 
 
 def parse_fields(fields: Mapping[str, Any], defaults: Mapping[str, Any], text: bool) -> dict[str, Any]:
     """Options checked and converted by ``FIELDS``, defaults filled in; unknown fields are refused by name."""
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
-        raise RequestError(400, f"unknown field {', '.join(map(repr, unknown))}; known fields: {', '.join(FIELDS)}",
-                           unknown[0])
+        raise RequestError(
+            400, f"unknown field {', '.join(map(repr, unknown))}; known fields: {', '.join(FIELDS)}", unknown[0]
+        )
     return {**defaults, **{name: FIELDS[name](value, text) for name, value in fields.items()}}
 
 
 async def _form_fields(scope: Scope, body: bytes) -> tuple[dict[str, Any], bytes | None]:
     """Text fields and the uploaded file (with its name as ``filename``) of a multipart body."""
+
     async def replay() -> Message:
         return {"type": "http.request", "body": body, "more_body": False}
 
@@ -139,8 +145,9 @@ async def _form_fields(scope: Scope, body: bytes) -> tuple[dict[str, Any], bytes
     except RequestError:
         raise
     except Exception as e:  # starlette's MultiPartException and the parser's own errors: a malformed body
-        raise RequestError(400, f"multipart body: {getattr(e, 'detail', None) or getattr(e, 'message', None) or e}") \
-            from None
+        raise RequestError(
+            400, f"multipart body: {getattr(e, 'detail', None) or getattr(e, 'message', None) or e}"
+        ) from None
     return fields, data
 
 
@@ -151,8 +158,13 @@ class RequestReader:
     Here, in the HTTP server process, a bad request costs no place in a batch and no worker time.
     """
 
-    def __init__(self, app: ASGIApp, path: str = "/predict", max_payload_bytes: int = 16 << 20,
-                 defaults: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        path: str = "/predict",
+        max_payload_bytes: int = 16 << 20,
+        defaults: Mapping[str, Any] | None = None,
+    ) -> None:
         self.app, self.path, self.max_payload_bytes = app, path, max_payload_bytes
         self.defaults = dict(defaults or {})
 
@@ -201,8 +213,12 @@ class RequestReader:
                 break
         body = b"".join(chunks)
         if not body:
-            raise RequestError(400, "empty body: send an image as the raw body, as multipart field 'image', or as "
-                                    "base64 in JSON field 'image'", "image")
+            raise RequestError(
+                400,
+                "empty body: send an image as the raw body, as multipart field 'image', or as "
+                "base64 in JSON field 'image'",
+                "image",
+            )
         return body
 
     async def canonical(self, scope: Scope, body: bytes) -> dict[str, Any]:
@@ -228,8 +244,12 @@ class RequestReader:
         elif content_type == "multipart/form-data":
             fields, data = await _form_fields(scope, body)
             if not data:
-                raise RequestError(400, f"image: {'missing' if data is None else 'an empty file'} (a multipart file "
-                                        f"upload in field 'image')", "image")
+                raise RequestError(
+                    400,
+                    f"image: {'missing' if data is None else 'an empty file'} (a multipart file "
+                    f"upload in field 'image')",
+                    "image",
+                )
             text = True
         else:  # the image file itself, whatever the client called it (curl --data-binary says form-urlencoded)
             fields, data, text = {}, body, True
@@ -263,8 +283,15 @@ class RecognizerAPI(ls.LitAPI):
     labels (as in ``sampling.rank_labels``): each answer is what the request alone would get.
     """
 
-    def __init__(self, checkpoint: str, trust: bool = False, precision: str = "32",
-                 max_image_pixels: int = MAX_IMAGE_PIXELS, threads: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        checkpoint: str,
+        trust: bool = False,
+        precision: str = "32",
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
+        threads: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         """``kwargs`` go to ``LitAPI`` (``max_batch_size``, ``batch_timeout``)."""
         super().__init__(**kwargs)
         self.checkpoint, self.trust, self.precision = checkpoint, trust, precision
@@ -278,8 +305,9 @@ class RecognizerAPI(ls.LitAPI):
 
         if self.threads:
             torch.set_num_threads(self.threads)
-        self.recognizer = Recognizer.from_checkpoint(self.checkpoint, device, trust=self.trust,
-                                                     max_image_pixels=self.max_image_pixels)
+        self.recognizer = Recognizer.from_checkpoint(
+            self.checkpoint, device, trust=self.trust, max_image_pixels=self.max_image_pixels
+        )
         self.dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(self.precision)
         self.device_type = torch.device(device).type
         self.label([self.recognizer.preprocess(Image.new("RGB", (64, 64)))], topk=1)  # warm up before /health
@@ -323,8 +351,9 @@ class RecognizerAPI(ls.LitAPI):
         item, labels, batch_size = output
         if isinstance(item, RequestError):
             return item.response(batch_size)
-        entry = ({"image": item.filename} if item.filename is not None else {}) | \
-            {"labels": [{"label": label, "prob": p} for label, p in labels]}
+        entry = ({"image": item.filename} if item.filename is not None else {}) | {
+            "labels": [{"label": label, "prob": p} for label, p in labels]
+        }
         return JSONResponse(entry, headers={"X-Batch-Size": str(batch_size)})
 
 
@@ -347,9 +376,10 @@ def describe(checkpoint: str | Path, trust: bool = False) -> dict[str, Any]:
         tokenizer = str(config.get("tokenizer"))
         if not Path(tokenizer).exists():  # Recognizer.from_checkpoint then uses the copy the checkpoint holds
             tokenizer += " (not on this machine: the copy stored in the checkpoint is used)"
-    vision, decoder = ({**asdict(c)} if is_dataclass(c) else dict(c or {}) for c in
-                       (config.get("vision"), config.get("decoder")))
-    layers = (decoder.get("config") or {})
+    vision, decoder = (
+        {**asdict(c)} if is_dataclass(c) else dict(c or {}) for c in (config.get("vision"), config.get("decoder"))
+    )
+    layers = decoder.get("config") or {}
     return {
         "checkpoint": str(path.resolve()),
         "model": "NXTP",

@@ -67,7 +67,7 @@ class Sweep:
     slurm: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Sweep":
+    def load(cls, path: str | Path) -> Sweep:
         """Read and check a sweep file; errors name the file and the key."""
         path = Path(path)
         raw = yaml.safe_load(path.read_text()) or {}
@@ -148,8 +148,10 @@ def fit_args(sweep: Sweep, index: int, params: dict[str, Any]) -> list[str]:
     """The ``nxtp fit`` arguments of one run."""
     args = ["fit"] + [a for c in sweep.config for a in ("--config", c)]
     args += [f"--{key}={cli_value(value)}" for key, value in {**sweep.fixed, **params}.items()]
-    return args + [f"--trainer.logger.init_args.save_dir={sweep.save_dir}",
-                   f"--trainer.logger.init_args.name=sweeps/{sweep.name}/{run_name(index, params)}"]
+    return args + [
+        f"--trainer.logger.init_args.save_dir={sweep.save_dir}",
+        f"--trainer.logger.init_args.name=sweeps/{sweep.name}/{run_name(index, params)}",
+    ]
 
 
 def run_dir(sweep: Sweep, index: int, params: dict[str, Any]) -> Path:
@@ -216,8 +218,16 @@ def table(sweep: Sweep) -> list[dict[str, Any]]:
         status = read_status(sweep, index, params)
         metrics = status.get("metrics", {})
         row = {"run": run_name(index, params), **{k: short(v) for k, v in params.items()}, "status": status["status"]}
-        for key in dict.fromkeys([sweep.metric, MAIN_METRIC, metric_tag("test", "exact", 5, "f1"),
-                                  metric_tag("test", "semantic", 5, "f"), "val/loss", "global_step"]):
+        for key in dict.fromkeys(
+            [
+                sweep.metric,
+                MAIN_METRIC,
+                metric_tag("test", "exact", 5, "f1"),
+                metric_tag("test", "semantic", 5, "f"),
+                "val/loss",
+                "global_step",
+            ]
+        ):
             value = metrics.get(key)
             row[key] = "" if value is None else (round(value, 4) if isinstance(value, float) else value)
         row["error"] = status.get("error", "")
@@ -237,20 +247,28 @@ def write_table(sweep: Sweep, rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
     markdown = "\n".join(lines) + "\n"
-    (sweep.folder / "results.md").write_text(f"Sweep `{sweep.name}`, sorted by {sweep.metric} ({sweep.mode}).\n\n"
-                                             + markdown)
+    (sweep.folder / "results.md").write_text(
+        f"Sweep `{sweep.name}`, sorted by {sweep.metric} ({sweep.mode}).\n\n" + markdown
+    )
     return markdown
 
 
 def slurm_script(sweep: Sweep, sweep_file: str, count: int) -> str:
     """An sbatch script with one array task per run; each task runs ``nxtp sweep FILE --index $SLURM_ARRAY_TASK_ID``."""
-    options = {"job-name": f"sweep-{sweep.name}", "array": f"0-{count - 1}",
-               "output": str(sweep.folder / "slurm-%A_%a.out"), "requeue": None, "signal": "USR1@120",
-               **sweep.slurm}
+    options = {
+        "job-name": f"sweep-{sweep.name}",
+        "array": f"0-{count - 1}",
+        "output": str(sweep.folder / "slurm-%A_%a.out"),
+        "requeue": None,
+        "signal": "USR1@120",
+        **sweep.slurm,
+    }
     lines = ["#!/bin/bash"] + [f"#SBATCH --{k}" if v is None else f"#SBATCH --{k}={v}" for k, v in options.items()]
-    lines += [f"cd {shlex.quote(os.getcwd())}",
-              f"srun {shlex.quote(sys.executable)} -m lightning_modules.cli sweep {shlex.quote(sweep_file)} "
-              "--index $SLURM_ARRAY_TASK_ID"]
+    lines += [
+        f"cd {shlex.quote(os.getcwd())}",
+        f"srun {shlex.quote(sys.executable)} -m lightning_modules.cli sweep {shlex.quote(sweep_file)} "
+        "--index $SLURM_ARRAY_TASK_ID",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -265,7 +283,18 @@ def submit_slurm(sweep: Sweep, sweep_file: str, count: int) -> None:
     out = subprocess.run([sbatch, "--parsable", str(script)], capture_output=True, text=True, check=True).stdout
     job = out.strip().split(";")[0]
     collect = f"{shlex.quote(sys.executable)} -m lightning_modules.cli sweep {shlex.quote(sweep_file)} --collect"
-    subprocess.run([sbatch, "--parsable", f"--dependency=afterany:{job}", f"--job-name=sweep-{sweep.name}-table",
-                    f"--output={sweep.folder / 'table-%j.out'}", f"--chdir={os.getcwd()}", f"--wrap={collect}"],
-                   capture_output=True, text=True, check=True)
+    subprocess.run(
+        [
+            sbatch,
+            "--parsable",
+            f"--dependency=afterany:{job}",
+            f"--job-name=sweep-{sweep.name}-table",
+            f"--output={sweep.folder / 'table-%j.out'}",
+            f"--chdir={os.getcwd()}",
+            f"--wrap={collect}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     print(f"submitted array job {job} ({count} runs); the table will be in {sweep.folder / 'results.md'}")

@@ -56,7 +56,12 @@ class ConvStem(nn.Sequential):
         channels = [3] + [min(width, 16 * 2**i) for i in range(stages)]
         layers: list[nn.Module] = []
         for c_in, c_out in zip(channels[:-1], channels[1:]):
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)]
+            layers += [
+                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
         layers.append(nn.Conv2d(channels[-1], width, 3, padding=1))
         super().__init__(*layers)
 
@@ -105,19 +110,24 @@ def build_vision_tower(cfg: VisionConfig) -> tuple[nn.Module, object, object]:
         # Build where the caller builds (e.g. under ``torch.device("meta")``), not always on the CPU.
         device = torch.empty(0).device
         with _quiet_random_init(cfg.pretrained is None):
-            clip, train_tf, eval_tf = open_clip.create_model_and_transforms(name, pretrained=cfg.pretrained,
-                                                                            device=device)
+            clip, train_tf, eval_tf = open_clip.create_model_and_transforms(
+                name, pretrained=cfg.pretrained, device=device
+            )
     visual = clip.visual
     if not isinstance(visual, open_clip.transformer.VisionTransformer):
         raise ValueError(f"vision.model_name: {cfg.model_name!r} is not a ViT; NXTP needs its patch tokens")
     if visual.attn_pool is not None or visual.pool_type != "tok" or visual.final_ln_after_pool:
-        raise ValueError(f"vision.model_name: {cfg.model_name!r} does not expose its tokens after ln_post with CLS first")
+        raise ValueError(
+            f"vision.model_name: {cfg.model_name!r} does not expose its tokens after ln_post with CLS first"
+        )
     image, patch = tuple(visual.image_size), tuple(visual.patch_size)
     if image[0] % patch[0] or image[1] % patch[1]:
         # The patchify convolution would silently drop the pixels past the last whole patch.
-        raise ValueError(f"vision: image size {image[0]}x{image[1]} of {cfg.model_name!r} is not a multiple of its patch "
-                         f"size {patch[0]}x{patch[1]}; set vision_cfg.image_size (in vision.config or the model's "
-                         "JSON config) to a multiple")
+        raise ValueError(
+            f"vision: image size {image[0]}x{image[1]} of {cfg.model_name!r} is not a multiple of its patch "
+            f"size {patch[0]}x{patch[1]}; set vision_cfg.image_size (in vision.config or the model's "
+            "JSON config) to a multiple"
+        )
     visual.proj = None  # NXTP learns its own projection into the decoder
     visual.output_tokens = True
     if cfg.conv_stem:

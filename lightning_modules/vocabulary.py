@@ -50,8 +50,15 @@ from .masking import prefix_attention
 from .metrics import normalize_label
 from .nxtp import NXTP
 
-__all__ = ["Entry", "LabelMapper", "Vocabulary", "VocabularyError", "VocabularyScore", "score_vocabulary",
-           "vocabulary_targets"]
+__all__ = [
+    "Entry",
+    "LabelMapper",
+    "Vocabulary",
+    "VocabularyError",
+    "VocabularyScore",
+    "score_vocabulary",
+    "vocabulary_targets",
+]
 
 VocabularyItem = str | Sequence[str] | Mapping[str, Any]
 
@@ -114,7 +121,7 @@ class Vocabulary:
         self.entries = [Entry(name, tuple(dict.fromkeys(names)), where) for name, names, where in entries]
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Vocabulary":
+    def from_file(cls, path: str | Path) -> Vocabulary:
         """Read a text, ``.json`` or ``.jsonl`` vocabulary file (see the module docstring)."""
         path = Path(path)
         try:
@@ -145,7 +152,7 @@ class Vocabulary:
         return cls(items, str(path))
 
     @classmethod
-    def coerce(cls, vocabulary: "Vocabulary | str | Path | Sequence[VocabularyItem]") -> "Vocabulary":
+    def coerce(cls, vocabulary: Vocabulary | str | Path | Sequence[VocabularyItem]) -> Vocabulary:
         """A ``Vocabulary`` from itself, a file path, or a list of items (names, name lists or entry objects)."""
         if isinstance(vocabulary, Vocabulary):
             return vocabulary
@@ -191,8 +198,10 @@ def tokenize(model: NXTP, vocabulary: Vocabulary) -> Candidates:
             # whose sampler still closes every label by the delimiter).
             label = (*seq.ids[seq.anchor + 1 : -1], seqs.delimiter_id)
             if special & set(label[:-1]):
-                raise VocabularyError(f"{e.where}: {name!r} tokenizes to special tokens "
-                                      f"{model.tokenizer.convert_ids_to_tokens(sorted(special & set(label)))}")
+                raise VocabularyError(
+                    f"{e.where}: {name!r} tokenizes to special tokens "
+                    f"{model.tokenizer.convert_ids_to_tokens(sorted(special & set(label)))}"
+                )
             if label not in seen:  # two spellings with the same ids are one candidate
                 seen.add(label)
                 ids.append(list(label))
@@ -214,8 +223,9 @@ def _chunks(lengths: list[int], budget: int) -> list[range]:
 
 
 @torch.no_grad()
-def score_candidates(model: NXTP, pixels: Tensor, candidates: Sequence[Sequence[int]],
-                     chunk_tokens: int = 2048) -> Tensor:
+def score_candidates(
+    model: NXTP, pixels: Tensor, candidates: Sequence[Sequence[int]], chunk_tokens: int = 2048
+) -> Tensor:
     """Probability [B, N] (float64) of every candidate token sequence (label ids then the closing delimiter)
     for every image: the prefix once, then the candidates teacher-forced over its KV cache, in chunks of at
     most ``chunk_tokens`` fed tokens per forward (over the batch; a longer candidate gets a chunk of its own)."""
@@ -228,9 +238,13 @@ def score_candidates(model: NXTP, pixels: Tensor, candidates: Sequence[Sequence[
     base = model.decoder.get_decoder()
     cache = DynamicCache()
     cache_kwarg = {("cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"): cache}
-    out = base(inputs_embeds=torch.cat([image, model.embed_text(prompt).to(image.dtype)], 1),
-               attention_mask=prefix_attention(n_image, prompt.shape[1], device=device).expand(batch, -1, -1, -1),
-               position_ids=torch.arange(length, device=device).expand(batch, -1), use_cache=True, **cache_kwarg)
+    out = base(
+        inputs_embeds=torch.cat([image, model.embed_text(prompt).to(image.dtype)], 1),
+        attention_mask=prefix_attention(n_image, prompt.shape[1], device=device).expand(batch, -1, -1, -1),
+        position_ids=torch.arange(length, device=device).expand(batch, -1),
+        use_cache=True,
+        **cache_kwarg,
+    )
     first = model.logits(out.last_hidden_state[:, -1]).float().log_softmax(-1).double()  # [B, V]
     scores = torch.empty(batch, len(candidates), dtype=torch.float64, device=device)
     # The budget bounds the tokens of one forward over the whole batch: its logits are [tokens, vocabulary].
@@ -239,29 +253,41 @@ def score_candidates(model: NXTP, pixels: Tensor, candidates: Sequence[Sequence[
         # Each candidate feeds its label tokens; the output at each predicts the next one, the last the delimiter.
         fed = torch.tensor([t for c in cands for t in c[:-1]], device=device)
         targets = torch.tensor([t for c in cands for t in c[1:]], device=device)
-        owner = torch.repeat_interleave(torch.arange(len(cands), device=device),
-                                        torch.tensor([len(c) - 1 for c in cands], device=device))
+        owner = torch.repeat_interleave(
+            torch.arange(len(cands), device=device), torch.tensor([len(c) - 1 for c in cands], device=device)
+        )
         offset = torch.cat([torch.arange(len(c) - 1, device=device) for c in cands])  # token index in its label
         n = len(fed)
         # Every fed token sees the whole prefix, and the earlier tokens of its own candidate only.
         own = (owner[:, None] == owner[None, :]) & (offset[:, None] >= offset[None, :])
         mask = torch.cat([own.new_ones(n, length), own], 1)[None, None].expand(batch, -1, -1, -1)
         embeds = model.embed_text(fed).to(image.dtype)[None].expand(batch, -1, -1)
-        step = base(inputs_embeds=embeds, attention_mask=mask, position_ids=(length + offset)[None].expand(batch, -1),
-                    use_cache=True, **cache_kwarg)
+        step = base(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=(length + offset)[None].expand(batch, -1),
+            use_cache=True,
+            **cache_kwarg,
+        )
         cache.crop(length - cache.get_seq_length())  # back to the prefix for the next chunk
         logits = model.logits(step.last_hidden_state).float()  # [B, n, V]
         # log softmax at the targets only: no second [B, n, V] tensor
-        token_logp = (logits.gather(2, targets[None, :, None].expand(batch, -1, -1))[..., 0]
-                      - logits.logsumexp(-1)).double()
+        token_logp = (
+            logits.gather(2, targets[None, :, None].expand(batch, -1, -1))[..., 0] - logits.logsumexp(-1)
+        ).double()
         total = torch.zeros(batch, len(cands), dtype=torch.float64, device=device).index_add_(1, owner, token_logp)
         firsts = torch.tensor([c[0] for c in cands], device=device)
         scores[:, chunk.start : chunk.stop] = (total + first[:, firsts]).exp()
     return scores
 
 
-def score_vocabulary(model: NXTP, pixels: Tensor, vocabulary: Vocabulary | Candidates, num_entries: int | None = None,
-                     chunk_tokens: int = 2048) -> Tensor:
+def score_vocabulary(
+    model: NXTP,
+    pixels: Tensor,
+    vocabulary: Vocabulary | Candidates,
+    num_entries: int | None = None,
+    chunk_tokens: int = 2048,
+) -> Tensor:
     """Probability [B, E] (float64) of every vocabulary entry for every image: the sum over its names.
 
     ``vocabulary`` may be tokenized once beforehand (:func:`tokenize`; then give ``num_entries``) when many batches
@@ -274,8 +300,9 @@ def score_vocabulary(model: NXTP, pixels: Tensor, vocabulary: Vocabulary | Candi
     return probs.new_zeros(len(probs), num_entries or int(entry.max()) + 1).index_add_(1, entry, probs)
 
 
-def ranked(scores: Tensor, names: Sequence[str], topk: int | None = None, min_prob: float = 0.0
-           ) -> list[list[tuple[str, float]]]:
+def ranked(
+    scores: Tensor, names: Sequence[str], topk: int | None = None, min_prob: float = 0.0
+) -> list[list[tuple[str, float]]]:
     """``(name, probability)`` pairs sorted by probability (ties in vocabulary order), per row of ``scores``."""
     results = []
     for row in scores.tolist():
@@ -301,9 +328,16 @@ class LabelMapper:
         nltk_data: the NLTK data folder, as for label extraction (``datamodules.labels.nltk_data_dir``).
     """
 
-    def __init__(self, vocabulary: Vocabulary, threshold: float = 0.6, by: Sequence[str] | None = None,
-                 hypernym_hops: int = 3, embedder: str | None = None, nltk_data: str | None = None,
-                 device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        vocabulary: Vocabulary,
+        threshold: float = 0.6,
+        by: Sequence[str] | None = None,
+        hypernym_hops: int = 3,
+        embedder: str | None = None,
+        nltk_data: str | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
         # None: both, WordNet only where its noun data is found (with a warning where not).
         self._auto = by is None
         by = ("wordnet", "embedding") if by is None else tuple(by)
@@ -346,9 +380,11 @@ class LabelMapper:
                 except LookupError:
                     continue
             if root is None:
-                raise NLTKDataError(f"mapping by WordNet needs WordNet's noun data (corpora/wordnet/data.noun), found "
-                                    f"neither in {nltk_data_dir(self.nltk_data)} nor on NLTK's search path: run "
-                                    f"`python -m nltk.downloader wordnet`, or map by embedding only")
+                raise NLTKDataError(
+                    f"mapping by WordNet needs WordNet's noun data (corpora/wordnet/data.noun), found "
+                    f"neither in {nltk_data_dir(self.nltk_data)} nor on NLTK's search path: run "
+                    f"`python -m nltk.downloader wordnet`, or map by embedding only"
+                )
             with warnings.catch_warnings():  # "multilingual functions are not available": none is used
                 warnings.simplefilter("ignore")
                 self._wordnet = WordNet(nltk.data.find("corpora/wordnet/", paths=[root]), None)
@@ -419,8 +455,9 @@ class LabelMapper:
             self._cache.setdefault(label, (None, "none"))
         return [self._cache[l] for l in labels]
 
-    def map(self, labels: Sequence[tuple[str, float]], keep_unmapped: bool = False, min_prob: float = 0.0
-            ) -> list[tuple[str, float]]:
+    def map(
+        self, labels: Sequence[tuple[str, float]], keep_unmapped: bool = False, min_prob: float = 0.0
+    ) -> list[tuple[str, float]]:
         """One image's ``(label, probability)`` pairs as ``(entry name, summed probability)``, sorted; unmapped
         labels are dropped, or kept under their own text (merged with an entry of that name, which cannot exist:
         such a label would have mapped)."""
@@ -483,8 +520,10 @@ class VocabularyScore(Metric):
     def update(self, scores: Tensor, targets: Tensor) -> None:
         """Add a batch of per-image scores and multi-hot targets, both [B, E]."""
         if scores.ndim != 2 or scores.shape != targets.shape or scores.shape[1] != self.num_entries:
-            raise ValueError(f"scores {tuple(scores.shape)} and targets {tuple(targets.shape)} must both be "
-                             f"[images, {self.num_entries}]")
+            raise ValueError(
+                f"scores {tuple(scores.shape)} and targets {tuple(targets.shape)} must both be "
+                f"[images, {self.num_entries}]"
+            )
         scores, targets = scores.detach().float().to(self.device), targets.to(self.device).bool()
         self.scores.append(scores.flatten())
         self.targets.append(targets.float().flatten())
@@ -502,8 +541,10 @@ class VocabularyScore(Metric):
         """``{"map", "recall", "precision", "f1"}`` as float32 scalars."""
         n = self.num_images.clamp(min=1)
         out = {name: (getattr(self, f"{name}_sum") / n).float() for name in ("recall", "precision", "f1")}
-        scores, targets = (dim_zero_cat(x).view(-1, self.num_entries) if len(x) else torch.zeros(0, self.num_entries)
-                           for x in (self.scores, self.targets))
+        scores, targets = (
+            dim_zero_cat(x).view(-1, self.num_entries) if len(x) else torch.zeros(0, self.num_entries)
+            for x in (self.scores, self.targets)
+        )
         out["map"] = _mean_average_precision(scores, targets.bool())
         return out
 

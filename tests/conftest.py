@@ -38,8 +38,16 @@ OFFICIAL = FIXTURES / "nxtp-official-tiny"
 def tiny_nxtp(seed: int = 0, hidden: int = 64, blocks: int = 2, **kwargs) -> NXTP:
     """A small random NXTP (4x4 image tokens, LLaMA-2 tokenizer) for tests."""
     torch.manual_seed(seed)
-    decoder = DecoderConfig(config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=blocks,
-                                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256))
+    decoder = DecoderConfig(
+        config=dict(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=blocks,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=256,
+        )
+    )
     return NXTP(VisionConfig(model_name="nxtp-tiny-vit"), decoder, str(LLAMA_TOKENIZER), **kwargs).eval()
 
 
@@ -54,15 +62,25 @@ ROOT = Path(__file__).parents[1]
 NXTP_CLI = [sys.executable, "-m", "lightning_modules.cli"]
 
 
-def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], env: dict[str, str] | None = None, timeout: float = 600, **kwargs
+) -> subprocess.CompletedProcess:
     """Run a command from the repository root with the project importable; output captured as text.
 
     The command runs in a process group of its own that is killed whole after ``timeout`` seconds, so that a hung
     run (and every rank or worker it started) fails the test instead of stalling the suite.
     """
     env = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}
-    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True, **kwargs) as proc:
+    with subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        **kwargs,
+    ) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -103,12 +121,33 @@ def shapes(tmp_path_factory) -> Path:
 
 def fit_command(data: Path, save_dir: Path, max_steps: int, tokenizer: Path | None = None) -> list[str]:
     return NXTP_CLI + [
-        "fit", "--config", "configs/experiment/default.yaml", "--model.tokenizer", str(tokenizer or data / "tokenizer"),
-        "--model.semantic_metric", "false", "--test_after_fit", "false",
-        "--data.train_shards", str(data / "train/shard-{000000..000001}.tar"),
-        "--data.val_shards", str(data / "val/shard-000000.tar"), "--data.batch_size", "16", "--data.num_workers", "0",
-        "--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", "10", "--trainer.limit_val_batches", "1",
-        "--trainer.log_every_n_steps", "1", "--trainer.logger.init_args.save_dir", str(save_dir),
+        "fit",
+        "--config",
+        "configs/experiment/default.yaml",
+        "--model.tokenizer",
+        str(tokenizer or data / "tokenizer"),
+        "--model.semantic_metric",
+        "false",
+        "--test_after_fit",
+        "false",
+        "--data.train_shards",
+        str(data / "train/shard-{000000..000001}.tar"),
+        "--data.val_shards",
+        str(data / "val/shard-000000.tar"),
+        "--data.batch_size",
+        "16",
+        "--data.num_workers",
+        "0",
+        "--trainer.max_steps",
+        str(max_steps),
+        "--trainer.val_check_interval",
+        "10",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.logger.init_args.save_dir",
+        str(save_dir),
     ]
 
 
@@ -116,8 +155,11 @@ def fit_overrides(shapes: Path, tmp_path: Path, max_steps: int) -> dict[str, str
     """The end-to-end tests' short fit (``fit_command``) as a sweep's ``fixed`` keys, logger excluded."""
     command = fit_command(shapes, tmp_path / "logs", max_steps)
     start = command.index("--model.tokenizer")
-    return {k.lstrip("-"): v for k, v in zip(command[start::2], command[start + 1::2])
-            if not k.startswith("--trainer.logger")}
+    return {
+        k.lstrip("-"): v
+        for k, v in zip(command[start::2], command[start + 1 :: 2])
+        if not k.startswith("--trainer.logger")
+    }
 
 
 def assert_resumed_to_the_end(resumed: subprocess.CompletedProcess, version: Path, steps: int, stopped_at: int) -> None:

@@ -59,8 +59,11 @@ def test_flex_path_gives_the_dense_loss_on_cpu(compat, dtype, monkeypatch):
     # FlexAttention has no CPU backward, and compiling its CPU kernel takes a minute: check the block mask and
     # its plumbing through the decoder with the uncompiled kernel, forward only (bf16: under autocast, as
     # Lightning's bf16-mixed precision runs it).
-    monkeypatch.setattr(hf_flex, "compile_friendly_flex_attention",
-                        lambda q, k, v, training=False, **kwargs: flex_attention(q, k, v, **kwargs))
+    monkeypatch.setattr(
+        hf_flex,
+        "compile_friendly_flex_attention",
+        lambda q, k, v, training=False, **kwargs: flex_attention(q, k, v, **kwargs),
+    )
     model = tiny_nxtp(reference_compat=compat)
     pixels, text = torch.randn(3, 3, 64, 64), batch(model)
     losses = {}
@@ -73,10 +76,13 @@ def test_flex_path_gives_the_dense_loss_on_cpu(compat, dtype, monkeypatch):
     torch.testing.assert_close(losses["flex"][0], losses["dense"][0], rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("device, path", [
-    ("cpu", "compact"),
-    pytest.param("cuda", "flex", marks=pytest.mark.skipif(not CUDA, reason="FlexAttention trains on a GPU only")),
-])
+@pytest.mark.parametrize(
+    "device, path",
+    [
+        ("cpu", "compact"),
+        pytest.param("cuda", "flex", marks=pytest.mark.skipif(not CUDA, reason="FlexAttention trains on a GPU only")),
+    ],
+)
 def test_fast_paths_train_under_bf16_autocast(device, path):
     model = tiny_nxtp().train().to(device)
     pixels, text = torch.randn(3, 3, 64, 64, device=device), batch(model).to(device)

@@ -89,12 +89,30 @@ def test_transform_box_follows_the_eval_transform(size):
 def gqa_nxtp(kv_heads: int, image_size=(64, 64)) -> NXTP:
     """A tiny random NXTP with 2 blocks of 4 query heads over ``kv_heads`` key/value heads, any image grid."""
     torch.manual_seed(1)
-    vision = VisionConfig(model_name="nxtp-test-vit", config={
-        "embed_dim": 32, "vision_cfg": {"image_size": list(image_size), "patch_size": 16, "width": 64, "layers": 1,
-                                        "head_width": 32},
-        "text_cfg": {"context_length": 2, "vocab_size": 2, "width": 8, "heads": 1, "layers": 1}})
-    decoder = DecoderConfig(config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256))
+    vision = VisionConfig(
+        model_name="nxtp-test-vit",
+        config={
+            "embed_dim": 32,
+            "vision_cfg": {
+                "image_size": list(image_size),
+                "patch_size": 16,
+                "width": 64,
+                "layers": 1,
+                "head_width": 32,
+            },
+            "text_cfg": {"context_length": 2, "vocab_size": 2, "width": 8, "heads": 1, "layers": 1},
+        },
+    )
+    decoder = DecoderConfig(
+        config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=kv_heads,
+            max_position_embeddings=256,
+        )
+    )
     return NXTP(vision, decoder, str(LLAMA_TOKENIZER)).eval()
 
 
@@ -230,7 +248,10 @@ def test_writers(tmp_path):
     png = np.asarray(Image.open(tmp_path / entry["png"]), dtype=float)
     assert min(png.shape[:2]) >= 256
     # the peak (top right) is the brightest place, the far corner is not
-    top_right, bottom_left = png[: png.shape[0] // 8, -png.shape[1] // 8 :], png[-png.shape[0] // 8 :, : png.shape[1] // 8]
+    top_right, bottom_left = (
+        png[: png.shape[0] // 8, -png.shape[1] // 8 :],
+        png[-png.shape[0] // 8 :, : png.shape[1] // 8],
+    )
     assert top_right.mean() > bottom_left.mean() + 30
     values = np.linspace(0, 1, 11)
     assert np.all(np.diff(am.colormap(values).astype(int).sum(-1)) > 0)  # darker to brighter
@@ -244,8 +265,10 @@ TEST_SHARD = ROOT / "data/shapes/test/shard-000000.tar"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (TRAINED.exists() and TEST_SHARD.exists()),
-                    reason="needs the default model and data of `make train` (logs/default/version_0, data/shapes)")
+@pytest.mark.skipif(
+    not (TRAINED.exists() and TEST_SHARD.exists()),
+    reason="needs the default model and data of `make train` (logs/default/version_0, data/shapes)",
+)
 def test_the_trained_default_model_points_at_the_objects():
     """On the test scenes, the default map of the trained default model finds the labelled object more often than
     a uniform map does, by more than the noise of 200 images (the measurement of experiments/eval_attention_maps.py)."""

@@ -21,8 +21,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import datamodules.webdataset as pipeline
 from datamodules import NXTPDataModule
-from datamodules.labels import NLTKDataError
 from datamodules.images import decode_image, to_rgb
+from datamodules.labels import NLTKDataError
 from datamodules.webdataset import Rejects, SampleDecoder, SystematicFailure, read_shards
 from lightning_modules.decoder import DecoderConfig
 from lightning_modules.lit_nxtp import LitNXTP
@@ -44,8 +44,12 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
 def bomb_png(side: int = 20000) -> bytes:
     """A valid PNG header that claims side x side pixels, with far too little data: decoding it would fail."""
     header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def odd_modes() -> dict[str, tuple[str, bytes]]:
@@ -121,8 +125,9 @@ def model():
 def test_bad_samples_and_shards_are_counted_and_good_ones_arrive_once(tmp_path, model, num_workers):
     counter = tmp_path / "attempts"
     urls, good, expected = write_bad_shards(tmp_path, counter)
-    dm = NXTPDataModule(val_shards=urls, batch_size=4, num_workers=num_workers, shard_retries=RETRIES,
-                        shard_retry_wait=0)
+    dm = NXTPDataModule(
+        val_shards=urls, batch_size=4, num_workers=num_workers, shard_retries=RETRIES, shard_retry_wait=0
+    )
     dm.bind(model)
     seen, skipped, rejects = [], Counter(), []
     for batch in dm.val_dataloader():
@@ -147,8 +152,10 @@ def test_a_download_that_breaks_off_is_read_again_without_repeating_samples(tmp_
             sink.write({"__key__": key, "jpg": jpeg, "txt": b"a dog on the grass"})
     tar, attempts = tmp_path / "shard.tar", tmp_path / "attempts"
     broken_off = tar.read_bytes().index(b"k3.txt")  # the first attempt passes on k0..k2 and k3's image
-    url = (f"pipe:echo attempt >> {attempts}; if [ $(wc -l < {attempts}) -ge 3 ]; then cat {tar}; "
-           f"else head -c {broken_off} {tar}; exit 1; fi")
+    url = (
+        f"pipe:echo attempt >> {attempts}; if [ $(wc -l < {attempts}) -ge 3 ]; then cat {tar}; "
+        f"else head -c {broken_off} {tar}; exit 1; fi"
+    )
     dm = NXTPDataModule(val_shards=url, batch_size=4, num_workers=0, shard_retries=RETRIES, shard_retry_wait=0)
     dm.bind(model)
     batches = list(dm.val_dataloader())
@@ -179,8 +186,13 @@ def test_a_worker_with_nothing_but_rejects_still_reports_them(tmp_path, model):
 def test_a_malformed_sample_is_recorded_with_its_shard(tmp_path, model):
     jpeg, path = encode(Image.new("RGB", (40, 30), "blue"), "JPEG"), tmp_path / "twice.tar"
     with tarfile.open(path, "w") as tar:
-        for name, data in [("k0.jpg", jpeg), ("k0.txt", b"a dog"), ("k0.jpg", jpeg), ("k1.jpg", jpeg),
-                           ("k1.txt", b"a dog")]:
+        for name, data in [
+            ("k0.jpg", jpeg),
+            ("k0.txt", b"a dog"),
+            ("k0.jpg", jpeg),
+            ("k1.jpg", jpeg),
+            ("k1.txt", b"a dog"),
+        ]:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -195,8 +207,10 @@ def test_a_malformed_sample_is_recorded_with_its_shard(tmp_path, model):
 @contextmanager
 def deadline(seconds: int):
     """Fail with TimeoutError instead of running for ever."""
+
     def expire(*_):
         raise TimeoutError(f"still running after {seconds} s")
+
     previous = signal.signal(signal.SIGALRM, expire)
     signal.alarm(seconds)
     try:
@@ -210,11 +224,22 @@ def test_resampled_shards_that_give_nothing_stop_the_run_instead_of_reading_for_
     with wds.TarWriter(str(tmp_path / "captionless.tar")) as sink:
         for i in range(5):
             sink.write({"__key__": f"k{i}", "jpg": encode(Image.new("RGB", (40, 30), "blue"), "JPEG")})
-    for shards, message in [(str(tmp_path / "captionless.tar"), "the last 50 train samples or shards were all "
-                             r"rejected, the last one \(sample k\d in shard .*captionless.tar\) as no caption"),
-                            ("pipe:exit 1", "3 train shards in a row could not be read, the last one pipe:exit 1")]:
-        dm = NXTPDataModule(train_shards=shards, resampled=True, num_workers=0, shard_retries=0,
-                            max_failures_in_a_row=3, max_rejects_in_a_row=50)
+    for shards, message in [
+        (
+            str(tmp_path / "captionless.tar"),
+            "the last 50 train samples or shards were all "
+            r"rejected, the last one \(sample k\d in shard .*captionless.tar\) as no caption",
+        ),
+        ("pipe:exit 1", "3 train shards in a row could not be read, the last one pipe:exit 1"),
+    ]:
+        dm = NXTPDataModule(
+            train_shards=shards,
+            resampled=True,
+            num_workers=0,
+            shard_retries=0,
+            max_failures_in_a_row=3,
+            max_rejects_in_a_row=50,
+        )
         dm.bind(model)
         with deadline(60), pytest.raises(SystematicFailure, match=message):
             next(iter(dm.train_dataloader()))
@@ -249,29 +274,58 @@ def test_shards_that_match_nothing_name_the_key(model, shards):
 
 
 def tiny_module() -> LitNXTP:
-    return LitNXTP(VisionConfig(model_name="nxtp-tiny-vit"),
-                   DecoderConfig(config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                         "num_attention_heads": 4, "num_key_value_heads": 4}),
-                   str(LLAMA_TOKENIZER), semantic_metric=False, log_images=0, eval_topk=[1])
+    return LitNXTP(
+        VisionConfig(model_name="nxtp-tiny-vit"),
+        DecoderConfig(
+            config={
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 4,
+            }
+        ),
+        str(LLAMA_TOKENIZER),
+        semantic_metric=False,
+        log_images=0,
+        eval_topk=[1],
+    )
 
 
 def quiet_trainer(tmp_path, **kwargs) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", logger=TensorBoardLogger(tmp_path / "logs"), enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **kwargs)
+    return L.Trainer(
+        accelerator="cpu",
+        logger=TensorBoardLogger(tmp_path / "logs"),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kwargs,
+    )
 
 
 def test_a_run_writes_every_reject_to_its_log_dir(tmp_path):
     urls, _, expected = write_bad_shards(tmp_path, tmp_path / "attempts")
     module = tiny_module()
     # Training reads every shard; validation and testing (kept short) one each.
-    dm = NXTPDataModule(train_shards=urls, val_shards=urls[0], test_shards=urls[1], batch_size=8, num_workers=0,
-                        shuffle_buffer=8, shard_retries=0, shard_retry_wait=0)
+    dm = NXTPDataModule(
+        train_shards=urls,
+        val_shards=urls[0],
+        test_shards=urls[1],
+        batch_size=8,
+        num_workers=0,
+        shuffle_buffer=8,
+        shard_retries=0,
+        shard_retry_wait=0,
+    )
     trainer = quiet_trainer(tmp_path, max_epochs=1, max_steps=50, log_every_n_steps=1)
     trainer.fit(module, datamodule=dm)
     trainer.validate(module, datamodule=dm)  # a second pass over the same val shard: its rejects are not repeated
     trainer.test(module, datamodule=dm)
     records = [json.loads(line) for line in (tmp_path / "logs/lightning_logs/version_0/rejects.jsonl").open()]
-    reasons = {split: Counter(r["reason"] for r in records if r["split"] == split) for split in ("train", "val", "test")}
+    reasons = {
+        split: Counter(r["reason"] for r in records if r["split"] == split) for split in ("train", "val", "test")
+    }
     assert reasons["train"] == expected
     assert reasons["val"] == expected - Counter({"truncated shard": 1, "unreachable shard": 1})
     assert reasons["test"] == {"truncated shard": 1}
@@ -281,8 +335,11 @@ def test_a_run_writes_every_reject_to_its_log_dir(tmp_path):
     events = EventAccumulator(str(tmp_path / "logs/lightning_logs/version_0")).Reload()
     assert "val/skipped/image too large" in events.Tags()["scalars"]
     # train/skipped/<reason> is the run's total so far: at the last step, every reject of the epoch.
-    totals = {tag.split("/")[-1]: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"]
-              if tag.startswith("train/skipped/")}
+    totals = {
+        tag.split("/")[-1]: events.Scalars(tag)[-1].value
+        for tag in events.Tags()["scalars"]
+        if tag.startswith("train/skipped/")
+    }
     assert totals == expected
 
 
@@ -295,14 +352,27 @@ def test_an_evaluation_of_no_sample_is_an_error_not_a_score(tmp_path):
 
 # --- Errors while turning a sample into an example: one sample's fault, or the set-up's -------------------------
 
+
 def sample(key: str, caption: str = "a dog on the grass", color: str = "blue") -> dict:
-    return {"__key__": key, "__url__": "shard.tar", "txt": caption.encode(),
-            "jpg": encode(Image.new("RGB", (40, 30), color), "JPEG")}
+    return {
+        "__key__": key,
+        "__url__": "shard.tar",
+        "txt": caption.encode(),
+        "jpg": encode(Image.new("RGB", (40, 30), color), "JPEG"),
+    }
 
 
 def sample_decoder(model, rejects: Rejects, transform=None, sequences=None) -> SampleDecoder:
-    return SampleDecoder(transform or model.eval_transform, sequences or model.sequences, model.prompt,
-                         shuffle_labels=False, hflip=False, max_labels=16, seed=0, rejects=rejects)
+    return SampleDecoder(
+        transform or model.eval_transform,
+        sequences or model.sequences,
+        model.prompt,
+        shuffle_labels=False,
+        hflip=False,
+        max_labels=16,
+        seed=0,
+        rejects=rejects,
+    )
 
 
 def test_an_error_in_one_sample_is_a_counted_reject(model, monkeypatch):
@@ -326,15 +396,24 @@ def test_an_error_in_one_sample_is_a_counted_reject(model, monkeypatch):
     monkeypatch.setattr(pipeline, "extract_labels", extract)
     rejects = Rejects("train", max_failures_in_a_row=2)  # never reached: good samples come in between
     decode = sample_decoder(model, rejects, transform, sequences)
-    samples = [sample("good_0"), sample("bad_labels", "a boom box"), sample("good_1"),
-               sample("bad_tokens", "a cat on a mat"), sample("good_2"), sample("bad_image", color="red"),
-               sample("good_3")]
+    samples = [
+        sample("good_0"),
+        sample("bad_labels", "a boom box"),
+        sample("good_1"),
+        sample("bad_tokens", "a cat on a mat"),
+        sample("good_2"),
+        sample("bad_image", color="red"),
+        sample("good_3"),
+    ]
     out = [decode(s) for s in samples]
     assert [o[3] for o in out if o is not None] == ["good_0", "good_1", "good_2", "good_3"]
     assert rejects.counts == {"label extraction failed": 1, "tokenization failed": 1, "image transform failed": 1}
     errors = {r["key"]: r["error"] for r in rejects.records}
-    assert errors == {"bad_labels": "IndexError: tagger blew up", "bad_tokens": "ValueError: cannot tokenize cat",
-                      "bad_image": "OSError: transform failed"}
+    assert errors == {
+        "bad_labels": "IndexError: tagger blew up",
+        "bad_tokens": "ValueError: cannot tokenize cat",
+        "bad_image": "OSError: transform failed",
+    }
 
 
 def test_samples_failing_one_after_the_other_stop_the_run(model):
@@ -344,8 +423,11 @@ def test_samples_failing_one_after_the_other_stop_the_run(model):
     rejects = Rejects("train", max_failures_in_a_row=3)
     decode = sample_decoder(model, rejects, transform)
     assert decode(sample("a")) is None and decode(sample("b")) is None
-    with pytest.raises(SystematicFailure, match=r"3 train samples in a row failed.*image transform failed: "
-                                                r"OSError: no such kernel"):
+    with pytest.raises(
+        SystematicFailure,
+        match=r"3 train samples in a row failed.*image transform failed: "
+        r"OSError: no such kernel",
+    ):
         decode(sample("c"))
 
 
@@ -356,8 +438,13 @@ def test_a_worker_whose_every_sample_failed_stops_the_run(tmp_path, model, num_w
         with wds.TarWriter(str(tmp_path / f"{s}.tar")) as sink:
             for i in range(3):
                 sink.write(sample(f"s{s}_{i}"))
-    broken = types.SimpleNamespace(eval_transform=lambda image: 1 / 0, sequences=model.sequences, prompt=model.prompt,
-                                   reference_compat=False, visual=model.visual)
+    broken = types.SimpleNamespace(
+        eval_transform=lambda image: 1 / 0,
+        sequences=model.sequences,
+        prompt=model.prompt,
+        reference_compat=False,
+        visual=model.visual,
+    )
     dm = NXTPDataModule(val_shards=[str(tmp_path / "0.tar"), str(tmp_path / "1.tar")], num_workers=num_workers)
     dm.bind(broken)
     per_worker = 6 // max(num_workers, 1)  # both shards in one stream, or one shard per worker
@@ -371,6 +458,7 @@ def test_missing_nltk_data_stops_the_run_before_reading_anything(tmp_path, model
     dm.bind(model)
     with pytest.raises(NLTKDataError, match="no_nltk_data"):
         dm.val_dataloader()
+
     # Lost while running (e.g. a deleted folder), it is not taken for one sample's fault either.
     def missing(*args):
         raise NLTKDataError("NLTK resource 'corpora/wordnet' was not found")

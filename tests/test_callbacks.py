@@ -23,10 +23,19 @@ def test_the_mask_picture_shows_which_blocks_see_which():
 
 
 def test_flat_config_keeps_scalars_and_names_nested_keys():
-    flat = flat_config({"model": {"lr": 0.002, "decoder": {"num_blocks": 2, "name_or_path": None}, "eval_topk": [5, 10]},
-                        "seed_everything": 0})
-    assert flat == {"model.lr": 0.002, "model.decoder.num_blocks": 2, "model.decoder.name_or_path": "None",
-                    "model.eval_topk": "[5, 10]", "seed_everything": 0}
+    flat = flat_config(
+        {
+            "model": {"lr": 0.002, "decoder": {"num_blocks": 2, "name_or_path": None}, "eval_topk": [5, 10]},
+            "seed_everything": 0,
+        }
+    )
+    assert flat == {
+        "model.lr": 0.002,
+        "model.decoder.num_blocks": 2,
+        "model.decoder.name_or_path": "None",
+        "model.eval_topk": "[5, 10]",
+        "seed_everything": 0,
+    }
 
 
 def test_the_validation_grid_shows_each_image_with_its_top3_labels_maps(llama_tokenizer_dir):
@@ -42,10 +51,19 @@ def test_the_validation_grid_shows_each_image_with_its_top3_labels_maps(llama_to
     from lightning_modules.vision import VisionConfig
 
     torch.manual_seed(0)
-    decoder = DecoderConfig(config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256))
-    module = LitNXTP(VisionConfig(model_name="nxtp-tiny-vit"), decoder, str(llama_tokenizer_dir),
-                     semantic_metric=False, log_images=2).eval()
+    decoder = DecoderConfig(
+        config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=256,
+        )
+    )
+    module = LitNXTP(
+        VisionConfig(model_name="nxtp-tiny-vit"), decoder, str(llama_tokenizer_dir), semantic_metric=False, log_images=2
+    ).eval()
     model = module.model
     images = []
     experiment = types.SimpleNamespace(add_image=lambda tag, picture, step, dataformats: images.append((tag, picture)))
@@ -54,10 +72,14 @@ def test_the_validation_grid_shows_each_image_with_its_top3_labels_maps(llama_to
     with torch.inference_mode():
         predictions = recognize(model, pixels, topk=3)
         module._log_predictions({"pixels": pixels, "labels": [["cat"], ["dog"]]}, predictions)
-    (tag, picture), = images
+    ((tag, picture),) = images
     maps = explain(model, pixels, [[label for label, _ in p[:3]] for p in predictions])
-    expected = caption_tile(pixels_to_image(model, pixels[0]), ["cat"], predictions[0][:5],
-                            [(m.label, overlay(pixels_to_image(model, pixels[0]), m.grid, min_size=1)) for m in maps[0]])
+    expected = caption_tile(
+        pixels_to_image(model, pixels[0]),
+        ["cat"],
+        predictions[0][:5],
+        [(m.label, overlay(pixels_to_image(model, pixels[0]), m.grid, min_size=1)) for m in maps[0]],
+    )
     assert tag == "val/predictions" and picture.shape[1] == 2 * expected.width
-    assert np.array_equal(picture[:expected.height, :expected.width], np.asarray(expected))
+    assert np.array_equal(picture[: expected.height, : expected.width], np.asarray(expected))
     assert len(maps[0]) == min(3, len(predictions[0])) > 0

@@ -50,8 +50,18 @@ def test_every_run_of_every_sweep_parses(sweep: Path, monkeypatch, capsys):
 def test_interpolations_follow_the_command_line(monkeypatch, capsys, tmp_path):
     # finetune_g70m.yaml names the imported release once: the tokenizer is `${.init_from}/tokenizer`, the test
     # split `${.val_shards}`; overriding the source on the command line moves both.
-    printed = resolved(["fit", "--config", str(ROOT / "configs/experiment/finetune_g70m.yaml"),
-                        "--model.init_from", str(tmp_path / "mine"), "--data.val_shards", "v/{0..3}.tar"],
-                       monkeypatch, capsys)
+    printed = resolved(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs/experiment/finetune_g70m.yaml"),
+            "--model.init_from",
+            str(tmp_path / "mine"),
+            "--data.val_shards",
+            "v/{0..3}.tar",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert printed["model"]["tokenizer"] == f"{tmp_path / 'mine'}/tokenizer"
     assert printed["data"]["test_shards"] == printed["data"]["val_shards"] == "v/{0..3}.tar"

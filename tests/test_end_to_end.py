@@ -47,14 +47,27 @@ def test_slurm_preemption_signal_checkpoints_requeues_and_the_requeued_job_resum
     fake.parent.mkdir()
     fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
     fake.chmod(0o755)
-    env = {"PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}",
-           "SLURM_JOB_ID": "77", "SLURM_JOB_NAME": "nxtp", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",
-           "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}
+    env = {
+        "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}",
+        "SLURM_JOB_ID": "77",
+        "SLURM_JOB_NAME": "nxtp",
+        "SLURM_NTASKS": "1",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "localhost",
+    }
     steps = 30
     root = tmp_path / "logs" / "default"
     command = fit_command(shapes, tmp_path / "logs", steps)
-    proc = start_until(command, root / "version_0" / "checkpoints" / "last.ckpt", env=env,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_until(
+        command,
+        root / "version_0" / "checkpoints" / "last.ckpt",
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     proc.send_signal(signal.SIGUSR1)
     assert proc.wait(timeout=300) == 0  # stopped by itself, without waiting for SLURM's SIGTERM
     assert calls.read_text().split() == ["requeue", "77"]
@@ -88,17 +101,29 @@ def test_a_run_resumes_from_its_own_checkpoints_only(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("moment, step, group", [("training", 14, False), ("validation", 10, True),
-                                                 ("checkpoint", 10, False)])
-def test_a_run_interrupted_at_any_moment_resumes_and_ends_with_its_final_checkpoint(tmp_path, shapes, moment, step,
-                                                                                   group, uninterrupted):
+@pytest.mark.parametrize(
+    "moment, step, group", [("training", 14, False), ("validation", 10, True), ("checkpoint", 10, False)]
+)
+def test_a_run_interrupted_at_any_moment_resumes_and_ends_with_its_final_checkpoint(
+    tmp_path, shapes, moment, step, group, uninterrupted
+):
     # group: the signal goes to the whole process group, as Ctrl-C in a terminal does, the data workers of the
     # validation under way included (which the run still reads from after the signal)
     steps = 30
     command = fit_command(shapes, tmp_path / "logs", steps) + ["--data.num_workers", "1" if group else "0"]
     version = tmp_path / "logs" / "default" / "version_0"
-    interrupted = run(command + ["--trainer.callbacks+=tests.signal_at.SignalAt", "--trainer.callbacks.moment", moment,
-                                 "--trainer.callbacks.step", str(step), "--trainer.callbacks.group", str(group)])
+    interrupted = run(
+        command
+        + [
+            "--trainer.callbacks+=tests.signal_at.SignalAt",
+            "--trainer.callbacks.moment",
+            moment,
+            "--trainer.callbacks.step",
+            str(step),
+            "--trainer.callbacks.group",
+            str(group),
+        ]
+    )
     assert interrupted.returncode == 128 + signal.SIGTERM, interrupted.stderr[-3000:]
     assert "stopped by SIGTERM" in interrupted.stdout
     stopped_at = torch.load(version / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
@@ -118,9 +143,20 @@ def test_a_run_interrupted_at_any_moment_resumes_and_ends_with_its_final_checkpo
 def test_a_signal_during_a_test_stops_it_with_its_exit_status_and_no_results(tmp_path, shapes, uninterrupted):
     checkpoint = uninterrupted / "default" / "version_0" / "checkpoints" / "last.ckpt"
     command = [a if a != "fit" else "test" for a in fit_command(shapes, tmp_path / "logs", 30)]
-    tested = run(command + ["--ckpt_path", str(checkpoint), "--data.test_shards", str(shapes / "test/shard-000000.tar"),
-                            "--trainer.callbacks+=tests.signal_at.SignalAt", "--trainer.callbacks.moment", "test",
-                            "--trainer.callbacks.step", "0"])
+    tested = run(
+        command
+        + [
+            "--ckpt_path",
+            str(checkpoint),
+            "--data.test_shards",
+            str(shapes / "test/shard-000000.tar"),
+            "--trainer.callbacks+=tests.signal_at.SignalAt",
+            "--trainer.callbacks.moment",
+            "test",
+            "--trainer.callbacks.step",
+            "0",
+        ]
+    )
     assert tested.returncode == 128 + signal.SIGTERM, tested.stderr[-3000:]  # Lightning alone exits with 0
     assert "stopped by SIGTERM during test: no results written" in tested.stdout
     assert not list(tmp_path.glob("logs/**/metrics.json"))
@@ -128,8 +164,10 @@ def test_a_signal_during_a_test_stops_it_with_its_exit_status_and_no_results(tmp
 
 @pytest.mark.slow
 def test_a_run_shorter_than_the_validation_interval_tests_its_last_weights(tmp_path, shapes):
-    fit = run(fit_command(shapes, tmp_path / "logs", 4) + [
-        "--test_after_fit", "true", "--data.test_shards", str(shapes / "test/shard-000000.tar")])
+    fit = run(
+        fit_command(shapes, tmp_path / "logs", 4)
+        + ["--test_after_fit", "true", "--data.test_shards", str(shapes / "test/shard-000000.tar")]
+    )
     assert fit.returncode == 0, fit.stderr[-3000:]
     assert "no validation ran, so there is no best checkpoint: testing the last weights" in fit.stdout
     metrics = json.loads((tmp_path / "logs" / "default" / "version_0" / "metrics.json").read_text())

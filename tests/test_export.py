@@ -30,8 +30,10 @@ def test_safetensors_export_reloads_the_same_model(tmp_path):
 
 def test_export_main_writes_a_folder(tmp_path):
     export(boosted_model(), tmp_path / "src", format="safetensors")
-    assert export_main(["--checkpoint", str(tmp_path / "src"), "--format", "safetensors",
-                        "--out", str(tmp_path / "dst")]) == 0
+    assert (
+        export_main(["--checkpoint", str(tmp_path / "src"), "--format", "safetensors", "--out", str(tmp_path / "dst")])
+        == 0
+    )
     assert (tmp_path / "dst" / "model.safetensors").exists()
 
 
@@ -54,9 +56,12 @@ def test_onnx_sampler_matches_recognize(tmp_path, seed):
     assert onnx_recognize(out, pixels[:1].numpy(), topk=5) == got[:1]
     for got_image, want_image in zip(got, want):
         assert [label for label, _ in got_image] == [label for label, _ in want_image]
-        torch.testing.assert_close(torch.tensor([p for _, p in got_image], dtype=torch.float64),
-                                   torch.tensor([p for _, p in want_image], dtype=torch.float64),
-                                   rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(
+            torch.tensor([p for _, p in got_image], dtype=torch.float64),
+            torch.tensor([p for _, p in want_image], dtype=torch.float64),
+            rtol=1e-4,
+            atol=1e-7,
+        )
 
 
 def test_large_models_keep_onnx_weights_in_a_side_file(tmp_path, monkeypatch):

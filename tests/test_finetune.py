@@ -21,18 +21,33 @@ from lightning_modules.official import import_official
 from lightning_modules.vision import VisionConfig
 
 # Fixture A's version of the reference's trainable set (configs/model/nxtp_paper.yaml): its last 2 of 4 CLIP blocks.
-TRAINABLE = ["visual.transformer.resblocks.[23].*", "visual.ln_post.*", "projection.*", "decoder.model.layers.*",
-             "decoder.model.norm.*", "decoder.lm_head.*"]
+TRAINABLE = [
+    "visual.transformer.resblocks.[23].*",
+    "visual.ln_post.*",
+    "projection.*",
+    "decoder.model.layers.*",
+    "decoder.model.norm.*",
+    "decoder.lm_head.*",
+]
 EMBEDDINGS = "decoder.model.embed_tokens.weight"
 
 
 def tiny_lit(**kwargs) -> LitNXTP:
     """A LitNXTP with ``tiny_nxtp``'s architecture (and a different random init)."""
     torch.manual_seed(1)
-    decoder = DecoderConfig(config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256))
-    return LitNXTP(VisionConfig(model_name="nxtp-tiny-vit"), decoder, str(LLAMA_TOKENIZER), semantic_metric=False,
-                   **kwargs)
+    decoder = DecoderConfig(
+        config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=256,
+        )
+    )
+    return LitNXTP(
+        VisionConfig(model_name="nxtp-tiny-vit"), decoder, str(LLAMA_TOKENIZER), semantic_metric=False, **kwargs
+    )
 
 
 def test_a_mismatch_names_every_key():
@@ -70,8 +85,13 @@ def test_a_missing_tensor_loads_only_when_allowed(tmp_path):
 
 def test_a_ckpt_source_gives_its_model_tensors(tmp_path):
     weights = {"projection.weight": torch.randn(3, 2), "decoder.lm_head.weight": torch.randn(4, 3)}
-    torch.save({"state_dict": {**{f"model.{k}": v for k, v in weights.items()}, "metrics.x.weight": torch.ones(1)},
-                "global_step": 7}, tmp_path / "run.ckpt")
+    torch.save(
+        {
+            "state_dict": {**{f"model.{k}": v for k, v in weights.items()}, "metrics.x.weight": torch.ones(1)},
+            "global_step": 7,
+        },
+        tmp_path / "run.ckpt",
+    )
     read = read_weights(tmp_path / "run.ckpt")
     assert read.keys() == weights.keys() and all(torch.equal(read[k], weights[k]) for k in weights)
     with pytest.raises(FileNotFoundError, match="model.init_from=.*gone.ckpt: no such file"):
@@ -80,12 +100,18 @@ def test_a_ckpt_source_gives_its_model_tensors(tmp_path):
 
 # end to end: import fixture A, fine-tune it with `nxtp fit`, label and export the result --------------------
 
+
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory) -> Path:
     """Fixture A (the tiny official checkpoint) imported as tests/test_parity.py does, with the LLaMA-2 tokenizer."""
     out = tmp_path_factory.mktemp("fixture-a") / "nxtp-tiny"
-    import_official(str(OFFICIAL / "official_ckpt.pth"), str(OFFICIAL / "clip_frozen.pt"), str(LLAMA_TOKENIZER),
-                    str(out), decoder_heads=4)
+    import_official(
+        str(OFFICIAL / "official_ckpt.pth"),
+        str(OFFICIAL / "clip_frozen.pt"),
+        str(LLAMA_TOKENIZER),
+        str(out),
+        decoder_heads=4,
+    )
     return out
 
 
@@ -95,7 +121,7 @@ def mean_loss(model: NXTP, shard: Path, batches: int = 4) -> float:
     data = NXTPDataModule(val_shards=str(shard), batch_size=16, num_workers=0)
     data.bind(model.eval())
     total = count = 0
-    for i, batch in zip(range(batches), data.val_dataloader()):
+    for _, batch in zip(range(batches), data.val_dataloader()):
         loss, n = model(batch["pixels"], batch["text"])
         total, count = total + loss.item() * n.item(), count + n.item()
     return total / count
@@ -109,12 +135,29 @@ def test_finetune_an_imported_release(tmp_path, shapes, imported):
     source_state = safetensors.torch.load_file(imported / "model.safetensors")
     new_rows = source.sequences.new_token_ids
 
-    fit = run(fit_command(shapes, tmp_path / "logs", 20) + [  # later flags override earlier ones
-        "--model", str(imported / "config.yaml"), "--model.tokenizer", str(imported / "tokenizer"),
-        "--model.init_from", str(imported), "--model.trainable", json.dumps(TRAINABLE),
-        "--model.train_new_token_embeddings", "true", "--model.lr", "1e-3", "--model.schedule", "cosine",
-        "--model.warmup", "2", "--model.eval_min_prob", "0.0",
-    ])
+    fit = run(
+        fit_command(shapes, tmp_path / "logs", 20)
+        + [  # later flags override earlier ones
+            "--model",
+            str(imported / "config.yaml"),
+            "--model.tokenizer",
+            str(imported / "tokenizer"),
+            "--model.init_from",
+            str(imported),
+            "--model.trainable",
+            json.dumps(TRAINABLE),
+            "--model.train_new_token_embeddings",
+            "true",
+            "--model.lr",
+            "1e-3",
+            "--model.schedule",
+            "cosine",
+            "--model.warmup",
+            "2",
+            "--model.eval_min_prob",
+            "0.0",
+        ]
+    )
     assert fit.returncode == 0, fit.stderr[-3000:]
     version = tmp_path / "logs" / "default" / "version_0"
     checkpoint = version / "checkpoints" / "last.ckpt"
@@ -156,7 +199,10 @@ def test_finetune_an_imported_release(tmp_path, shapes, imported):
     lines = [json.loads(line) for line in label.stdout.splitlines()]
     assert len(lines) == 2 and all(line["labels"] for line in lines)
 
-    assert export_main(["--checkpoint", str(checkpoint), "--format", "safetensors", "--out", str(tmp_path / "export")]) == 0
+    assert (
+        export_main(["--checkpoint", str(checkpoint), "--format", "safetensors", "--out", str(tmp_path / "export")])
+        == 0
+    )
     exported = safetensors.torch.load_file(tmp_path / "export" / "model.safetensors")
     assert exported.keys() == tuned.keys() and all(torch.equal(exported[k], tuned[k]) for k in tuned)
 
@@ -168,14 +214,23 @@ def g70m_release(vocab: int = 32002, dim: int = 4096, ffn: int = 11008, blocks: 
 
     with torch.device("meta"):
         clip = open_clip.create_model("ViT-L-14-quickgelu", device="meta").visual.state_dict()
-    ckpt = {f"module.vision_encoder.{k}": v for k, v in clip.items()
-            if k.startswith(("transformer.resblocks.1", "transformer.resblocks.2", "ln_post"))}
+    ckpt = {
+        f"module.vision_encoder.{k}": v
+        for k, v in clip.items()
+        if k.startswith(("transformer.resblocks.1", "transformer.resblocks.2", "ln_post"))
+    }
     shapes = {"tok_embeddings.weight": (vocab, dim), "norm.weight": (dim,), "output.weight": (vocab, dim)}
     for i in range(blocks):
         shapes.update({f"layers.{i}.attention.w{x}.weight": (dim, dim) for x in "qkvo"})
-        shapes.update({f"layers.{i}.feed_forward.w1.weight": (ffn, dim), f"layers.{i}.feed_forward.w3.weight": (ffn, dim),
-                       f"layers.{i}.feed_forward.w2.weight": (dim, ffn), f"layers.{i}.attention_norm.weight": (dim,),
-                       f"layers.{i}.ffn_norm.weight": (dim,)})
+        shapes.update(
+            {
+                f"layers.{i}.feed_forward.w1.weight": (ffn, dim),
+                f"layers.{i}.feed_forward.w3.weight": (ffn, dim),
+                f"layers.{i}.feed_forward.w2.weight": (dim, ffn),
+                f"layers.{i}.attention_norm.weight": (dim,),
+                f"layers.{i}.ffn_norm.weight": (dim,),
+            }
+        )
     ckpt.update({f"module.language_decoder.{k}": torch.empty(s, device="meta") for k, s in shapes.items()})
     ckpt["module.vision_encoder.proj.weight"] = torch.empty(dim, 1024, device="meta")
     return ckpt, clip

@@ -158,17 +158,28 @@ def test_training_on_http_shards_runs_to_the_end_and_lists_the_shard_it_skipped(
     files = {f"/{p.name}": p.read_bytes() for p in sorted((shapes / "train").glob("shard-*.tar"))}
     server = serve(drops=10**6, files=files, drop="/shard-000000.tar")
     steps, logs = 12, tmp_path / "logs"
-    fit = run(fit_command(shapes, logs, steps) + [
-        "--data.train_shards", json.dumps([server.url(path) for path in files]),
-        "--data.shard_retries", "1", "--data.shard_retry_wait", "0", "--trainer.val_check_interval", "6",
-    ], timeout=300)
+    fit = run(
+        fit_command(shapes, logs, steps)
+        + [
+            "--data.train_shards",
+            json.dumps([server.url(path) for path in files]),
+            "--data.shard_retries",
+            "1",
+            "--data.shard_retry_wait",
+            "0",
+            "--trainer.val_check_interval",
+            "6",
+        ],
+        timeout=300,
+    )
     assert fit.returncode == 0, fit.stderr[-3000:]
     version = logs / "default" / "version_0"
     assert torch.load(version / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == steps
     records = [json.loads(line) for line in (version / "rejects.jsonl").read_text().splitlines()]
     dropped = server.url("/shard-000000.tar")
-    assert ("train", "unreachable shard", dropped, None) in {(r["split"], r["reason"], r["shard"], r["key"])
-                                                              for r in records}
+    assert ("train", "unreachable shard", dropped, None) in {
+        (r["split"], r["reason"], r["shard"], r["key"]) for r in records
+    }
     # Anything else is a sample a cut tore apart (counted by what it lacks), in the same shard: at most one per
     # broken read. (Which sample depends on how much of the cut-off stream curl passed on, so it may differ between
     # the reads of a resampled shard.)

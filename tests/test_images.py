@@ -23,8 +23,14 @@ def photo(width: int, height: int, seed: int = 0) -> Image.Image:
     """Photo-like content: smooth colour gradients, sensor-like noise and sharp-edged shapes."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width] / max(width, height)
-    a = np.stack([120 + 100 * np.sin(3 * x + rng.uniform(0, 6)), 120 + 100 * np.cos(2 * y + rng.uniform(0, 6)),
-                  128 + 80 * np.sin(4 * (x + y))], -1) + rng.normal(0, 12, (height, width, 3))
+    a = np.stack(
+        [
+            120 + 100 * np.sin(3 * x + rng.uniform(0, 6)),
+            120 + 100 * np.cos(2 * y + rng.uniform(0, 6)),
+            128 + 80 * np.sin(4 * (x + y)),
+        ],
+        -1,
+    ) + rng.normal(0, 12, (height, width, 3))
     image = Image.fromarray(a.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     for _ in range(25):
@@ -49,14 +55,14 @@ def pixels(image: Image.Image) -> np.ndarray:
 # The EXIF definition of each orientation (where the stored image's row 0 and column 0 appear when displayed),
 # written as numpy on [H, W, C] arrays; ``.swapaxes(0, 1)`` is the transpose.
 UPRIGHT = {
-    1: lambda s: s,                                  # row 0 top, column 0 left
-    2: lambda s: s[:, ::-1],                         # row 0 top, column 0 right
-    3: lambda s: s[::-1, ::-1],                      # row 0 bottom, column 0 right
-    4: lambda s: s[::-1],                            # row 0 bottom, column 0 left
-    5: lambda s: s.swapaxes(0, 1),                   # row 0 left, column 0 top
-    6: lambda s: s.swapaxes(0, 1)[:, ::-1],          # row 0 right, column 0 top (a phone held upright)
-    7: lambda s: s.swapaxes(0, 1)[::-1, ::-1],       # row 0 right, column 0 bottom
-    8: lambda s: s.swapaxes(0, 1)[::-1],             # row 0 left, column 0 bottom
+    1: lambda s: s,  # row 0 top, column 0 left
+    2: lambda s: s[:, ::-1],  # row 0 top, column 0 right
+    3: lambda s: s[::-1, ::-1],  # row 0 bottom, column 0 right
+    4: lambda s: s[::-1],  # row 0 bottom, column 0 left
+    5: lambda s: s.swapaxes(0, 1),  # row 0 left, column 0 top
+    6: lambda s: s.swapaxes(0, 1)[:, ::-1],  # row 0 right, column 0 top (a phone held upright)
+    7: lambda s: s.swapaxes(0, 1)[::-1, ::-1],  # row 0 right, column 0 bottom
+    8: lambda s: s.swapaxes(0, 1)[::-1],  # row 0 left, column 0 bottom
 }
 
 
@@ -107,12 +113,21 @@ def odd_twins() -> dict[str, tuple[bytes, np.ndarray, int]]:
     cmyk = Image.fromarray(np.concatenate([cmy, k], -1).astype(np.uint8), "CMYK")
 
     return {
-        "rgba cut-out png": (encode(Image.fromarray(np.dstack([hidden, alpha]).astype(np.uint8), "RGBA"), "PNG"),
-                             over_white(alpha), 0),
-        "rgba partial png": (encode(Image.fromarray(np.dstack([rgb, partial]).astype(np.uint8), "RGBA"), "PNG"),
-                             over_white(partial), 1),
-        "gray+alpha png": (encode(Image.fromarray(np.dstack([gray, alpha]).astype(np.uint8), "LA"), "PNG"),
-                           np.where(alpha[..., None] == 0, 255, as_rgb(gray)), 0),
+        "rgba cut-out png": (
+            encode(Image.fromarray(np.dstack([hidden, alpha]).astype(np.uint8), "RGBA"), "PNG"),
+            over_white(alpha),
+            0,
+        ),
+        "rgba partial png": (
+            encode(Image.fromarray(np.dstack([rgb, partial]).astype(np.uint8), "RGBA"), "PNG"),
+            over_white(partial),
+            1,
+        ),
+        "gray+alpha png": (
+            encode(Image.fromarray(np.dstack([gray, alpha]).astype(np.uint8), "LA"), "PNG"),
+            np.where(alpha[..., None] == 0, 255, as_rgb(gray)),
+            0,
+        ),
         "16-bit gray png": (encode(Image.fromarray((gray * 257).astype(np.uint16)), "PNG"), as_rgb(gray), 0),
         "16-bit gray tiff": (encode(Image.fromarray((gray * 256 + 200).astype(np.uint16)), "TIFF"), as_rgb(gray), 0),
         "palette png": (encode(indexed, "PNG"), palette[index], 0),
@@ -135,12 +150,14 @@ def test_odd_images_give_the_pixels_of_their_plain_twin(name):
 
 def bomb_png(side: int) -> bytes:
     """A valid PNG header that claims side x side pixels, with far too little data: decoding it would fail."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def test_huge_images_are_refused_from_their_header_naming_the_size(tmp_path):
@@ -160,8 +177,9 @@ def test_huge_images_are_refused_from_their_header_naming_the_size(tmp_path):
 
 def model_input(image: Image.Image, size: int) -> torch.Tensor:
     """What open_clip's eval transform makes of an image, before normalisation, in 8-bit levels."""
-    transform = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
-                           T.PILToTensor()])
+    transform = T.Compose(
+        [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.PILToTensor()]
+    )
     return transform(image).float()
 
 
@@ -236,8 +254,9 @@ def label(checkpoint, folder) -> dict[str, list[tuple[str, float]]]:
     result = run(NXTP_CLI + ["label", "--checkpoint", str(checkpoint), "--topk", "4", "--workers", "0", str(folder)])
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
-    return {line["image"].split("/")[-1].split(".")[0]: [(x["label"], x["prob"]) for x in line["labels"]]
-            for line in lines}
+    return {
+        line["image"].split("/")[-1].split(".")[0]: [(x["label"], x["prob"]) for x in line["labels"]] for line in lines
+    }
 
 
 def test_nxtp_label_gives_odd_photos_the_labels_of_their_plain_twins(label_setup):

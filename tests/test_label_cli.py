@@ -33,8 +33,20 @@ def setup(tmp_path_factory):
 
 def test_jsonl_over_folder_glob_and_list(setup, capsys):
     root, folder, listing = setup
-    code = label_main(["--checkpoint", str(root / "model"), "--topk", "3", "--workers", "0", str(folder),
-                       str(root / "*.png"), "--files-from", str(listing)])
+    code = label_main(
+        [
+            "--checkpoint",
+            str(root / "model"),
+            "--topk",
+            "3",
+            "--workers",
+            "0",
+            str(folder),
+            str(root / "*.png"),
+            "--files-from",
+            str(listing),
+        ]
+    )
     out, err = capsys.readouterr()
     lines = [json.loads(line) for line in out.splitlines()]
     assert code == 1 and "broken.jpg" in err and "missing.png" in err
@@ -48,8 +60,24 @@ def test_jsonl_over_folder_glob_and_list(setup, capsys):
 def test_csv_output_file_with_min_prob(setup, tmp_path):
     root, folder, _ = setup
     out = tmp_path / "labels.csv"
-    code = label_main(["--checkpoint", str(root / "model"), "--topk", "5", "--min-prob", "0.01", "--workers", "2",
-                       "--format", "csv", "--output", str(out), str(folder / "a.png"), str(folder / "sub")])
+    code = label_main(
+        [
+            "--checkpoint",
+            str(root / "model"),
+            "--topk",
+            "5",
+            "--min-prob",
+            "0.01",
+            "--workers",
+            "2",
+            "--format",
+            "csv",
+            "--output",
+            str(out),
+            str(folder / "a.png"),
+            str(folder / "sub"),
+        ]
+    )
     rows = list(csv.DictReader(out.open()))
     assert code == 0 and rows and {r["image"].split("/")[-1] for r in rows} == {"a.png", "b.jpg"}
     assert all(r["error"] == "" for r in rows)
@@ -58,8 +86,18 @@ def test_csv_output_file_with_min_prob(setup, tmp_path):
 
 def test_images_over_max_image_pixels_are_reported_with_their_size(setup, capsys):
     root, folder, _ = setup
-    code = label_main(["--checkpoint", str(root / "model"), "--workers", "0", "--max-image-pixels", "55000",
-                       str(folder / "a.png"), str(folder / "sub" / "b.jpg")])
+    code = label_main(
+        [
+            "--checkpoint",
+            str(root / "model"),
+            "--workers",
+            "0",
+            "--max-image-pixels",
+            "55000",
+            str(folder / "a.png"),
+            str(folder / "sub" / "b.jpg"),
+        ]
+    )
     entries = {line["image"].split("/")[-1]: line for line in map(json.loads, capsys.readouterr().out.splitlines())}
     assert code == 1 and "300x200 = 60000 pixels, more than max_image_pixels=55000" in entries["a.png"]["error"]
     assert "labels" in entries["b.jpg"]  # 224 x 224 = 50,176 pixels: within the limit
@@ -70,8 +108,19 @@ def test_attention_maps_are_written_for_every_label_and_equal_recognizer_explain
 
     root, folder, _ = setup
     out_dir = tmp_path / "maps"
-    code = label_main(["--checkpoint", str(root / "model"), "--topk", "3", "--workers", "0", "--attention-maps",
-                       str(out_dir), str(folder / "a.png")])
+    code = label_main(
+        [
+            "--checkpoint",
+            str(root / "model"),
+            "--topk",
+            "3",
+            "--workers",
+            "0",
+            "--attention-maps",
+            str(out_dir),
+            str(folder / "a.png"),
+        ]
+    )
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert code == 0 and len(lines) == 1 and lines[0]["labels"]
     labels = [x["label"] for x in lines[0]["labels"]]

@@ -51,16 +51,38 @@ WEB_CAPTIONS = {
     "Don't miss the view: a lighthouse on the rocky coast.": ["view", "lighthouse", "coast"],
     # WordNet does not know "sandcastle", so the plural is its own lemma.
     "It's a sunny afternoon at the beach. Kids build sandcastles near the water.": [
-        "afternoon", "beach", "kid", "sandcastles", "water"],
-    "Close-up of a woman's hands kneading dough on a floured counter.": ["close-up", "woman", "hand", "dough", "counter"],
+        "afternoon",
+        "beach",
+        "kid",
+        "sandcastles",
+        "water",
+    ],
+    "Close-up of a woman's hands kneading dough on a floured counter.": [
+        "close-up",
+        "woman",
+        "hand",
+        "dough",
+        "counter",
+    ],
     # Lowercased, "u.s." reads as an adjective and "d.c" (its final period split off) as a noun.
     "Vintage photo of the U.S. Capitol building in Washington, D.C.": [
-        "photo", "capitol", "building", "washington", "d.c"],
+        "photo",
+        "capitol",
+        "building",
+        "washington",
+        "d.c",
+    ],
     "Stock image of a red-and-white striped umbrella on the sand": ["umbrella", "sand"],
     "Two 4x4 trucks and 3 SUVs parked outside a café.": ["truck", "suv", "caf"],  # "é" is stripped
     # The tagger takes "slicing" between a noun and plural nouns for a noun, and so does the reference.
     "A chef in a white apron slicing tomatoes, onions & peppers.": [
-        "chef", "apron", "slicing", "tomato", "onion", "pepper"],
+        "chef",
+        "apron",
+        "slicing",
+        "tomato",
+        "onion",
+        "pepper",
+    ],
     "Aerial view of New York City at night": ["view", "york", "city", "night"],
     # The tagger reads "birthday" before "card" as an adjective; "today" is a noun.
     "Happy birthday card with balloons -- 50% off today!": ["card", "balloon", "today"],
@@ -70,7 +92,13 @@ WEB_CAPTIONS = {
     # Lowercased, the title "mr." is a common noun; without its period it is too short.
     "Mr. Smith's old car... rusting in the yard.": ["smith", "car", "yard"],
     "Glasses of wine on a table at sunset; a great evening with friends!": [
-        "glass", "wine", "table", "sunset", "evening", "friend"],
+        "glass",
+        "wine",
+        "table",
+        "sunset",
+        "evening",
+        "friend",
+    ],
     "An illustration of a T-shirt design with a skull and roses": ["t-shirt", "design", "skull", "rose"],
     "Three women in saris walking past a temple, India": ["woman", "sari", "temple", "india"],
     "Kids' bikes leaning against the fence of a school.": ["kid", "bike", "fence", "school"],
@@ -100,6 +128,7 @@ def test_web_captions(caption):
 
 # --- The reference's current cleaning (kaiyuyue/nxtp src/utils.py, 11cf60c): what changed since its first commit,
 # in both modes, and where the default fixes it.
+
 
 @pytest.mark.parametrize("compat", [False, True])
 def test_newlines_separate_words(compat):
@@ -152,12 +181,18 @@ def test_labels_lose_edge_punctuation_by_default():
     assert extract_labels(caption) == ["jones", "nurse", "hallway"]
     assert extract_labels(caption, reference_compat=True) == ["dr.", "jones", "nurse", "hallway"]
     assert extract_labels("The etc. and the u.s.a. team") == [
-        label.strip(".") for label in extract_labels("The etc. and the u.s.a. team", reference_compat=True)]
+        label.strip(".") for label in extract_labels("The etc. and the u.s.a. team", reference_compat=True)
+    ]
 
 
 def test_digits_are_dropped():
     assert extract_labels("A plate of food with broccoli and 2 slices of pizza.") == [
-        "plate", "food", "broccoli", "slice", "pizza"]
+        "plate",
+        "food",
+        "broccoli",
+        "slice",
+        "pizza",
+    ]
     assert extract_labels("Route 66 sign next to 2 buses") == ["route", "sign", "bus"]
     assert extract_labels("A 3D render of 4x4 cars") == ["render", "car"]
 
@@ -207,18 +242,25 @@ def test_result_is_a_fresh_list():
 
 # --- The NLTK data: packaged, used whatever NLTK_DATA says, another folder only when asked for
 
+
 def test_ensure_nltk_data_finds_the_packaged_data():
     assert ensure_nltk_data() == PACKAGED_NLTK_DATA.resolve()
 
 
 def test_packaged_data_is_small_and_only_what_is_read():
     files = sorted(str(p.relative_to(PACKAGED_NLTK_DATA)) for p in PACKAGED_NLTK_DATA.rglob("*") if p.is_file())
-    assert files == ["README.md", "corpora/wordnet.zip", "taggers/averaged_perceptron_tagger_eng.zip",
-                     "tokenizers/punkt_tab.zip"]
+    assert files == [
+        "README.md",
+        "corpora/wordnet.zip",
+        "taggers/averaged_perceptron_tagger_eng.zip",
+        "tokenizers/punkt_tab.zip",
+    ]
     assert sum(p.stat().st_size for p in PACKAGED_NLTK_DATA.rglob("*")) < 6_000_000
     # The WordNet files kept are the fixture's own bytes.
-    with zipfile.ZipFile(PACKAGED_NLTK_DATA / "corpora/wordnet.zip") as ours, \
-            zipfile.ZipFile(FIXTURE_NLTK_DATA / "corpora/wordnet.zip") as full:
+    with (
+        zipfile.ZipFile(PACKAGED_NLTK_DATA / "corpora/wordnet.zip") as ours,
+        zipfile.ZipFile(FIXTURE_NLTK_DATA / "corpora/wordnet.zip") as full,
+    ):
         assert all(ours.read(name) == full.read(name) for name in ours.namelist() if not name.endswith("/"))
 
 
@@ -272,8 +314,15 @@ def test_same_labels_from_any_folder_whatever_nltk_data_says(tmp_path, nltk_env)
         env["NLTK_DATA"] = str(_garbage_nltk_data(tmp_path / "elsewhere"))
     elif nltk_env == "fixture":
         env["NLTK_DATA"] = str(FIXTURE_NLTK_DATA)
-    done = subprocess.run([sys.executable, "-c", EXTRACT], input=json.dumps(captions), cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", EXTRACT],
+        input=json.dumps(captions),
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     # The truth: NLTK's own calls on the fixture data, in this process.
     assert json.loads(done.stdout) == [extract_labels_nltk(c, compat) for c in captions for compat in (False, True)]
@@ -287,39 +336,155 @@ def test_a_wheel_ships_the_nltk_data(tmp_path):
         shutil.copy(ROOT / name, src / name)
     for package in ("datamodules", "lightning_modules"):
         shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-                            "-q", "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    packaged = {f"datamodules/nltk_data/{p.relative_to(PACKAGED_NLTK_DATA)}" for p in PACKAGED_NLTK_DATA.rglob("*")
-                if p.is_file()}
+    packaged = {
+        f"datamodules/nltk_data/{p.relative_to(PACKAGED_NLTK_DATA)}"
+        for p in PACKAGED_NLTK_DATA.rglob("*")
+        if p.is_file()
+    }
     assert packaged <= names, packaged - names
 
 
 # --- The fast path against NLTK's own calls --------------------------------------
 
-SUBJECTS = ["a dog", "Two CATS", "the man's wife", "kids'", "an old fisherman", "3 horses", "a U.S. soldier",
-            "Mr. Brown", "the t-shirt", "a well-known chef", "rock'n'roll fans", "a 4x4", "our neighbours' kids"]
-VERBS = ["sitting on", "isn't running across", "can't stand near", "is gonna jump over", "won't leave",
-         "cannot find", "wanna play in", "'s parked by", "walks along", "looks at", "-- waiting for --"]
-OBJECTS = ["the grass", "a sandy beach", "N.Y.C. streets", "the kitchen counter", "a snowy mountain (Alps)",
-           "'the sofa'", "a 1990s car", "the 'old' bridge", "rock 'n' roll posters", "e.g. apples & pears",
-           "two ''quoted'' words", "the dog's bowl", "St. Paul's cathedral", "a café", "10.5 km of road"]
-ENDINGS = [".", "!", "?", "...", "", " .", ". It's sunny.", ". Don't they look happy?", "; stock photo",
-           "\n#travel #sunset", " &amp; a laptop", " 🌅🔥", "\ton top of a stop sign", " (Dr. Who)",
-           ", background image.", " - illustration", ". 'Tis the season.", " in the U.S.", " at 5 p.m."]
-PIECES = ["'", "''", "'s", "n't", "'ll", "'re", "'ve", "'m", "'d", "'t", "'tis", "'twas", ".", "..", "...", "-", "--",
-          " ", "  ", "cannot", "gonna", "gotta", "wanna", "gimme", "lemme", "d'ye", "more'n", "u.s.", "e.g.", "mr.",
-          "don't", "it's", "dog", "cats", "t-shirt", "3.5", "1990", "'90s", "o'clock", "a", "the", "st.", "no."]
+SUBJECTS = [
+    "a dog",
+    "Two CATS",
+    "the man's wife",
+    "kids'",
+    "an old fisherman",
+    "3 horses",
+    "a U.S. soldier",
+    "Mr. Brown",
+    "the t-shirt",
+    "a well-known chef",
+    "rock'n'roll fans",
+    "a 4x4",
+    "our neighbours' kids",
+]
+VERBS = [
+    "sitting on",
+    "isn't running across",
+    "can't stand near",
+    "is gonna jump over",
+    "won't leave",
+    "cannot find",
+    "wanna play in",
+    "'s parked by",
+    "walks along",
+    "looks at",
+    "-- waiting for --",
+]
+OBJECTS = [
+    "the grass",
+    "a sandy beach",
+    "N.Y.C. streets",
+    "the kitchen counter",
+    "a snowy mountain (Alps)",
+    "'the sofa'",
+    "a 1990s car",
+    "the 'old' bridge",
+    "rock 'n' roll posters",
+    "e.g. apples & pears",
+    "two ''quoted'' words",
+    "the dog's bowl",
+    "St. Paul's cathedral",
+    "a café",
+    "10.5 km of road",
+]
+ENDINGS = [
+    ".",
+    "!",
+    "?",
+    "...",
+    "",
+    " .",
+    ". It's sunny.",
+    ". Don't they look happy?",
+    "; stock photo",
+    "\n#travel #sunset",
+    " &amp; a laptop",
+    " 🌅🔥",
+    "\ton top of a stop sign",
+    " (Dr. Who)",
+    ", background image.",
+    " - illustration",
+    ". 'Tis the season.",
+    " in the U.S.",
+    " at 5 p.m.",
+]
+PIECES = [
+    "'",
+    "''",
+    "'s",
+    "n't",
+    "'ll",
+    "'re",
+    "'ve",
+    "'m",
+    "'d",
+    "'t",
+    "'tis",
+    "'twas",
+    ".",
+    "..",
+    "...",
+    "-",
+    "--",
+    " ",
+    "  ",
+    "cannot",
+    "gonna",
+    "gotta",
+    "wanna",
+    "gimme",
+    "lemme",
+    "d'ye",
+    "more'n",
+    "u.s.",
+    "e.g.",
+    "mr.",
+    "don't",
+    "it's",
+    "dog",
+    "cats",
+    "t-shirt",
+    "3.5",
+    "1990",
+    "'90s",
+    "o'clock",
+    "a",
+    "the",
+    "st.",
+    "no.",
+]
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789'.- "
 
 
 def _captions(n: int, seed: int = 0) -> list[str]:
     """Real-looking captions built from phrases full of punctuation, contractions and abbreviations."""
     rng = random.Random(seed)
-    return [f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}{rng.choice(ENDINGS)}"
-            for _ in range(n)]
+    return [f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}{rng.choice(ENDINGS)}" for _ in range(n)]
 
 
 def _cleaned_noise(n: int, seed: int = 0) -> list[str]:
@@ -328,8 +493,12 @@ def _cleaned_noise(n: int, seed: int = 0) -> list[str]:
     texts = []
     for _ in range(n):
         if rng.random() < 0.5:
-            texts.append("".join(rng.choice(PIECES) if rng.random() < 0.7 else rng.choice(ALPHABET)
-                                 for _ in range(rng.randint(1, 12))))
+            texts.append(
+                "".join(
+                    rng.choice(PIECES) if rng.random() < 0.7 else rng.choice(ALPHABET)
+                    for _ in range(rng.randint(1, 12))
+                )
+            )
         else:
             words = PIECES + ["".join(rng.choice(ALPHABET) for _ in range(rng.randint(1, 6)))]
             texts.append(" ".join(rng.choice(words) for _ in range(rng.randint(1, 12))))

@@ -9,7 +9,14 @@ from conftest import OFFICIAL
 
 from lightning_modules.masking import label_masked_attention, prefix_attention
 from lightning_modules.nxtp import PROMPT, load_tokenizer
-from lightning_modules.sequence import SequenceBuilder, TextSequence, collate_text, loss_targets, position_ids, segment_ids
+from lightning_modules.sequence import (
+    SequenceBuilder,
+    TextSequence,
+    collate_text,
+    loss_targets,
+    position_ids,
+    segment_ids,
+)
 
 
 def allowed_from_rows(rows: dict[int, set[int]], size: int) -> torch.Tensor:
@@ -37,7 +44,11 @@ def test_three_labels_against_hand_built_mask():
     # label b: text 7, 8 -> sequence 9, 10
     rows[9], rows[10] = img | upto_anchor | {9}, img | upto_anchor | {9, 10}
     # label c: text 9, 10, 11 -> sequence 11, 12, 13
-    rows[11], rows[12], rows[13] = img | upto_anchor | {11}, img | upto_anchor | {11, 12}, img | upto_anchor | {11, 12, 13}
+    rows[11], rows[12], rows[13] = (
+        img | upto_anchor | {11},
+        img | upto_anchor | {11, 12},
+        img | upto_anchor | {11, 12, 13},
+    )
     rows[14] = img | upto_anchor  # padding sees the prefix only
     assert torch.equal(mask, allowed_from_rows(rows, 15))
 
@@ -49,8 +60,19 @@ def test_loss_layout_default_predicts_every_first_token_from_the_anchor():
     rows, targets = loss_targets(text, seg, 2)
     pairs = [(r, t) for r, t in zip(rows[0].tolist(), targets[0].tolist()) if t >= 0]
     anchor_row = 2 + 3
-    assert pairs == [(2, 1), (3, 10), (4, 11), (anchor_row, 20), (6, 21), (7, 5),
-                     (anchor_row, 30), (9, 5), (anchor_row, 40), (11, 41), (12, 5)]
+    assert pairs == [
+        (2, 1),
+        (3, 10),
+        (4, 11),
+        (anchor_row, 20),
+        (6, 21),
+        (7, 5),
+        (anchor_row, 30),
+        (9, 5),
+        (anchor_row, 40),
+        (11, 41),
+        (12, 5),
+    ]
     # Reset positions: every label block starts right after the anchor.
     pos = position_ids(seg, reset_label_positions=True)[0].tolist()
     assert pos[:6] == list(range(6))

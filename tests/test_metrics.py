@@ -113,8 +113,9 @@ def test_semantic_empty_prediction_among_others(semantic: SemanticLabelScore) ->
     semantic.reset()
     semantic.update([[""], ["dog"]], [["cat"], ["dog"]])
     _assert_close(both, _as_floats(semantic.compute()))
-    assert math.isclose(both["recall"], (float(semantic.embed(["cat"])[0] @ semantic.embed([""])[0]) + 1) / 2,
-                        abs_tol=TOL)
+    assert math.isclose(
+        both["recall"], (float(semantic.embed(["cat"])[0] @ semantic.embed([""])[0]) + 1) / 2, abs_tol=TOL
+    )
 
 
 def test_semantic_keeps_embedder_out_of_state(semantic: SemanticLabelScore) -> None:
@@ -202,9 +203,7 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str, data: 
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_ddp_sync_equals_one_pass(
-    tmp_path: Path, semantic: SemanticLabelScore, reference: dict[str, Any]
-) -> None:
+def test_ddp_sync_equals_one_pass(tmp_path: Path, semantic: SemanticLabelScore, reference: dict[str, Any]) -> None:
     data = {"preds": reference["predictions"] + [["cat"]], "refs": reference["references"] + [[]]}
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), data), nprocs=2, join=True)
 

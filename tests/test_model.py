@@ -47,7 +47,8 @@ def test_cached_sampling_matches_brute_force(seed):
     pixels = torch.randn(3, 3, 64, 64)
     rows = []  # batch rows of every decoder call: the prefix, then one call per step
     hook = model.decoder.get_decoder().register_forward_pre_hook(
-        lambda module, args, kwargs: rows.append(len(kwargs["inputs_embeds"])), with_kwargs=True)
+        lambda module, args, kwargs: rows.append(len(kwargs["inputs_embeds"])), with_kwargs=True
+    )
     cached = decode_branches(model, pixels, topk=6, max_label_tokens=5)
     hook.remove()
     brute = decode_recompute(model, pixels, topk=6, max_label_tokens=5)  # every step recomputed, no cache
@@ -70,8 +71,9 @@ def test_cached_sampling_matches_brute_force(seed):
 def test_the_decoding_loop_on_a_hand_computed_case():
     # Vocabulary of 5, delimiter 3, end 4. The next token depends on the last one only (a table), so every
     # branch can be followed by hand: 1 -> 2 (0.6) -> 3 (0.7, stop); 2 -> 3 (0.7, stop); 3 drawn first ends at once.
-    table = torch.tensor([[0.9, 0.1, 0, 0, 0], [0.1, 0, 0.6, 0.2, 0.1], [0.1, 0, 0.2, 0.7, 0], [0.5, 0.5, 0, 0, 0],
-                          [1.0, 0, 0, 0, 0]])
+    table = torch.tensor(
+        [[0.9, 0.1, 0, 0, 0], [0.1, 0, 0.6, 0.2, 0.1], [0.1, 0, 0.2, 0.7, 0], [0.5, 0.5, 0, 0, 0], [1.0, 0, 0, 0, 0]]
+    )
     calls = []
 
     def step(tokens, keep, offset):
@@ -86,8 +88,13 @@ def test_the_decoding_loop_on_a_hand_computed_case():
     # Finished branches leave the batch: step 1 runs branches 0 and 1, step 2 branch 0 only.
     assert calls == [([1, 2], [True, True, False], 1), ([2], [True, False], 2)]
     # Without a stop, a branch ends at the step limit with no stop probability.
-    (capped,) = one_shot(torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 1.0]]), lambda t, k, o: torch.eye(6)[t], topk=1,
-                         stop_ids=[3, 4], max_label_tokens=3)
+    (capped,) = one_shot(
+        torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 1.0]]),
+        lambda t, k, o: torch.eye(6)[t],
+        topk=1,
+        stop_ids=[3, 4],
+        max_label_tokens=3,
+    )
     assert capped[0].tokens == [5, 5, 5] and capped[0].stop_prob is None
 
 
@@ -128,7 +135,9 @@ def test_padding_to_a_multiple_leaves_loss_and_gradients_unchanged():
         model.zero_grad()
         loss, n = model(pixels, text)
         loss.backward()
-        results.append((loss.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
+        results.append(
+            (loss.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+        )
     (loss, n, grads), (padded, n_padded, grads_padded) = results
     assert (model.n_image_tokens + text.ids.shape[1]) % 64 != 0  # the padding did add positions
     assert model.pad(text).ids.shape[1] + model.n_image_tokens == 64
@@ -141,11 +150,17 @@ def test_padding_to_a_multiple_leaves_loss_and_gradients_unchanged():
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("trainable_from", [0, 2, 3, 4])  # first trainable block; 3: only ln_post; 4: none
 def test_frozen_vision_blocks_run_without_autograd_and_keep_the_gradients(trainable_from, checkpointing):
-    vit = {"embed_dim": 64, "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "head_width": 16, "patch_size": 8},
-           "text_cfg": {"context_length": 4, "vocab_size": 8, "width": 16, "heads": 1, "layers": 1}}
+    vit = {
+        "embed_dim": 64,
+        "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "head_width": 16, "patch_size": 8},
+        "text_cfg": {"context_length": 4, "vocab_size": 8, "width": 16, "heads": 1, "layers": 1},
+    }
     torch.manual_seed(0)
-    decoder = DecoderConfig(config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                        num_attention_heads=4, num_key_value_heads=4))
+    decoder = DecoderConfig(
+        config=dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4
+        )
+    )
     model = NXTP(VisionConfig(model_name="three-block-vit", config=vit), decoder, str(LLAMA_TOKENIZER)).train()
     model.visual.set_grad_checkpointing(checkpointing)
     pixels = torch.randn(2, 3, 32, 32)
@@ -180,10 +195,19 @@ def test_frozen_vision_blocks_run_without_autograd_and_keep_the_gradients(traina
 def test_compiled_decoder_keeps_parameter_names_loss_and_gradients():
     def module(compile: bool) -> LitNXTP:
         torch.manual_seed(0)
-        decoder = DecoderConfig(config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=4))
-        return LitNXTP(VisionConfig(model_name="nxtp-tiny-vit"), decoder, str(LLAMA_TOKENIZER), semantic_metric=False,
-                       compile=compile, pad_to_multiple=32)
+        decoder = DecoderConfig(
+            config=dict(
+                hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4
+            )
+        )
+        return LitNXTP(
+            VisionConfig(model_name="nxtp-tiny-vit"),
+            decoder,
+            str(LLAMA_TOKENIZER),
+            semantic_metric=False,
+            compile=compile,
+            pad_to_multiple=32,
+        )
 
     eager, compiled = module(False), module(True)
     assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints stay interchangeable

@@ -5,8 +5,8 @@ import torch
 from conftest import LLAMA_TOKENIZER, OFFICIAL
 from torch import nn
 
-from lightning_modules.nxtp import NXTP
 from lightning_modules.cli.import_official import import_main
+from lightning_modules.nxtp import NXTP
 from lightning_modules.official import is_torchscript
 
 
@@ -30,8 +30,20 @@ def clip_state():
 
 
 def run_import(clip, out) -> int:
-    return import_main(["--checkpoint", str(OFFICIAL / "official_ckpt.pth"), "--clip", str(clip),
-                        "--tokenizer", str(LLAMA_TOKENIZER), "--out", str(out), "--decoder-heads", "4"])
+    return import_main(
+        [
+            "--checkpoint",
+            str(OFFICIAL / "official_ckpt.pth"),
+            "--clip",
+            str(clip),
+            "--tokenizer",
+            str(LLAMA_TOKENIZER),
+            "--out",
+            str(out),
+            "--decoder-heads",
+            "4",
+        ]
+    )
 
 
 def test_torchscript_clip_file_imports_with_its_weights(clip_state, tmp_path):
@@ -44,9 +56,11 @@ def test_torchscript_clip_file_imports_with_its_weights(clip_state, tmp_path):
     model = NXTP.from_pretrained(tmp_path / "out")
     # Truth from the inputs: every vision tensor is the checkpoint's where it has one (the trained blocks and
     # ln_post), else the CLIP file's; the frozen blocks therefore come from the TorchScript archive.
-    trained = {k.removeprefix("module.vision_encoder."): v
-               for k, v in torch.load(OFFICIAL / "official_ckpt.pth", weights_only=True)["model"].items()
-               if k.startswith("module.vision_encoder.") and k != "module.vision_encoder.proj.weight"}
+    trained = {
+        k.removeprefix("module.vision_encoder."): v
+        for k, v in torch.load(OFFICIAL / "official_ckpt.pth", weights_only=True)["model"].items()
+        if k.startswith("module.vision_encoder.") and k != "module.vision_encoder.proj.weight"
+    }
     visual = model.visual.state_dict()
     from_clip = [k for k in visual if k not in trained]
     assert "transformer.resblocks.0.attn.in_proj_weight" in from_clip and "conv1.weight" in from_clip

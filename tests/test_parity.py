@@ -33,8 +33,13 @@ def load(name):
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
     out = tmp_path_factory.mktemp("imported")
-    model = import_official(str(OFFICIAL / "official_ckpt.pth"), str(OFFICIAL / "clip_frozen.pt"), str(LLAMA_TOKENIZER),
-                            str(out), decoder_heads=4)
+    model = import_official(
+        str(OFFICIAL / "official_ckpt.pth"),
+        str(OFFICIAL / "clip_frozen.pt"),
+        str(LLAMA_TOKENIZER),
+        str(out),
+        decoder_heads=4,
+    )
     return model, out
 
 
@@ -158,13 +163,29 @@ def test_step_limit_quirk_is_fixed_by_default(model):
 def test_label_command_on_imported_checkpoint(imported):
     _, folder = imported
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    out = subprocess.run([sys.executable, "-m", "lightning_modules.cli", "label", "--checkpoint", str(folder),
-                          "--topk", "5", *[str(OFFICIAL / f) for f in IMAGES]], capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lightning_modules.cli",
+            "label",
+            "--checkpoint",
+            str(folder),
+            "--topk",
+            "5",
+            *[str(OFFICIAL / f) for f in IMAGES],
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     for i, line in enumerate(lines):
         assert [x["label"] for x in line["labels"]] == SAMPLING["top5"]["labels"][i]
-        np.testing.assert_allclose([x["prob"] for x in line["labels"]], SAMPLING["top5"]["scores_unrounded"][i], rtol=1e-4)
+        np.testing.assert_allclose(
+            [x["prob"] for x in line["labels"]], SAMPLING["top5"]["scores_unrounded"][i], rtol=1e-4
+        )
 
 
 def test_rotary_permutation_is_a_row_permutation():
@@ -182,12 +203,22 @@ def test_import_errors_name_the_keys(tmp_path):
     state["module.extra.weight"] = torch.zeros(1)
     torch.save({"model": state}, tmp_path / "bad.pth")
     with pytest.raises(ValueError) as err:
-        import_official(str(tmp_path / "bad.pth"), str(OFFICIAL / "clip_frozen.pt"), str(LLAMA_TOKENIZER),
-                        str(tmp_path / "out"), decoder_heads=4)
+        import_official(
+            str(tmp_path / "bad.pth"),
+            str(OFFICIAL / "clip_frozen.pt"),
+            str(LLAMA_TOKENIZER),
+            str(tmp_path / "out"),
+            decoder_heads=4,
+        )
     assert "extra.weight" in str(err.value)
     del state["module.extra.weight"]
     torch.save({"model": state}, tmp_path / "bad.pth")
     with pytest.raises(ValueError) as err:
-        import_official(str(tmp_path / "bad.pth"), str(OFFICIAL / "clip_frozen.pt"), str(LLAMA_TOKENIZER),
-                        str(tmp_path / "out"), decoder_heads=4)
+        import_official(
+            str(tmp_path / "bad.pth"),
+            str(OFFICIAL / "clip_frozen.pt"),
+            str(LLAMA_TOKENIZER),
+            str(tmp_path / "out"),
+            decoder_heads=4,
+        )
     assert "decoder.model.norm.weight" in str(err.value) and "q_proj" in str(err.value)

@@ -28,8 +28,17 @@ from lightning_modules.cli import main
 
 README = ROOT / "README.md"
 FENCE = re.compile(r"^```bash(?P<tags>[^\n]*)\n(?P<body>.*?)^```", re.S | re.M)
-PROJECT = ["configs", "datamodules", "experiments", "lightning_modules", "tests", "Makefile", "pyproject.toml",
-           "constraints.txt", ".venv"]
+PROJECT = [
+    "configs",
+    "datamodules",
+    "experiments",
+    "lightning_modules",
+    "tests",
+    "Makefile",
+    "pyproject.toml",
+    "constraints.txt",
+    ".venv",
+]
 
 
 def blocks() -> list[tuple[str, list[str]]]:
@@ -87,10 +96,19 @@ def trained(tmp_path_factory, shapes) -> tuple[Path, subprocess.CompletedProcess
     (root / "data" / "shapes").symlink_to(shapes)
     tokenizer = root / "tokenizer-copy"
     shutil.copytree(shapes / "tokenizer", tokenizer)
-    fit = run(fit_command(shapes, root / "logs", 6, tokenizer) + [  # later flags override earlier ones
-        "--model.semantic_metric", "true", "--test_after_fit", "true", "--trainer.val_check_interval", "3",
-        "--data.test_shards", str(shapes / "test/shard-000000.tar"),
-    ])
+    fit = run(
+        fit_command(shapes, root / "logs", 6, tokenizer)
+        + [  # later flags override earlier ones
+            "--model.semantic_metric",
+            "true",
+            "--test_after_fit",
+            "true",
+            "--trainer.val_check_interval",
+            "3",
+            "--data.test_shards",
+            str(shapes / "test/shard-000000.tar"),
+        ]
+    )
     assert fit.returncode == 0, fit.stderr[-3000:]
     shutil.rmtree(tokenizer)
     return root, fit
@@ -112,14 +130,23 @@ def test_the_run_writes_what_the_readme_lists(trained, tmp_path):
     assert checkpoint.exists()
     events = EventAccumulator(str(version)).Reload()
     scalars = set(events.Tags()["scalars"])
-    for tag in ["train/loss", "train/grad_norm", "val/loss", "val/exact_top5/f1", "val/semantic_top5/f",
-                "test/exact_top5/f1", "test/semantic_top10/recall"]:
+    for tag in [
+        "train/loss",
+        "train/grad_norm",
+        "val/loss",
+        "val/exact_top5/f1",
+        "val/semantic_top5/f",
+        "test/exact_top5/f1",
+        "test/semantic_top10/recall",
+    ]:
         assert tag in scalars, tag
     assert {"val/predictions", "attention/label_masked_mask"} <= set(events.Tags()["images"])
     assert "config/text_summary" in events.Tags()["tensors"]
     assert len(events.Scalars("train/loss")) >= 1
-    hparams = {tag: plugin_data_pb2.HParamsPluginData.FromString(content)
-               for tag, content in events.PluginTagToContent("hparams").items()}
+    hparams = {
+        tag: plugin_data_pb2.HParamsPluginData.FromString(content)
+        for tag, content in events.PluginTagToContent("hparams").items()
+    }
     assert hparams["_hparams_/session_start_info"].session_start_info.hparams["model.lr"].number_value == 2e-3
     assert "val/exact_top5/f1" in [m.name.tag for m in hparams["_hparams_/experiment"].experiment.metric_infos]
     final = json.loads((version / "metrics.json").read_text())
@@ -148,13 +175,22 @@ def test_the_run_writes_what_the_readme_lists(trained, tmp_path):
 
 @pytest.mark.slow
 def test_readme_quick_commands_work_as_written(project):
-    env = {**os.environ, "PATH": f"{project / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "PATH": f"{project / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(ROOT),
+    }
     for tag, commands in blocks():
         if tag == "quick":
             script = "\n".join(commands)
-            result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=project, env=env,
-                                    capture_output=True, text=True, timeout=600)
+            result = subprocess.run(
+                ["bash", "-euo", "pipefail", "-c", script],
+                cwd=project,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
             assert result.returncode == 0, f"{script}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
 
 

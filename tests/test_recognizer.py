@@ -13,8 +13,9 @@ def test_label_accepts_paths_pil_images_and_tensors(tmp_path):
     path = OFFICIAL / "image_0_300x200.png"
     pil = Image.open(path)
     pixels = recognizer.preprocess(pil)
-    by_path, by_bytes, by_pil, by_tensor = recognizer.label([path, path.read_bytes(), pil, pixels], topk=4,
-                                                            batch_size=2)
+    by_path, by_bytes, by_pil, by_tensor = recognizer.label(
+        [path, path.read_bytes(), pil, pixels], topk=4, batch_size=2
+    )
     for other in (by_bytes, by_pil, by_tensor):  # batch composition changes float rounding only
         assert [label for label, _ in other] == [label for label, _ in by_path]
         assert [p for _, p in other] == pytest.approx([p for _, p in by_path], rel=1e-4)

@@ -1,11 +1,11 @@
 """Checkpoints written atomically, corrupt checkpoints named, non-finite losses skipped and counted."""
 
 import lightning as L
+import lightning.fabric.plugins.io.torch_io as torch_io
 import pytest
 import torch
 from conftest import LLAMA_TOKENIZER
 
-import lightning.fabric.plugins.io.torch_io as torch_io
 from lightning_modules.checkpoint_io import AtomicCheckpointIO
 from lightning_modules.decoder import DecoderConfig
 from lightning_modules.lit_nxtp import LitNXTP
@@ -49,20 +49,41 @@ class Record(L.Callback):
 
 
 def fit_with_nan_at(steps: list[int], max_steps: int, max_nonfinite_steps: int = 10):
-    module = LitNXTP(VisionConfig(model_name="nxtp-tiny-vit", conv_stem=True),  # BatchNorm: a forward changes it
-                     DecoderConfig(config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                               num_attention_heads=4, num_key_value_heads=4)),
-                     str(LLAMA_TOKENIZER), semantic_metric=False, max_nonfinite_steps=max_nonfinite_steps, warmup=0)
+    module = LitNXTP(
+        VisionConfig(model_name="nxtp-tiny-vit", conv_stem=True),  # BatchNorm: a forward changes it
+        DecoderConfig(
+            config=dict(
+                hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4
+            )
+        ),
+        str(LLAMA_TOKENIZER),
+        semantic_metric=False,
+        max_nonfinite_steps=max_nonfinite_steps,
+        warmup=0,
+    )
     model = module.model
     size = model.visual.image_size
-    batches = [{"pixels": torch.randn(2, 3, *size), "keys": [f"s{i}a", f"s{i}b"], "skipped": {},
-                "text": collate_text([model.sequences(model.prompt, ["dog"])] * 2, model.sequences.pad_id)}
-               for i in range(max_steps)]
+    batches = [
+        {
+            "pixels": torch.randn(2, 3, *size),
+            "keys": [f"s{i}a", f"s{i}b"],
+            "skipped": {},
+            "text": collate_text([model.sequences(model.prompt, ["dog"])] * 2, model.sequences.pad_id),
+        }
+        for i in range(max_steps)
+    ]
     for step in steps:
         batches[step]["pixels"].fill_(float("nan"))
     record = Record()
-    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[record])
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[record],
+    )
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     return module, record.states
 
@@ -83,13 +104,18 @@ def test_too_many_nonfinite_steps_stop_the_run_naming_the_samples():
         fit_with_nan_at([1, 2], max_steps=4, max_nonfinite_steps=1)
 
 
-@pytest.mark.parametrize("image_size, patch_size, conv_stem, message", [
-    (70, 16, False, "image size 70x70 .* not a multiple of its patch size 16x16"),
-    (72, 12, True, "vision.conv_stem needs a power-of-two patch size, got 12"),
-])
+@pytest.mark.parametrize(
+    "image_size, patch_size, conv_stem, message",
+    [
+        (70, 16, False, "image size 70x70 .* not a multiple of its patch size 16x16"),
+        (72, 12, True, "vision.conv_stem needs a power-of-two patch size, got 12"),
+    ],
+)
 def test_an_image_size_the_tower_cannot_take_is_named(image_size, patch_size, conv_stem, message):
-    tower = {"embed_dim": 32, "vision_cfg": {"image_size": image_size, "layers": 1, "width": 32, "head_width": 16,
-                                             "patch_size": patch_size},
-             "text_cfg": {"context_length": 4, "vocab_size": 8, "width": 16, "heads": 1, "layers": 1}}
+    tower = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": image_size, "layers": 1, "width": 32, "head_width": 16, "patch_size": patch_size},
+        "text_cfg": {"context_length": 4, "vocab_size": 8, "width": 16, "heads": 1, "layers": 1},
+    }
     with pytest.raises(ValueError, match=message):
         build_vision_tower(VisionConfig(model_name="custom", config=tower, conv_stem=conv_stem))

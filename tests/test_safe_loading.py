@@ -12,8 +12,8 @@ from PIL import Image
 
 from lightning_modules import Recognizer
 from lightning_modules.checkpoint_io import AtomicCheckpointIO, UntrustedCheckpointError, load_checkpoint
-from lightning_modules.decoder import DecoderConfig
 from lightning_modules.cli.export import export_main
+from lightning_modules.decoder import DecoderConfig
 from lightning_modules.lit_nxtp import LitNXTP
 from lightning_modules.sampling import recognize
 from lightning_modules.sequence import collate_text
@@ -47,15 +47,31 @@ def assert_refused(message: str) -> None:
 def batches(module: LitNXTP, n: int = 3) -> torch.utils.data.DataLoader:
     model = module.model
     torch.manual_seed(0)
-    return torch.utils.data.DataLoader([{"pixels": torch.randn(2, 3, 64, 64), "keys": ["a", "b"], "skipped": {},
-             "text": collate_text([model.sequences(model.prompt, ["dog", "cat"])] * 2, model.sequences.pad_id)}
-            for _ in range(n)], batch_size=None)
+    return torch.utils.data.DataLoader(
+        [
+            {
+                "pixels": torch.randn(2, 3, 64, 64),
+                "keys": ["a", "b"],
+                "skipped": {},
+                "text": collate_text([model.sequences(model.prompt, ["dog", "cat"])] * 2, model.sequences.pad_id),
+            }
+            for _ in range(n)
+        ],
+        batch_size=None,
+    )
 
 
 def trainer(root: pathlib.Path, steps: int) -> L.Trainer:
-    return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, limit_val_batches=0, plugins=[AtomicCheckpointIO()],
-                     callbacks=[ModelCheckpoint(dirpath=root, save_last=True)])
+    return L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        plugins=[AtomicCheckpointIO()],
+        callbacks=[ModelCheckpoint(dirpath=root, save_last=True)],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +79,19 @@ def project_checkpoint(tmp_path_factory) -> tuple[pathlib.Path, LitNXTP]:
     """A checkpoint as the project writes it (Lightning's trainer state, optimizer, scheduler, tokenizer, RNG
     states), from a module built in Python, whose hyperparameters keep the config dataclasses."""
     root = tmp_path_factory.mktemp("ckpt")
-    module = LitNXTP(VisionConfig(model_name="nxtp-tiny-vit", conv_stem=True),
-                     DecoderConfig(config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                               num_attention_heads=4, num_key_value_heads=4)),
-                     str(LLAMA_TOKENIZER), semantic_metric=False, log_images=0, eval_topk=[1], lr=1e-3)
+    module = LitNXTP(
+        VisionConfig(model_name="nxtp-tiny-vit", conv_stem=True),
+        DecoderConfig(
+            config=dict(
+                hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4
+            )
+        ),
+        str(LLAMA_TOKENIZER),
+        semantic_metric=False,
+        log_images=0,
+        eval_topk=[1],
+        lr=1e-3,
+    )
     trainer(root, 2).fit(module, train_dataloaders=batches(module), val_dataloaders=[])
     return root / "last.ckpt", module
 

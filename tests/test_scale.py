@@ -11,9 +11,18 @@ from lightning_modules.sequence import collate_text
 from lightning_modules.vision import VisionConfig
 
 # LLaMA-2-7B's config (what meta-llama/Llama-2-7b-hf's config.json says).
-LLAMA2_7B = dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-5, vocab_size=32000,
-                 max_position_embeddings=4096, tie_word_embeddings=False)
+LLAMA2_7B = dict(
+    model_type="llama",
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    rms_norm_eps=1e-5,
+    vocab_size=32000,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+)
 
 VIT_BLOCK = 3 * 1024 * 1024 + 3 * 1024 + 1024 * 1024 + 1024 + 4096 * 1024 + 4096 + 1024 * 4096 + 1024 + 4 * 1024
 VIT_L14 = 3 * 14 * 14 * 1024 + 1024 + 257 * 1024 + 2 * 1024 + 24 * VIT_BLOCK + 2 * 1024
@@ -46,7 +55,8 @@ def test_reference_trainable_parameters(paper_model):
     model = paper_model.model
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {n for n in trainable if n.startswith("visual.transformer")} == {
-        n for n, _ in model.named_parameters() if any(f"resblocks.{i}." in n for i in range(18, 24))}
+        n for n, _ in model.named_parameters() if any(f"resblocks.{i}." in n for i in range(18, 24))
+    }
     assert "visual.conv1.weight" not in trainable and "visual.ln_post.weight" in trainable
     # the embedding matrix trains, but only its two new rows get a gradient
     embed = model.decoder.get_input_embeddings().weight
@@ -57,10 +67,18 @@ def test_reference_trainable_parameters(paper_model):
 
 
 def test_new_token_rows_are_the_only_embedding_rows_that_learn():
-    module = LitNXTP(VisionConfig(model_name="nxtp-tiny-vit"),
-                     DecoderConfig(config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                               num_attention_heads=4, num_key_value_heads=4)),
-                     str(LLAMA_TOKENIZER), trainable=["decoder.model.layers.*"], train_new_token_embeddings=True, semantic_metric=False)
+    module = LitNXTP(
+        VisionConfig(model_name="nxtp-tiny-vit"),
+        DecoderConfig(
+            config=dict(
+                hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4
+            )
+        ),
+        str(LLAMA_TOKENIZER),
+        trainable=["decoder.model.layers.*"],
+        train_new_token_embeddings=True,
+        semantic_metric=False,
+    )
     model = module.model
     seqs = [model.sequences(model.prompt, ["dog", "cat"])]
     loss, _ = model(torch.randn(1, 3, 64, 64), collate_text(seqs, model.sequences.pad_id))

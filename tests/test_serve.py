@@ -36,14 +36,21 @@ QUEUE_TIMEOUT_S = 30  # the server's --timeout (its default): no request waits t
 
 # request parsing, without a server -----------------------------------------------------------------------------
 
+
 def test_fields_are_checked_and_named():
     assert parse_fields({"topk": "5", "min_prob": "0.5"}, {"topk": 10}, text=True) == {"topk": 5, "min_prob": 0.5}
     assert parse_fields({}, {"topk": 10, "min_prob": 0.0}, text=False) == {"topk": 10, "min_prob": 0.0}
-    for fields, text, field in [({"topk": 0}, False, "topk"), ({"topk": MAX_TOPK + 1}, False, "topk"),
-                                ({"topk": True}, False, "topk"), ({"topk": 2.5}, False, "topk"),
-                                ({"topk": "x"}, True, "topk"), ({"min_prob": -0.1}, False, "min_prob"),
-                                ({"min_prob": "nan"}, True, "min_prob"), ({"vocab": []}, False, "vocab"),
-                                ({"image": "not base64!"}, False, "image")]:
+    for fields, text, field in [
+        ({"topk": 0}, False, "topk"),
+        ({"topk": MAX_TOPK + 1}, False, "topk"),
+        ({"topk": True}, False, "topk"),
+        ({"topk": 2.5}, False, "topk"),
+        ({"topk": "x"}, True, "topk"),
+        ({"min_prob": -0.1}, False, "min_prob"),
+        ({"min_prob": "nan"}, True, "min_prob"),
+        ({"vocab": []}, False, "vocab"),
+        ({"image": "not base64!"}, False, "image"),
+    ]:
         with pytest.raises(RequestError) as e:
             parse_fields(fields, {}, text)
         assert e.value.status == 400 and e.value.field == field and field in str(e.value)
@@ -64,6 +71,7 @@ def test_an_untrusted_checkpoint_is_refused_before_anything_starts(tmp_path, cap
 
 
 # the server ----------------------------------------------------------------------------------------------------
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -92,10 +100,16 @@ class Client:
 
     def multipart(self, data: bytes, filename: str, **fields):
         boundary = uuid.uuid4().hex
-        parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
-                 for k, v in fields.items()]
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
-                     f'Content-Type: application/octet-stream\r\n\r\n'.encode() + data + b"\r\n")
+        parts = [
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+            for k, v in fields.items()
+        ]
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n".encode()
+            + data
+            + b"\r\n"
+        )
         body = b"".join(parts) + f"--{boundary}--\r\n".encode()
         return self.request("POST", "/predict", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
 
@@ -131,18 +145,43 @@ def setup(tmp_path_factory):
     Image.open(OFFICIAL / "image_1_224x224.png").convert("RGB").save(images / "b.jpg")
     exif = Image.Exif()
     exif[0x0112] = 6  # stored sideways, shown upright
-    (images / "c.jpg").write_bytes(encode(ImageOps.mirror(Image.open(OFFICIAL / "image_2_180x320.png").convert("RGB")),
-                                          "JPEG", exif=exif))
+    (images / "c.jpg").write_bytes(
+        encode(ImageOps.mirror(Image.open(OFFICIAL / "image_2_180x320.png").convert("RGB")), "JPEG", exif=exif)
+    )
     rgba = Image.open(OFFICIAL / "image_0_300x200.png").convert("RGBA")
     rgba.putalpha(Image.linear_gradient("L").resize(rgba.size))
     rgba.save(images / "d.png")
     port = free_port()
-    cmd = NXTP_CLI + ["serve", "--checkpoint", str(root / "model"), "--port", str(port), "--max-batch-size", "8",
-                      "--batch-timeout", "0.3", "--topk", "4", "--max-payload-mb", "1", "--max-image-pixels", "200000",
-                      "--timeout", str(QUEUE_TIMEOUT_S), "--log-level", "warning"]
+    cmd = NXTP_CLI + [
+        "serve",
+        "--checkpoint",
+        str(root / "model"),
+        "--port",
+        str(port),
+        "--max-batch-size",
+        "8",
+        "--batch-timeout",
+        "0.3",
+        "--topk",
+        "4",
+        "--max-payload-mb",
+        "1",
+        "--max-image-pixels",
+        "200000",
+        "--timeout",
+        str(QUEUE_TIMEOUT_S),
+        "--log-level",
+        "warning",
+    ]
     log = (root / "server.log").open("w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     client = Client(port)
     deadline = time.time() + STARTUP_S
     try:
@@ -166,8 +205,21 @@ def setup(tmp_path_factory):
 def truth(root: Path, images: list[Path], topk: int, min_prob: float = 0.0) -> dict[str, list[dict]]:
     """What `nxtp label` answers for these images: {file name: labels}."""
     out = root / f"truth-{topk}-{min_prob}.jsonl"
-    code = label_main(["--checkpoint", str(root / "model"), "--topk", str(topk), "--min-prob", str(min_prob),
-                       "--workers", "0", "--output", str(out)] + [str(p) for p in images])
+    code = label_main(
+        [
+            "--checkpoint",
+            str(root / "model"),
+            "--topk",
+            str(topk),
+            "--min-prob",
+            str(min_prob),
+            "--workers",
+            "0",
+            "--output",
+            str(out),
+        ]
+        + [str(p) for p in images]
+    )
     assert code == 0
     return {Path(e["image"]).name: e["labels"] for e in map(json.loads, out.read_text().splitlines())}
 
@@ -205,7 +257,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(setup):
     probs = sorted(x["prob"] for labels in truth(root, paths, topk=5).values() for x in labels if x["prob"] > 0)
     # a min_prob that drops some labels and keeps others, far from any label's probability (batching moves
     # probabilities by float rounding): the middle of the widest gap in the middle half
-    middle = probs[len(probs) // 4: 3 * len(probs) // 4 + 1]
+    middle = probs[len(probs) // 4 : 3 * len(probs) // 4 + 1]
     low, high = max(zip(middle, middle[1:]), key=lambda pair: pair[1] / pair[0])
     cut = (low * high) ** 0.5
     options = [(3, 0.0), (5, 0.0), (5, cut), (1, 0.0)]
@@ -219,8 +271,9 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(setup):
 
     with ThreadPoolExecutor(len(jobs)) as pool:
         answers = list(pool.map(send, jobs))
-    assert all(status in (200, 422) for _, (status, _, _) in answers), \
-        [(job, status, body) for job, (status, _, body) in answers if status not in (200, 422)]
+    assert all(status in (200, 422) for _, (status, _, _) in answers), [
+        (job, status, body) for job, (status, _, body) in answers if status not in (200, 422)
+    ]
     sizes = [int(headers["X-Batch-Size"]) for _, (_, headers, _) in answers]
     assert max(sizes) > 1, sizes
     for (path, k, p), (status, _, body) in answers:
@@ -242,19 +295,31 @@ def test_bad_requests_get_4xx_json_errors_and_the_server_keeps_serving(setup):
         "too many pixels": (client.raw(big), 422, "image", "640x480 = 307200 pixels"),
         "empty body": (client.raw(b""), 400, "image", "empty body"),
         "empty upload": (client.multipart(b"", "e.png"), 400, "image", "empty file"),
-        "unknown field": (client.json({"image": base64.b64encode(good).decode(), "colour": "red"}), 400, "colour",
-                          "unknown field 'colour'"),
+        "unknown field": (
+            client.json({"image": base64.b64encode(good).decode(), "colour": "red"}),
+            400,
+            "colour",
+            "unknown field 'colour'",
+        ),
         "unknown query": (client.raw(good, "?k=3"), 400, "k", "unknown field 'k'"),
         "topk 0": (client.raw(good, "?topk=0"), 400, "topk", "topk"),
         "topk too large": (client.multipart(good, "a.png", topk=str(MAX_TOPK + 1)), 400, "topk", "topk"),
-        "topk not a number": (client.json({"image": base64.b64encode(good).decode(), "topk": "3"}), 400, "topk",
-                              "topk"),
+        "topk not a number": (
+            client.json({"image": base64.b64encode(good).decode(), "topk": "3"}),
+            400,
+            "topk",
+            "topk",
+        ),
         "min_prob above 1": (client.raw(good, "?min_prob=1.5"), 400, "min_prob", "min_prob"),
         "given twice": (client.raw(good, "?topk=3&topk=4"), 400, "topk", "given twice"),
         "bad base64": (client.json({"image": "@@@"}), 400, "image", "base64"),
         "no image in JSON": (client.json({"topk": 3}), 400, "image", "missing"),
-        "invalid JSON": (client.request("POST", "/predict", b"{", {"Content-Type": "application/json"}), 400, None,
-                         "not valid JSON"),
+        "invalid JSON": (
+            client.request("POST", "/predict", b"{", {"Content-Type": "application/json"}),
+            400,
+            None,
+            "not valid JSON",
+        ),
         "over the payload limit": (client.raw(good + bytes(1 << 20)), 413, None, "payload over the limit"),
     }
     for name, ((status, headers, body), want_status, field, words) in cases.items():

@@ -21,25 +21,38 @@ from lightning_modules.sweep import Sweep, run_name, table, trials, write_table
 
 def sweep_file(tmp_path: Path, **spec) -> Path:
     path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump({"name": "t", "config": "configs/experiment/default.yaml",
-                                    "save_dir": str(tmp_path / "logs"), **spec}))
+    path.write_text(
+        yaml.safe_dump(
+            {"name": "t", "config": "configs/experiment/default.yaml", "save_dir": str(tmp_path / "logs"), **spec}
+        )
+    )
     return path
 
 
 def test_a_grid_is_every_combination(tmp_path):
-    sweep = Sweep.load(sweep_file(tmp_path, parameters={"model.lr": [1e-3, 2e-3], "model.decoder.num_blocks": [1, 2, 4]}))
+    sweep = Sweep.load(
+        sweep_file(tmp_path, parameters={"model.lr": [1e-3, 2e-3], "model.decoder.num_blocks": [1, 2, 4]})
+    )
     runs = trials(sweep)
     assert len(runs) == 6
-    assert {(r["model.lr"], r["model.decoder.num_blocks"]) for r in runs} == {(a, b) for a in (1e-3, 2e-3) for b in (1, 2, 4)}
+    assert {(r["model.lr"], r["model.decoder.num_blocks"]) for r in runs} == {
+        (a, b) for a in (1e-3, 2e-3) for b in (1, 2, 4)
+    }
     assert len({run_name(i, r) for i, r in enumerate(runs)}) == 6
 
 
 def test_random_search_draws_within_bounds_and_repeats_with_its_seed(tmp_path):
-    spec = dict(method="random", trials=200, seed=3, parameters={
-        "model.lr": {"distribution": "log_uniform", "low": 1e-4, "high": 1e-2},
-        "model.warmup": {"distribution": "uniform", "low": 0.0, "high": 0.1},
-        "data.batch_size": {"distribution": "int_uniform", "low": 16, "high": 18},
-        "model.schedule": ["cosine", "wsd"]})
+    spec = dict(
+        method="random",
+        trials=200,
+        seed=3,
+        parameters={
+            "model.lr": {"distribution": "log_uniform", "low": 1e-4, "high": 1e-2},
+            "model.warmup": {"distribution": "uniform", "low": 0.0, "high": 0.1},
+            "data.batch_size": {"distribution": "int_uniform", "low": 16, "high": 18},
+            "model.schedule": ["cosine", "wsd"],
+        },
+    )
     runs = trials(Sweep.load(sweep_file(tmp_path, **spec)))
     assert runs == trials(Sweep.load(sweep_file(tmp_path, **spec)))
     assert runs != trials(Sweep.load(sweep_file(tmp_path, **{**spec, "seed": 4})))
@@ -52,21 +65,25 @@ def test_random_search_draws_within_bounds_and_repeats_with_its_seed(tmp_path):
     assert {r["model.schedule"] for r in runs} == {"cosine", "wsd"}
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({"parameters": {"model.lr": [1]}, "typo": 1}, "unknown keys ['typo']"),
-    ({"parameters": {"model.lr": {"distribution": "log_uniform", "low": 1, "high": 2}}}, "parameters.model.lr"),
-    ({"parameters": {"model.lr": []}}, "parameters.model.lr"),
-    ({"parameters": {"model.lr": [1]}, "method": "random"}, "needs `trials`"),
-    ({"parameters": {"model.lr": [1]}, "config": "nowhere.yaml"}, "nowhere.yaml does not exist"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"parameters": {"model.lr": [1]}, "typo": 1}, "unknown keys ['typo']"),
+        ({"parameters": {"model.lr": {"distribution": "log_uniform", "low": 1, "high": 2}}}, "parameters.model.lr"),
+        ({"parameters": {"model.lr": []}}, "parameters.model.lr"),
+        ({"parameters": {"model.lr": [1]}, "method": "random"}, "needs `trials`"),
+        ({"parameters": {"model.lr": [1]}, "config": "nowhere.yaml"}, "nowhere.yaml does not exist"),
+    ],
+)
 def test_a_bad_sweep_file_is_named(tmp_path, spec, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message.replace("[", r"\[").replace("]", r"\]")):
         Sweep.load(sweep_file(tmp_path, **spec))
 
 
 def test_the_table_sorts_finished_runs_by_the_metric_and_lists_failures(tmp_path):
-    sweep = Sweep.load(sweep_file(tmp_path, parameters={"model.decoder.num_blocks": [1, 2, 4, 8]},
-                                  metric="val/exact_top5/f1"))
+    sweep = Sweep.load(
+        sweep_file(tmp_path, parameters={"model.decoder.num_blocks": [1, 2, 4, 8]}, metric="val/exact_top5/f1")
+    )
     runs = trials(sweep)
     for index, f1 in [(0, 0.5), (1, 0.9), (2, 0.7)]:  # what `nxtp fit` writes at the end of a run
         version = sweep.folder / run_name(index, runs[index]) / "version_0"
@@ -111,20 +128,24 @@ def test_a_real_sweep_records_every_run_and_goes_on_after_a_failure(tmp_path, sh
     # The fixed settings are those of the end-to-end tests' short fit; a decoder of num_blocks=0 cannot be built.
     fixed = fit_overrides(shapes, tmp_path, 6)
     fixed.update({"trainer.val_check_interval": 3})
-    path = sweep_file(tmp_path, parameters={"model.decoder.num_blocks": [2, 0, 1]}, fixed=fixed,
-                      metric="val/loss", mode="min")
+    path = sweep_file(
+        tmp_path, parameters={"model.decoder.num_blocks": [2, 0, 1]}, fixed=fixed, metric="val/loss", mode="min"
+    )
     result = run(NXTP_CLI + ["sweep", str(path)])
     assert result.returncode == 1  # one run failed; the others ran
     folder = tmp_path / "logs" / "sweeps" / "t"
     rows = list(csv.DictReader(open(folder / "results.csv")))
     assert [r["status"] for r in rows] == ["done", "done", "failed"]
-    assert rows[-1]["model.decoder.num_blocks"] == "0" and "num_blocks=0" in (folder / "01-num_blocks=0.log").read_text()
+    assert (
+        rows[-1]["model.decoder.num_blocks"] == "0" and "num_blocks=0" in (folder / "01-num_blocks=0.log").read_text()
+    )
     assert float(rows[0]["val/loss"]) <= float(rows[1]["val/loss"])
     for row in rows[:2]:
         events = EventAccumulator(str(folder / row["run"] / "version_0")).Reload()
         assert "val/exact_top5/f1" in events.Tags()["scalars"]
         start = plugin_data_pb2.HParamsPluginData.FromString(
-            events.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
+            events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+        ).session_start_info
         assert start.hparams["model.decoder.num_blocks"].number_value == float(row["model.decoder.num_blocks"])
 
     again = run(NXTP_CLI + ["sweep", str(path)])  # finished runs are not run twice
@@ -134,10 +155,17 @@ def test_a_real_sweep_records_every_run_and_goes_on_after_a_failure(tmp_path, sh
 @pytest.mark.slow
 def test_sigterm_reaches_the_run_and_the_sweep_resumes_it(tmp_path, shapes):
     fixed = fit_overrides(shapes, tmp_path, 30)
-    path = sweep_file(tmp_path, parameters={"model.decoder.num_blocks": [1]}, fixed=fixed, metric="val/loss", mode="min")
+    path = sweep_file(
+        tmp_path, parameters={"model.decoder.num_blocks": [1]}, fixed=fixed, metric="val/loss", mode="min"
+    )
     run_dir = tmp_path / "logs" / "sweeps" / "t" / "00-num_blocks=1"
-    proc = start_until(NXTP_CLI + ["sweep", str(path)], run_dir / "version_0/checkpoints/last.ckpt",
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_until(
+        NXTP_CLI + ["sweep", str(path)],
+        run_dir / "version_0/checkpoints/last.ckpt",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode != 0 and "stopped by SIGTERM" in err

@@ -103,7 +103,9 @@ def test_layout_manifest_and_done(tiny):
     assert (tiny / "done").exists()
     assert manifest["kinds"] == list(KINDS) and manifest["seed"] == 3 and manifest["image_size"] == 64
     assert manifest["splits"]["train"] == {
-        "count": 24, "shards": ["train/shard-000000.tar", "train/shard-000001.tar", "train/shard-000002.tar"]}
+        "count": 24,
+        "shards": ["train/shard-000000.tar", "train/shard-000001.tar", "train/shard-000002.tar"],
+    }
     assert manifest["splits"]["val"]["shards"] == ["val/shard-000000.tar"]
     for split in SPLITS:
         for rel in manifest["splits"][split]["shards"]:
@@ -140,7 +142,7 @@ def test_samples_are_complete_and_splits_disjoint(tiny):
     for split in SPLITS:
         samples = read_shards(tiny, split)
         assert len(samples) == TINY[f"n_{split}"]
-        for key, sample in samples.items():
+        for sample in samples.values():
             assert set(sample) == {"jpg", "txt", "json"}
             meta = json.loads(sample["json"])
             caption = sample["txt"].decode("utf-8")
@@ -186,8 +188,22 @@ def test_tokenizer_reports_words_it_cannot_keep_whole(tmp_path):
 
 
 def test_cli_and_preview(tmp_path, capsys):
-    synthetic.main(["--out", str(tmp_path / "cli"), "--train", "6", "--val", "2", "--test", "2", "--workers", "1",
-                    "--preview", str(tmp_path / "preview.png")])
+    synthetic.main(
+        [
+            "--out",
+            str(tmp_path / "cli"),
+            "--train",
+            "6",
+            "--val",
+            "2",
+            "--test",
+            "2",
+            "--workers",
+            "1",
+            "--preview",
+            str(tmp_path / "preview.png"),
+        ]
+    )
     assert "dataset:" in capsys.readouterr().out and (tmp_path / "cli" / "done").exists()
     tokenizer_main(["--data", str(tmp_path / "cli")])  # the second step of `make data`
     assert "tokenizer:" in capsys.readouterr().out and (tmp_path / "cli" / "tokenizer" / "tokenizer.json").exists()

@@ -14,8 +14,15 @@ from lightning_modules.cli.label import label_main
 from lightning_modules.masking import prefix_attention
 from lightning_modules.recognizer import Recognizer
 from lightning_modules.sampling import decode_branches, recognize
-from lightning_modules.vocabulary import (LabelMapper, Vocabulary, VocabularyError, VocabularyScore, score_vocabulary,
-                                          tokenize, vocabulary_targets)
+from lightning_modules.vocabulary import (
+    LabelMapper,
+    Vocabulary,
+    VocabularyError,
+    VocabularyScore,
+    score_vocabulary,
+    tokenize,
+    vocabulary_targets,
+)
 
 NAMES = ["dog", "cat", "traffic light", "a.", "hot-dog stand", "b", "sofa", "couch", "zebra crossing", "x y z"]
 
@@ -33,7 +40,7 @@ def peaked_model(seed: int = 5, **kwargs):
     the tokens of its labels: probabilities far from 0 (a 32k-token uniform guess gives 1e-5 per token)."""
     model = tiny_nxtp(seed=seed, **kwargs)
     seqs = model.sequences
-    tokens = sorted({t for n in NAMES for t in seqs(model.prompt, [n]).ids[len(seqs.prompt_ids(model.prompt)):]})
+    tokens = sorted({t for n in NAMES for t in seqs(model.prompt, [n]).ids[len(seqs.prompt_ids(model.prompt)) :]})
     head = model.decoder.get_output_embeddings()
     biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
     with torch.no_grad():
@@ -55,13 +62,13 @@ def brute_force(model, pixels, name: str) -> torch.Tensor:
     product of the softmax probabilities of every name token and of the delimiter."""
     seqs = model.sequences
     head = seqs.prompt_ids(model.prompt)
-    label = seqs(model.prompt, [name]).ids[len(head):-1] + [seqs.delimiter_id]  # training's ids, any layout
+    label = seqs(model.prompt, [name]).ids[len(head) : -1] + [seqs.delimiter_id]  # training's ids, any layout
     text = torch.tensor(head + label[:-1]).expand(len(pixels), -1)
     image = model.embed_images(pixels)
     length = image.shape[1] + text.shape[1]
     mask = prefix_attention(image.shape[1], text.shape[1]).expand(len(pixels), -1, -1, -1)
     hidden = model.hidden_states(image, text, mask, torch.arange(length).expand(len(pixels), -1))
-    probs = model.logits(hidden[:, length - len(label):]).double().softmax(-1)
+    probs = model.logits(hidden[:, length - len(label) :]).double().softmax(-1)
     return probs[:, torch.arange(len(label)), torch.tensor(label)].prod(1)
 
 
@@ -102,7 +109,7 @@ def single_branch_labels(model, x, topk: int):
             if not label:  # the reference's ranking keeps empty labels
                 continue
             same = [b for b, t in zip(image_branches, texts) if t == label]
-            ids = seqs(model.prompt, [label]).ids[len(seqs.prompt_ids(model.prompt)):-1]
+            ids = seqs(model.prompt, [label]).ids[len(seqs.prompt_ids(model.prompt)) : -1]
             if len(same) == 1 and same[0].tokens == ids and same[0].stop_prob is not None:
                 found.append((i, label, p))
     return found
@@ -128,8 +135,9 @@ def test_recognizer_score_topk_min_prob(model):
     recognizer = Recognizer(model)
     image = OFFICIAL / "image_0_300x200.png"
     (full,) = recognizer.score([image], NAMES)
-    assert sorted(l for l, _ in full) == sorted(NAMES) and [p for _, p in full] == sorted((p for _, p in full),
-                                                                                          reverse=True)
+    assert sorted(l for l, _ in full) == sorted(NAMES) and [p for _, p in full] == sorted(
+        (p for _, p in full), reverse=True
+    )
     want = brute_force(model, recognizer.preprocess(image)[None], full[0][0]).item()
     assert full[0][1] == pytest.approx(want, rel=1e-4)
     (top,) = recognizer.score(image, NAMES, topk=3, min_prob=full[1][1])
@@ -155,25 +163,31 @@ def test_vocabulary_files(tmp_path):
     assert [e.names for e in Vocabulary.from_file(jsl).entries] == [("dog",), ("sofa", "couch")]
 
 
-@pytest.mark.parametrize("name,content,match", [
-    ("empty.txt", "", "empty.txt: the vocabulary has no entries"),
-    ("blank.txt", "\n  \n\t\n", "blank.txt: the vocabulary has no entries"),
-    ("bad.json", '[\n"dog",\n', r"bad.json line \d+: not valid JSON"),
-    ("noname.json", '[{"synonyms": ["x"]}]', "noname.json entry 1: an entry object needs a 'name'"),
-    ("blankname.json", '["dog", ["cat", " "]]', "blankname.json entry 2: the entry has a blank name"),
-    ("number.jsonl", '"dog"\n7\n', "number.jsonl line 2: a name must be a string"),
-])
+@pytest.mark.parametrize(
+    "name,content,match",
+    [
+        ("empty.txt", "", "empty.txt: the vocabulary has no entries"),
+        ("blank.txt", "\n  \n\t\n", "blank.txt: the vocabulary has no entries"),
+        ("bad.json", '[\n"dog",\n', r"bad.json line \d+: not valid JSON"),
+        ("noname.json", '[{"synonyms": ["x"]}]', "noname.json entry 1: an entry object needs a 'name'"),
+        ("blankname.json", '["dog", ["cat", " "]]', "blankname.json entry 2: the entry has a blank name"),
+        ("number.jsonl", '"dog"\n7\n', "number.jsonl line 2: a name must be a string"),
+    ],
+)
 def test_bad_vocabulary_files(tmp_path, name, content, match):
     (tmp_path / name).write_text(content)
     with pytest.raises(VocabularyError, match=match):
         Vocabulary.from_file(tmp_path / name)
 
 
-@pytest.mark.parametrize("line,match", [
-    ("hot dog, frankfurter", "contains the delimiter token"),
-    ("</s>", r"tokenizes to special tokens \['</s>'\]"),
-    ("<|image|>", "tokenizes to special tokens"),
-])
+@pytest.mark.parametrize(
+    "line,match",
+    [
+        ("hot dog, frankfurter", "contains the delimiter token"),
+        ("</s>", r"tokenizes to special tokens \['</s>'\]"),
+        ("<|image|>", "tokenizes to special tokens"),
+    ],
+)
 def test_untokenizable_names_name_their_line(model, tmp_path, line, match):
     path = tmp_path / "v.txt"
     path.write_text(f"dog\ncat\n{line}\n")
@@ -219,8 +233,15 @@ def mapper():
 
 def test_mapping_by_name_wordnet_and_embedding(mapper):
     got = mapper.map_labels(["Dog", "puppy", "hound", "automobile", "doggy", "pine", "xqzv"])
-    assert got == [(0, "name"), (0, "wordnet"), (0, "wordnet"), (1, "wordnet"), (0, "wordnet"), (3, "wordnet"),
-                   (None, "none")]
+    assert got == [
+        (0, "name"),
+        (0, "wordnet"),
+        (0, "wordnet"),
+        (1, "wordnet"),
+        (0, "wordnet"),
+        (3, "wordnet"),
+        (None, "none"),
+    ]
     embedding_only = LabelMapper(mapper.vocabulary, threshold=0.7, by=["embedding"])
     assert embedding_only.map_labels(["puppy", "xqzv"]) == [(0, "embedding"), (None, "none")]
     # The similarity the threshold is compared with, computed here by hand: puppy/dog is about 0.80.
@@ -288,7 +309,7 @@ def test_metric_against_brute_force():
     scores, targets = metric_data()
     metric = VocabularyScore(6, threshold=0.5)
     for start in range(0, 40, 16):
-        metric.update(scores[start:start + 16], targets[start:start + 16])
+        metric.update(scores[start : start + 16], targets[start : start + 16])
     got = {k: v.item() for k, v in metric.compute().items()}
     assert got == pytest.approx(brute_metric(scores, targets, 0.5), abs=1e-6)
     assert brute_ap([0.9, 0.5, 0.5, 0.1], [True, False, True, False]) == pytest.approx(1 * 0.5 + 0.5 * 2 / 3)
@@ -303,8 +324,9 @@ def test_metric_targets_and_empty():
 
 
 def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
     try:
         scores, targets = metric_data()
         metric = VocabularyScore(6, threshold=0.5)
@@ -334,20 +356,37 @@ def test_validation_reports_closed_set_scores_over_the_eval_vocabulary(tmp_path,
 
     (tmp_path / "classes.txt").write_text("dog\ncat\n")
     torch.manual_seed(0)
-    decoder = DecoderConfig(config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256))
-    module = LitNXTP(VisionConfig(model_name="nxtp-tiny-vit"), decoder, str(llama_tokenizer_dir), semantic_metric=False,
-                     eval_vocabulary=str(tmp_path / "classes.txt"), eval_vocabulary_threshold=0.1).eval()
+    decoder = DecoderConfig(
+        config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=256,
+        )
+    )
+    module = LitNXTP(
+        VisionConfig(model_name="nxtp-tiny-vit"),
+        decoder,
+        str(llama_tokenizer_dir),
+        semantic_metric=False,
+        eval_vocabulary=str(tmp_path / "classes.txt"),
+        eval_vocabulary_threshold=0.1,
+    ).eval()
     pixels = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        module._evaluate_vocabulary({"pixels": pixels, "labels": [["dog"], ["cat"]]},
-                                    [[("dog", 0.5), ("cat", 0.05)], [("dog", 0.3)]])
+        module._evaluate_vocabulary(
+            {"pixels": pixels, "labels": [["dog"], ["cat"]]}, [[("dog", 0.5), ("cat", 0.05)], [("dog", 0.3)]]
+        )
     mapped = module.metrics["vocab_mapped"].compute()
     # dog: scores 0.5 / 0.3, only image 0 has it: AP 1; cat: scores 0.05 / 0 and image 1 has it: AP 1/2.
     assert float(mapped["map"]) == pytest.approx(0.75)
     assert float(mapped["f1"]) == pytest.approx(0.5)  # image 0: {dog} right; image 1: {dog}, wrong
     expected = VocabularyScore(2, 0.1)
     with torch.no_grad():
-        expected.update(score_vocabulary(module.model, pixels, module.vocabulary).float(), torch.tensor([[1., 0.], [0., 1.]]))
+        expected.update(
+            score_vocabulary(module.model, pixels, module.vocabulary).float(), torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        )
     for key, value in expected.compute().items():
         assert float(module.metrics["vocab_scored"].compute()[key]) == pytest.approx(float(value)), key

@@ -20,9 +20,35 @@ from lightning_modules.nxtp import NXTP
 from lightning_modules.vision import VisionConfig
 
 # Abbreviations, HTML entities, emoji, other scripts, newlines and tabs, hashtags, a very long caption.
-LONG = " ".join(f"a {noun} next to" for noun in ["dog", "cat", "horse", "table", "chair", "lamp", "window", "door",
-                                                   "tree", "car", "boat", "bridge", "river", "house", "road", "bird",
-                                                   "flower", "cloud", "mountain", "lake"] * 30) + " a fence."
+LONG = (
+    " ".join(
+        f"a {noun} next to"
+        for noun in [
+            "dog",
+            "cat",
+            "horse",
+            "table",
+            "chair",
+            "lamp",
+            "window",
+            "door",
+            "tree",
+            "car",
+            "boat",
+            "bridge",
+            "river",
+            "house",
+            "road",
+            "bird",
+            "flower",
+            "cloud",
+            "mountain",
+            "lake",
+        ]
+        * 30
+    )
+    + " a fence."
+)
 WEB_CAPTIONS = [
     "Dr. Jones and a nurse in the hallway",
     "Mr. & Mrs. Smith at St. Mary's church, Jan. 5th",
@@ -63,8 +89,16 @@ def shard(tmp_path_factory) -> str:
 
 def model_with(tokenizer: str, **kwargs) -> NXTP:
     torch.manual_seed(0)
-    decoder = DecoderConfig(config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                                        num_key_value_heads=4, max_position_embeddings=4096))
+    decoder = DecoderConfig(
+        config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=4096,
+        )
+    )
     return NXTP(VisionConfig(model_name="nxtp-tiny-vit"), decoder, tokenizer, prompt=PROMPT, **kwargs).eval()
 
 
@@ -114,7 +148,9 @@ def test_the_merge_is_real_under_llama2():
     assert ".," in model.tokenizer.convert_ids_to_tokens(whole_text_ids(model, ["dr.", "jones"]))
     built = model.sequences(PROMPT, ["dr.", "jones"])
     assert model.tokenizer.convert_ids_to_tokens(built.ids[built.label_ends[0] - 1 : built.label_ends[0] + 1]) == [
-        ".", ","]
+        ".",
+        ",",
+    ]
 
 
 def test_labels_that_cannot_be_a_block_are_errors(tokenizer_dir):

@@ -26,5 +26,15 @@ from .drawing import COLORS, KINDS, plural
 from .scenes import draw_scene, render_preview, sample_seed
 from .shards import SPLITS, build_dataset, iter_split_metadata, main
 
-__all__ = ["COLORS", "KINDS", "SPLITS", "build_dataset", "draw_scene", "iter_split_metadata", "main", "plural",
-           "render_preview", "sample_seed"]
+__all__ = [
+    "COLORS",
+    "KINDS",
+    "SPLITS",
+    "build_dataset",
+    "draw_scene",
+    "iter_split_metadata",
+    "main",
+    "plural",
+    "render_preview",
+    "sample_seed",
+]

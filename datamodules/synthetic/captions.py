@@ -10,7 +10,6 @@ from datamodules.labels import extract_labels
 from .drawing import _BARE_COLORS, _HYPHEN_KINDS, plural
 from .layout import _Group
 
-
 _NUMBERS = {2: "two", 3: "three", 4: "four", 5: "five"}
 # No "little": "a little" is read as an adverb phrase.
 _SIZE_WORDS = {"small": ("small", "tiny"), "large": ("big", "large")}
@@ -110,7 +109,9 @@ def _plain_caption(groups: list[_Group]) -> str:
     parts = []
     for g in groups:
         n = len(g.members)
-        parts.append(f"{_article(g.kind).capitalize()} {g.kind}." if n == 1 else f"{_NUMBERS[n].capitalize()} {plural(g.kind)}.")
+        parts.append(
+            f"{_article(g.kind).capitalize()} {g.kind}." if n == 1 else f"{_NUMBERS[n].capitalize()} {plural(g.kind)}."
+        )
     return " ".join(parts)
 
 

@@ -12,7 +12,6 @@ from functools import lru_cache
 
 from PIL import Image, ImageChops, ImageDraw
 
-
 # Drawing happens at this multiple of the output size, then LANCZOS downsampling
 # gives clean anti-aliased edges at 64 px.
 _SUPERSAMPLE = 2
@@ -114,7 +113,13 @@ def _sun(p: _Pen) -> None:
     p.ellipse(0.5, 0.5, 0.25)
     for i in range(8):
         a = i * math.pi / 4
-        p.line([(0.5 + 0.32 * math.cos(a), 0.5 + 0.32 * math.sin(a)), (0.5 + 0.48 * math.cos(a), 0.5 + 0.48 * math.sin(a))], 0.11)
+        p.line(
+            [
+                (0.5 + 0.32 * math.cos(a), 0.5 + 0.32 * math.sin(a)),
+                (0.5 + 0.48 * math.cos(a), 0.5 + 0.48 * math.sin(a)),
+            ],
+            0.11,
+        )
 
 
 def _moon(p: _Pen) -> None:
@@ -364,7 +369,6 @@ def _shade(c: RGB, f: float) -> RGB:
 
 def _jitter(c: RGB, rng: random.Random, amount: int = 14) -> RGB:
     return tuple(min(255, max(0, v + rng.randint(-amount, amount))) for v in c)  # type: ignore[return-value]
-
 
 
 def _hsv(h: float, s: float, v: float) -> RGB:

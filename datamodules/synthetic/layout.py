@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageChops, ImageFilter
 
-from .drawing import COLORS, KINDS, RGB, _KINDS, _Pen, _SUPERSAMPLE, _jitter, _luma, _shade
+from .drawing import _KINDS, _SUPERSAMPLE, COLORS, KINDS, RGB, _jitter, _luma, _Pen, _shade
 
 
 @dataclass

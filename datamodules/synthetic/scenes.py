@@ -59,7 +59,6 @@ def render_preview(path: str | Path, seed: int = 0, image_size: int = 64, n: int
     return path
 
 
-
 def sample_seed(seed: int, split: str, index: int) -> int:
     """Seed of one sample, derived from (seed, split, index) with a stable hash."""
     digest = hashlib.blake2b(f"{seed}/{split}/{index}".encode(), digest_size=8).digest()

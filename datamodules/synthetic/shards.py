@@ -21,7 +21,6 @@ from datamodules.labels import extract_labels
 from .drawing import KINDS
 from .scenes import draw_scene, render_preview, sample_seed
 
-
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 _JPEG_QUALITY = 90
@@ -156,7 +155,6 @@ def iter_split_metadata(root: str | Path, split: str) -> Iterator[dict[str, Any]
                     yield json.load(tar.extractfile(member))  # type: ignore[arg-type]
 
 
-
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point: build the dataset and/or write a preview grid."""
     parser = argparse.ArgumentParser(description="Build the synthetic scenes as WebDataset shards.")
@@ -189,4 +187,3 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         n = args.train + args.val + args.test
         print(f"dataset: {out} ({n} samples, {len(KINDS)} kinds) in {time.perf_counter() - t0:.1f} s")
-

@@ -20,7 +20,8 @@ import webdataset as wds
 
 
 def convert(images: Path, captions: Path, out: Path, per_image: bool = False, samples_per_shard: int = 5000) -> dict:
-    """Write the shards and return counts: ``samples``, ``shards`` and ``missing_images`` (skipped, named in a warning)."""
+    """Write the shards and return counts: ``samples``, ``shards`` and ``missing_images`` (skipped, named in a
+    warning)."""
     data = json.loads(captions.read_text())
     files = {img["id"]: img["file_name"] for img in data["images"]}
     by_image: dict[int, list[str]] = defaultdict(list)

@@ -25,7 +25,11 @@ COMMANDS = {
     "label": (".label", "label_main", "name the objects in image files (JSON lines or CSV)"),
     "export": (".export", "export_main", "write a checkpoint as safetensors (pickle-free) or ONNX"),
     "sweep": (".sweep", "sweep_main", "run a hyper-parameter sweep here or as a SLURM array"),
-    "import-official": (".import_official", "import_main", "convert a released NXTP checkpoint (.pth) to a model folder"),
+    "import-official": (
+        ".import_official",
+        "import_main",
+        "convert a released NXTP checkpoint (.pth) to a model folder",
+    ),
     "serve": (".serve", "serve_main", "an HTTP server that labels images, with dynamic batching (LitServe)"),
 }
 
@@ -34,8 +38,10 @@ def usage() -> str:
     """``nxtp --help``: every subcommand with a line each."""
     width = max(map(len, COMMANDS))
     lines = [f"  {name:<{width}}  {text}" for name, (_, _, text) in COMMANDS.items()]
-    return ("usage: nxtp COMMAND [options]   (nxtp COMMAND --help for its options)\n\n"
-            "Object recognition as next-token prediction.\n\ncommands:\n" + "\n".join(lines))
+    return (
+        "usage: nxtp COMMAND [options]   (nxtp COMMAND --help for its options)\n\n"
+        "Object recognition as next-token prediction.\n\ncommands:\n" + "\n".join(lines)
+    )
 
 
 def main() -> None:

@@ -16,9 +16,12 @@ def export_main(argv: list[str]) -> int:
     parser.add_argument("--format", choices=["safetensors", "onnx"], default="safetensors")
     parser.add_argument("--out", required=True, help="folder to write")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset version")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="let a .ckpt's pickle create any Python object, which can run code: only for files you "
-                             "trust (by default only what the project's own checkpoints contain is loaded)")
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="let a .ckpt's pickle create any Python object, which can run code: only for files you "
+        "trust (by default only what the project's own checkpoints contain is loaded)",
+    )
     args = parser.parse_args(argv)
 
     try:

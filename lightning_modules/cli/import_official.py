@@ -14,8 +14,12 @@ def import_main(argv: list[str]) -> int:
     """``nxtp import-official``."""
     parser = argparse.ArgumentParser(prog="nxtp import-official", description=official.__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="official ckpt_epoch_03_iter_*.pth")
-    parser.add_argument("--clip", default="openai", help="'openai' (downloaded by open_clip), or an OpenAI CLIP "
-                        "file: OpenAI's TorchScript archive (ViT-L-14.pt) or a state dict with OpenAI's key names")
+    parser.add_argument(
+        "--clip",
+        default="openai",
+        help="'openai' (downloaded by open_clip), or an OpenAI CLIP "
+        "file: OpenAI's TorchScript archive (ViT-L-14.pt) or a state dict with OpenAI's key names",
+    )
     parser.add_argument("--tokenizer", required=True, help="LLaMA-2 tokenizer name or folder")
     parser.add_argument("--out", required=True, help="output folder (model.safetensors, config.yaml, tokenizer/)")
     parser.add_argument("--vision-heads", type=int, default=None, help="default: width / 64")
@@ -23,7 +27,15 @@ def import_main(argv: list[str]) -> int:
     parser.add_argument("--decoder-norm-eps", type=float, default=1e-5)
     parser.add_argument("--reference-compat", action="store_true", help="reproduce the reference's quirks")
     args = parser.parse_args(argv)
-    import_official(args.checkpoint, args.clip, args.tokenizer, args.out, args.vision_heads, args.decoder_heads,
-                    args.decoder_norm_eps, args.reference_compat)
+    import_official(
+        args.checkpoint,
+        args.clip,
+        args.tokenizer,
+        args.out,
+        args.vision_heads,
+        args.decoder_heads,
+        args.decoder_norm_eps,
+        args.reference_compat,
+    )
     print(f"wrote {Path(args.out).resolve()}")
     return 0

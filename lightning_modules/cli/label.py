@@ -42,8 +42,13 @@ class ImageFiles(torch.utils.data.Dataset):
     ``max_image_pixels``, large JPEGs decoded at reduced scale for a tower of ``input_size``, None: full scale);
     an unreadable file yields its error instead of pixels."""
 
-    def __init__(self, paths: list[Path], transform, max_image_pixels: int = MAX_IMAGE_PIXELS,
-                 input_size: int | tuple[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        paths: list[Path],
+        transform,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
+        input_size: int | tuple[int, int] | None = None,
+    ) -> None:
         self.paths, self.transform = paths, transform
         self.max_image_pixels, self.input_size = max_image_pixels, input_size
 
@@ -72,8 +77,11 @@ class LabelWriter:
             rows = [[image, label, prob, ""] for label, prob in labels or []] or [[image, "", "", error or ""]]
             self.csv.writerows(rows)
         else:
-            entry = {"image": image, "error": error} if error else \
-                {"image": image, "labels": [{"label": l, "prob": p} for l, p in labels]}
+            entry = (
+                {"image": image, "error": error}
+                if error
+                else {"image": image, "labels": [{"label": l, "prob": p} for l, p in labels]}
+            )
             self.stream.write(json.dumps(entry) + "\n")
         self.stream.flush()
 
@@ -85,46 +93,90 @@ class LabelWriter:
 def label_main(argv: list[str]) -> int:
     """``nxtp label``: labels sorted by probability for every image, as JSON lines (default) or CSV."""
     parser = argparse.ArgumentParser(prog="nxtp label", description="Name the objects in images.")
-    parser.add_argument("--checkpoint", required=True,
-                        help="a Lightning checkpoint (.ckpt) written by `nxtp fit`, or a folder written by "
-                             "`nxtp export` / `nxtp import-official`")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="let a .ckpt's pickle create any Python object, which can run code: only for files you "
-                             "trust (by default only what the project's own checkpoints contain is loaded)")
-    parser.add_argument("--topk", type=int, help="first tokens to branch from (at most this many labels; default 10); "
-                                                  "with --vocabulary, the most probable entries to print (default all)")
-    parser.add_argument("--min-prob", type=float, default=0.0,
-                        help="drop labels below this probability (with --map-to: after mapping)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a Lightning checkpoint (.ckpt) written by `nxtp fit`, or a folder written by "
+        "`nxtp export` / `nxtp import-official`",
+    )
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="let a .ckpt's pickle create any Python object, which can run code: only for files you "
+        "trust (by default only what the project's own checkpoints contain is loaded)",
+    )
+    parser.add_argument(
+        "--topk",
+        type=int,
+        help="first tokens to branch from (at most this many labels; default 10); "
+        "with --vocabulary, the most probable entries to print (default all)",
+    )
+    parser.add_argument(
+        "--min-prob", type=float, default=0.0, help="drop labels below this probability (with --map-to: after mapping)"
+    )
     closed = parser.add_mutually_exclusive_group()
-    closed.add_argument("--vocabulary", metavar="FILE",
-                        help="score every entry of this vocabulary exactly instead of naming objects freely: one label "
-                             "per line, or .json / .jsonl entries {\"name\": ..., \"synonyms\": [...]}")
-    closed.add_argument("--map-to", metavar="FILE", help="name objects freely, then map each label onto an entry of "
-                                                         "this vocabulary (same file formats), summing probabilities")
-    parser.add_argument("--map-by", nargs="+", choices=["wordnet", "embedding"],
-                        help="--map-to: how a label that is no entry's name is mapped, in this order (default both; "
-                             "WordNet where its noun data is found: `python -m nltk.downloader wordnet`)")
-    parser.add_argument("--map-threshold", type=float, default=0.6,
-                        help="--map-to: the least sentence-embedding cosine similarity that maps a label")
-    parser.add_argument("--keep-unmapped", action="store_true",
-                        help="--map-to: keep labels that map to no entry (default: drop them)")
-    parser.add_argument("--chunk-tokens", type=int, default=2048,
-                        help="--vocabulary: the most vocabulary tokens in one forward over a batch (lower it to save "
-                             "memory)")
-    parser.add_argument("--attention-maps", metavar="DIR",
-                        help="also write where each label looks: per image and label a PNG overlay, the patch grid "
-                             "(.npy) and a JSON file, in DIR")
-    parser.add_argument("--attention-method", choices=METHODS, default=DEFAULT_METHOD,
-                        help="how the map is made (default: gradient-weighted attention; head: one decoder head)")
+    closed.add_argument(
+        "--vocabulary",
+        metavar="FILE",
+        help="score every entry of this vocabulary exactly instead of naming objects freely: one label "
+        'per line, or .json / .jsonl entries {"name": ..., "synonyms": [...]}',
+    )
+    closed.add_argument(
+        "--map-to",
+        metavar="FILE",
+        help="name objects freely, then map each label onto an entry of "
+        "this vocabulary (same file formats), summing probabilities",
+    )
+    parser.add_argument(
+        "--map-by",
+        nargs="+",
+        choices=["wordnet", "embedding"],
+        help="--map-to: how a label that is no entry's name is mapped, in this order (default both; "
+        "WordNet where its noun data is found: `python -m nltk.downloader wordnet`)",
+    )
+    parser.add_argument(
+        "--map-threshold",
+        type=float,
+        default=0.6,
+        help="--map-to: the least sentence-embedding cosine similarity that maps a label",
+    )
+    parser.add_argument(
+        "--keep-unmapped", action="store_true", help="--map-to: keep labels that map to no entry (default: drop them)"
+    )
+    parser.add_argument(
+        "--chunk-tokens",
+        type=int,
+        default=2048,
+        help="--vocabulary: the most vocabulary tokens in one forward over a batch (lower it to save memory)",
+    )
+    parser.add_argument(
+        "--attention-maps",
+        metavar="DIR",
+        help="also write where each label looks: per image and label a PNG overlay, the patch grid "
+        "(.npy) and a JSON file, in DIR",
+    )
+    parser.add_argument(
+        "--attention-method",
+        choices=METHODS,
+        default=DEFAULT_METHOD,
+        help="how the map is made (default: gradient-weighted attention; head: one decoder head)",
+    )
     parser.add_argument("--attention-layer", type=int, default=-1, help="--attention-method head: the decoder layer")
     parser.add_argument("--attention-head", type=int, default=0, help="--attention-method head: the head")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers that read and preprocess images")
-    parser.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
-                        help="refuse larger images (width x height, read from the header), as data.max_image_pixels")
-    parser.add_argument("--no-draft", action="store_true",
-                        help="decode large JPEGs at full scale (slower; by default they are decoded at 1/2-1/8 "
-                             "scale, never below twice the tower's input)")
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=MAX_IMAGE_PIXELS,
+        help="refuse larger images (width x height, read from the header), as data.max_image_pixels",
+    )
+    parser.add_argument(
+        "--no-draft",
+        action="store_true",
+        help="decode large JPEGs at full scale (slower; by default they are decoded at 1/2-1/8 "
+        "scale, never below twice the tower's input)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", choices=["32", "bf16", "16"], default="32", help="autocast dtype")
     parser.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
@@ -143,15 +195,20 @@ def label_main(argv: list[str]) -> int:
 
     from datamodules.labels import NLTKDataError
 
+    from ..attention_maps import pixels_to_image, write_maps
     from ..checkpoint_io import UntrustedCheckpointError
     from ..recognizer import Recognizer
-    from ..attention_maps import pixels_to_image, write_maps
     from ..vocabulary import LabelMapper, Vocabulary, VocabularyError
 
     try:  # a bad vocabulary fails before the model loads, naming its file and line
         vocabulary = Vocabulary.from_file(args.vocabulary or args.map_to) if args.vocabulary or args.map_to else None
-        recognizer = Recognizer.from_checkpoint(args.checkpoint, args.device, trust=args.trust_checkpoint,
-                                                max_image_pixels=args.max_image_pixels, draft=not args.no_draft)
+        recognizer = Recognizer.from_checkpoint(
+            args.checkpoint,
+            args.device,
+            trust=args.trust_checkpoint,
+            max_image_pixels=args.max_image_pixels,
+            draft=not args.no_draft,
+        )
         if args.vocabulary:
             vocabulary = recognizer.tokenize(vocabulary)
         elif args.map_to:
@@ -176,19 +233,28 @@ def label_main(argv: list[str]) -> int:
         with torch.autocast(torch.device(args.device).type, dtype=dtype, enabled=dtype is not None):
             pixels = [pixels for _, pixels, _ in good]
             if args.vocabulary:
-                results = recognizer.score(pixels, vocabulary, args.topk, args.min_prob, args.batch_size,
-                                           args.chunk_tokens)
+                results = recognizer.score(
+                    pixels, vocabulary, args.topk, args.min_prob, args.batch_size, args.chunk_tokens
+                )
             elif args.map_to:
-                results = recognizer.map_labels(pixels, mapper, args.topk or 10, args.min_prob, args.keep_unmapped,
-                                                args.batch_size)
+                results = recognizer.map_labels(
+                    pixels, mapper, args.topk or 10, args.min_prob, args.keep_unmapped, args.batch_size
+                )
             else:
-                results = recognizer.label(pixels, topk=args.topk or 10, min_prob=args.min_prob,
-                                           batch_size=args.batch_size)
+                results = recognizer.label(
+                    pixels, topk=args.topk or 10, min_prob=args.min_prob, batch_size=args.batch_size
+                )
         for (path, _, _), labels in zip(good, results):
             writer.write(path, labels)
         if args.attention_maps:  # the maps of the labels just written, teacher-forced (autograd for gradient maps)
-            maps = recognizer.explain(pixels, [[label for label, _ in r] for r in results], args.attention_method,
-                                      args.attention_layer, args.attention_head, batch_size=args.batch_size)
+            maps = recognizer.explain(
+                pixels,
+                [[label for label, _ in r] for r in results],
+                args.attention_method,
+                args.attention_layer,
+                args.attention_head,
+                batch_size=args.batch_size,
+            )
             for (path, image, _), label_maps in zip(good, maps):
                 write_maps(args.attention_maps, Path(path).stem, pixels_to_image(recognizer.model, image), label_maps)
     writer.close()

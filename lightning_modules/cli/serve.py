@@ -1,7 +1,7 @@
 """``nxtp serve``: an HTTP server that labels images, on LitServe with dynamic batching (see ``serving``).
 
-    nxtp serve --checkpoint CKPT.ckpt [--port 8000] [--max-batch-size 16 --batch-timeout 0.01]
-    curl --data-binary @cat.jpg 'http://127.0.0.1:8000/predict?topk=5'
+nxtp serve --checkpoint CKPT.ckpt [--port 8000] [--max-batch-size 16 --batch-timeout 0.01]
+curl --data-binary @cat.jpg 'http://127.0.0.1:8000/predict?topk=5'
 """
 
 from __future__ import annotations
@@ -26,34 +26,60 @@ def accelerator_devices(device: str) -> tuple[str, int | list[int] | str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nxtp serve", description="Serve the recognizer over HTTP: POST an image "
-                                     "to /predict, get its labels as `nxtp label` writes them.")
-    parser.add_argument("--checkpoint", required=True, help="a .ckpt written by `nxtp fit`, or a folder written by "
-                                                            "`nxtp export` / `nxtp import-official`")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="let a .ckpt's pickle create any Python object, which can run code: only for files you "
-                             "trust (as for `nxtp label`)")
-    parser.add_argument("--host", default="127.0.0.1", choices=["127.0.0.1", "0.0.0.0", "::"],
-                        help="interface to listen on (0.0.0.0 or :: open the server to other machines)")
+    parser = argparse.ArgumentParser(
+        prog="nxtp serve",
+        description="Serve the recognizer over HTTP: POST an image "
+        "to /predict, get its labels as `nxtp label` writes them.",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a .ckpt written by `nxtp fit`, or a folder written by `nxtp export` / `nxtp import-official`",
+    )
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="let a .ckpt's pickle create any Python object, which can run code: only for files you "
+        "trust (as for `nxtp label`)",
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        choices=["127.0.0.1", "0.0.0.0", "::"],
+        help="interface to listen on (0.0.0.0 or :: open the server to other machines)",
+    )
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--device", default="cpu", help="cpu, cuda (every GPU), cuda:1, cuda:0,1, mps or auto")
     parser.add_argument("--precision", choices=["32", "bf16", "16"], default="32", help="autocast dtype")
     parser.add_argument("--max-batch-size", type=int, default=16, help="requests labelled together at most")
-    parser.add_argument("--batch-timeout", type=float, default=0.01,
-                        help="seconds a batch waits to fill before it runs anyway")
+    parser.add_argument(
+        "--batch-timeout", type=float, default=0.01, help="seconds a batch waits to fill before it runs anyway"
+    )
     parser.add_argument("--workers-per-device", type=int, default=1, help="model copies (processes) per device")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads per worker (default on the CPU: the cores shared among the workers)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per worker (default on the CPU: the cores shared among the workers)",
+    )
     parser.add_argument("--topk", type=int, default=10, help="default of the request option topk")
     parser.add_argument("--min-prob", type=float, default=0.0, help="default of the request option min_prob")
-    parser.add_argument("--timeout", type=float, default=30.0,
-                        help="seconds a request may wait for a worker before it is answered 504")
+    parser.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds a request may wait for a worker before it is answered 504"
+    )
     parser.add_argument("--max-payload-mb", type=float, default=16.0, help="refuse larger request bodies (413)")
-    parser.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
-                        help="refuse images with more pixels (width x height, read from the header; 422)")
-    parser.add_argument("--slow-queue", action="store_true",
-                        help="answers travel back from the workers through multiprocessing queues instead of ZeroMQ "
-                             "(LitServe's fast_queue, the default here)")
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=MAX_IMAGE_PIXELS,
+        help="refuse images with more pixels (width x height, read from the header; 422)",
+    )
+    parser.add_argument(
+        "--slow-queue",
+        action="store_true",
+        help="answers travel back from the workers through multiprocessing queues instead of ZeroMQ "
+        "(LitServe's fast_queue, the default here)",
+    )
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
@@ -62,7 +88,7 @@ def serve_main(argv: list[str]) -> int:
     """``nxtp serve``: runs until SIGTERM or Ctrl-C, then stops its workers and returns 0."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from ..serving import MAX_TOPK, FIELDS
+    from ..serving import FIELDS, MAX_TOPK
 
     for name in ("topk", "min_prob"):  # the defaults obey the rules of the request options they stand for
         try:
@@ -72,11 +98,15 @@ def serve_main(argv: list[str]) -> int:
     if not 1024 <= args.port <= 65535:
         parser.error(f"--port: from 1024 to 65535 (LitServe's range), got {args.port}")
     if args.max_batch_size < 1 or args.batch_timeout < 0 or args.workers_per_device < 1 or args.timeout <= 0:
-        parser.error("--max-batch-size and --workers-per-device at least 1, --batch-timeout at least 0, --timeout "
-                     "above 0")
+        parser.error(
+            "--max-batch-size and --workers-per-device at least 1, --batch-timeout at least 0, --timeout above 0"
+        )
     if not Path(args.checkpoint).exists():
-        print(f"nxtp serve: {args.checkpoint} does not exist: train the default model with `make train`, or give "
-              f"another checkpoint (make serve CHECKPOINT=PATH)", file=sys.stderr)
+        print(
+            f"nxtp serve: {args.checkpoint} does not exist: train the default model with `make train`, or give "
+            f"another checkpoint (make serve CHECKPOINT=PATH)",
+            file=sys.stderr,
+        )
         return 2
 
     import litserve as ls
@@ -96,15 +126,34 @@ def serve_main(argv: list[str]) -> int:
         threads = max(1, (os.cpu_count() or 1) // args.workers_per_device)
     defaults = {"topk": args.topk, "min_prob": args.min_prob}
     max_payload = int(args.max_payload_mb * (1 << 20))
-    info.update(defaults=defaults, max_topk=MAX_TOPK, max_payload_bytes=max_payload,
-                max_image_pixels=args.max_image_pixels, max_batch_size=args.max_batch_size,
-                batch_timeout=args.batch_timeout, precision=args.precision)
-    api = RecognizerAPI(str(Path(args.checkpoint).resolve()), trust=args.trust_checkpoint, precision=args.precision,
-                        max_image_pixels=args.max_image_pixels, threads=threads,
-                        max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout)
-    server = ls.LitServer(api, accelerator=accelerator, devices=devices, workers_per_device=args.workers_per_device,
-                          timeout=args.timeout, model_metadata=info, fast_queue=not args.slow_queue,
-                          middlewares=[(RequestReader, {"max_payload_bytes": max_payload, "defaults": defaults})])
+    info.update(
+        defaults=defaults,
+        max_topk=MAX_TOPK,
+        max_payload_bytes=max_payload,
+        max_image_pixels=args.max_image_pixels,
+        max_batch_size=args.max_batch_size,
+        batch_timeout=args.batch_timeout,
+        precision=args.precision,
+    )
+    api = RecognizerAPI(
+        str(Path(args.checkpoint).resolve()),
+        trust=args.trust_checkpoint,
+        precision=args.precision,
+        max_image_pixels=args.max_image_pixels,
+        threads=threads,
+        max_batch_size=args.max_batch_size,
+        batch_timeout=args.batch_timeout,
+    )
+    server = ls.LitServer(
+        api,
+        accelerator=accelerator,
+        devices=devices,
+        workers_per_device=args.workers_per_device,
+        timeout=args.timeout,
+        model_metadata=info,
+        fast_queue=not args.slow_queue,
+        middlewares=[(RequestReader, {"max_payload_bytes": max_payload, "defaults": defaults})],
+    )
 
     async def http_error(request, exc: HTTPException) -> JSONResponse:
         """LitServe's own errors (504 for a request that waited too long, 500) in the shape of ours."""

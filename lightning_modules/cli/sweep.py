@@ -12,8 +12,12 @@ from ..sweep import Sweep, fit_args, read_status, run_name, run_one, submit_slur
 def sweep_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="nxtp sweep", description="Run a hyper-parameter sweep of `nxtp fit` runs.")
     parser.add_argument("sweep", help="the sweep file (configs/sweep/NAME.yaml)")
-    parser.add_argument("--launcher", choices=["local", "slurm"], default="local",
-                        help="local: runs one after another here; slurm: one array task per run")
+    parser.add_argument(
+        "--launcher",
+        choices=["local", "slurm"],
+        default="local",
+        help="local: runs one after another here; slurm: one array task per run",
+    )
     parser.add_argument("--index", type=int, help="run only this trial (what each SLURM array task does)")
     parser.add_argument("--collect", action="store_true", help="only write the table of the runs so far")
     parser.add_argument("--dry-run", action="store_true", help="print the runs' commands and stop")
@@ -35,8 +39,11 @@ def sweep_main(argv: list[str]) -> int:
                 continue
             print(f"[{index + 1}/{len(runs)}] {run_name(index, runs[index])} ...", flush=True)
             status = run_one(sweep, index, runs[index])
-            print(f"[{index + 1}/{len(runs)}] {run_name(index, runs[index])}: {status['status']} in "
-                  f"{status['seconds']} s {status.get('error', '')}", flush=True)
+            print(
+                f"[{index + 1}/{len(runs)}] {run_name(index, runs[index])}: {status['status']} in "
+                f"{status['seconds']} s {status.get('error', '')}",
+                flush=True,
+            )
     if args.index is not None:
         return 0 if read_status(sweep, args.index, runs[args.index])["status"] == "done" else 1
     rows = table(sweep)

@@ -15,8 +15,15 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from ..callbacks import (HPC_CHECKPOINT, AttentionMaskImage, GracefulStop, Interrupted, SaveConfigToTensorBoard,
-                         SlurmRequeue, numbered)
+from ..callbacks import (
+    HPC_CHECKPOINT,
+    AttentionMaskImage,
+    GracefulStop,
+    Interrupted,
+    SaveConfigToTensorBoard,
+    SlurmRequeue,
+    numbered,
+)
 from ..checkpoint_io import load_checkpoint
 from ..lit_nxtp import MAX_STEPS_KEY
 from ..nxtp import ARCHITECTURE
@@ -26,7 +33,9 @@ from ..nxtp import ARCHITECTURE
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 # ... and advertises its hosted logger at every start.
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: not str(record.msg).startswith("💡"))
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: not str(record.msg).startswith("💡")
+)
 
 say = rank_zero_only(print)  # every rank runs the command line; one of them speaks
 
@@ -58,9 +67,15 @@ class NXTPCLI(LightningCLI):
     ``resume_point``)."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--test_after_fit", type=bool, default=False, help="run `test` on the best checkpoint after `fit`")
-        parser.add_argument("--resume", type=bool, default=True,
-                            help="resume from the last checkpoint of the newest run when one exists (false: start anew)")
+        parser.add_argument(
+            "--test_after_fit", type=bool, default=False, help="run `test` on the best checkpoint after `fit`"
+        )
+        parser.add_argument(
+            "--resume",
+            type=bool,
+            default=True,
+            help="resume from the last checkpoint of the newest run when one exists (false: start anew)",
+        )
 
     def _parse_ckpt_path(self) -> None:
         """``--ckpt_path``: the model is built as the checkpoint's was (its architecture, tokenizer and prompt win
@@ -96,8 +111,10 @@ class NXTPCLI(LightningCLI):
         path, version, state = found
         step, planned = state.get("global_step", 0), state.get(MAX_STEPS_KEY) or config.trainer.max_steps
         if planned is not None and 0 < planned <= step:
-            say(f"not resuming {path}: its run is finished (step {step} of {planned}), so a new run starts; "
-                f"`--ckpt_path {path}` continues it on purpose")
+            say(
+                f"not resuming {path}: its run is finished (step {step} of {planned}), so a new run starts; "
+                f"`--ckpt_path {path}` continues it on purpose"
+            )
             return
         config.ckpt_path, args.version = str(path), version  # continue in the interrupted run's folder
         say(f"resuming from {path} at step {step} (--resume false starts a new run)")
@@ -140,9 +157,15 @@ def lightning_main() -> None:
     from ..lit_nxtp import LitNXTP
 
     try:
-        NXTPCLI(LitNXTP, NXTPDataModule, seed_everything_default=0, save_config_callback=SaveConfigToTensorBoard,
-                save_config_kwargs={"overwrite": True}, parser_kwargs={"parser_mode": "omegaconf+"},
-                trainer_defaults={"callbacks": [AttentionMaskImage(), SlurmRequeue(), GracefulStop()]})
+        NXTPCLI(
+            LitNXTP,
+            NXTPDataModule,
+            seed_everything_default=0,
+            save_config_callback=SaveConfigToTensorBoard,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"parser_mode": "omegaconf+"},
+            trainer_defaults={"callbacks": [AttentionMaskImage(), SlurmRequeue(), GracefulStop()]},
+        )
     except Interrupted as stop:  # a signal or a SLURM requeue ended the fit at a step boundary, to resume later
         say(stop.message)
         sys.exit(stop.code)
