@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from lightning_modules.decoder import DecoderConfig
-from lightning_modules.nxtp import NXTP
+from lightning_modules.nxtp import NXTP, NXTPConfig
 from lightning_modules.sampling import decode_branches, decode_recompute
 from lightning_modules.vision import VisionConfig
 
@@ -76,9 +76,11 @@ def main() -> None:
             vision, decoder = CONFIGS[name]
             model = (
                 NXTP(
-                    vision,
-                    DecoderConfig(config={**decoder, "num_key_value_heads": decoder["num_attention_heads"]}),
-                    str(TOKENIZER),
+                    NXTPConfig(
+                        vision,
+                        DecoderConfig(config={**decoder, "num_key_value_heads": decoder["num_attention_heads"]}),
+                        str(TOKENIZER),
+                    )
                 )
                 .to(args.device)
                 .eval()

@@ -19,6 +19,7 @@ import sys
 import tarfile
 import tempfile
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datamodules.images import decode_image  # noqa: E402
 from lightning_modules import attention_maps as am  # noqa: E402
 from lightning_modules.decoder import DecoderConfig  # noqa: E402
-from lightning_modules.nxtp import NXTP  # noqa: E402
+from lightning_modules.nxtp import NXTP, NXTPConfig  # noqa: E402
 from lightning_modules.vision import VisionConfig  # noqa: E402
 
 
@@ -59,31 +60,28 @@ def load_model(checkpoint: str) -> NXTP:
 
 def random_like(model: NXTP, seed: int = 0) -> NXTP:
     """A model of ``model``'s architecture, tokenizer and prompt, freshly initialised as training starts it."""
-    args = model.init_args
-    decoder = DecoderConfig(
+    config = model.config
+    config.vision = replace(config.vision, pretrained=None)
+    config.decoder = DecoderConfig(
         config={"model_type": model.decoder.config.model_type, **model.decoder.config.to_diff_dict()}
     )
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory(prefix="nxtp-tokenizer-") as folder:  # read into memory by NXTP
         model.tokenizer.save_pretrained(folder)
-        return NXTP(
-            VisionConfig(**{**args["vision"], "pretrained": None}),
-            decoder,
-            folder,
-            prompt=args["prompt"],
-            reference_compat=args["reference_compat"],
-            reset_label_positions=args["reset_label_positions"],
-        ).eval()
+        config.tokenizer = folder
+        return NXTP(config).eval()
 
 
 def random_from_config(config: str, tokenizer: str, seed: int = 0) -> NXTP:
     cfg = yaml.safe_load(Path(config).read_text())
     torch.manual_seed(seed)
     return NXTP(
-        VisionConfig(**cfg["vision"]),
-        DecoderConfig(**cfg["decoder"]),
-        tokenizer,
-        reset_label_positions=cfg.get("reset_label_positions", False),
+        NXTPConfig(
+            VisionConfig(**cfg["vision"]),
+            DecoderConfig(**cfg["decoder"]),
+            tokenizer,
+            reset_label_positions=cfg.get("reset_label_positions", False),
+        )
     ).eval()
 
 

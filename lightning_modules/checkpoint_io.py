@@ -7,9 +7,11 @@ allow-listed here (what the project's own checkpoints contain); anything else is
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -83,24 +85,40 @@ def load_checkpoint(
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to a temporary file and rename it over the target, so that a run killed mid-write keeps the
-    previous checkpoint intact; read through ``load_checkpoint`` (safe unless ``weights_only=False``), and a
-    checkpoint that cannot be read raises an error naming the file.
+    """Write once to a temporary file next to the target, fsync it and rename it over the target, so that a run
+    killed mid-write (or a power cut after the rename) keeps the previous checkpoint intact; read through
+    ``load_checkpoint`` (safe unless ``weights_only=False``), and a checkpoint that cannot be read raises an error
+    naming the file.
 
     Remote paths (``s3://...``) are written as Lightning does by default.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        """Save ``checkpoint`` to ``path``: atomically and durably for a local path, as Lightning for a URL."""
         path = str(path)
         if "://" in path:
             return super().save_checkpoint(checkpoint, path, storage_options)
-        tmp = f"{path}.tmp-{os.getpid()}"
+        if storage_options is not None:  # as TorchCheckpointIO: a local file takes none
+            raise TypeError(f"`storage_options` is not supported for local paths by `{type(self).__name__}`")
+        # Not Lightning's writer: it serialises into memory, stages the bytes in $TMPDIR (a second full write, a
+        # copy when /tmp is another file system) and renames without fsync, so a crash can leave an empty target.
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        # Same folder, so the rename is atomic; O_EXCL never clobbers; mode 0o666 lets the umask decide, as a
+        # plain open() does (mkstemp would make every checkpoint 0o600).
+        tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         try:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())  # the bytes are on disk before the name points at them
             os.replace(tmp, path)  # atomic on POSIX file systems
-        finally:
+        except BaseException:  # KeyboardInterrupt included: never leave a partial temporary file behind
             if os.path.exists(tmp):
                 os.remove(tmp)
+            raise
+        _fsync_directory(folder)
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         # Lightning passes None unless the user chose: only an explicit weights_only=False trusts the file.
@@ -115,3 +133,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"checkpoint {path} is corrupt or was only partly written ({type(e).__name__}: {e}); "
                 f"resume from an earlier checkpoint"
             ) from e
+
+
+def _fsync_directory(folder: str) -> None:
+    """Make a rename in ``folder`` durable; a no-op where directories cannot be opened or synced."""
+    if os.name != "posix":  # Windows cannot open a directory as a file
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some file systems (e.g. some network mounts) refuse fsync on a directory
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(fd)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
-import random
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -22,24 +20,21 @@ from torchmetrics import MeanMetric, SumMetric
 from datamodules.webdataset import REJECT_REASONS
 
 from .attention_maps import explain, overlay, pixels_to_image
+from .checkpoint import (
+    TrainingState,
+    load_weights,
+    read_weights,
+    restore_rng_state,
+    rng_state,
+    save_model_record,
+    save_rng_states,
+)
 from .decoder import DecoderConfig
 from .metrics import ExactLabelScore, SemanticLabelScore, score_name
-from .nxtp import NXTP, PROMPT, load_weights, read_weights
+from .nxtp import NXTP, PROMPT, NXTPConfig
 from .sampling import recognize
 from .vision import VisionConfig
 from .vocabulary import LabelMapper, Vocabulary, VocabularyScore, score_vocabulary, tokenize, vocabulary_targets
-
-TOKENIZER_KEY = "nxtp_tokenizer_files"
-RNG_KEY = "nxtp_rng_states"
-MAX_STEPS_KEY = "nxtp_max_steps"
-TRAIN_SKIPPED_KEY = "nxtp_train_skipped"
-
-
-def tokenizer_files(tokenizer) -> dict[str, bytes]:
-    """The files ``save_pretrained`` writes for ``tokenizer``, by name."""
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
-        return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
 
 
 def warmup_schedule(kind: str, total: int, warmup: int, decay_fraction: float, min_ratio: float):
@@ -149,12 +144,7 @@ class LitNXTP(L.LightningModule):
         if Path(tokenizer).exists():  # a checkpoint must find its tokenizer from any working directory
             self.hparams.tokenizer = tokenizer = os.path.abspath(tokenizer)
         self.model = NXTP(
-            vision,
-            decoder,
-            tokenizer,
-            prompt,
-            reference_compat,
-            reset_label_positions,
+            NXTPConfig(vision, decoder, tokenizer, prompt, reference_compat, reset_label_positions),
             attention=attention,
             pad_to_multiple=pad_to_multiple,
         )
@@ -228,29 +218,23 @@ class LitNXTP(L.LightningModule):
         weight.register_hook(lambda grad: grad * keep.to(grad.device, grad.dtype))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # The tokenizer travels inside the checkpoint, so that a checkpoint copied elsewhere still loads.
-        checkpoint[TOKENIZER_KEY] = tokenizer_files(self.model.tokenizer)
-        if self._trainer is not None:  # how long the run is meant to be: a run that got there is finished
-            checkpoint[MAX_STEPS_KEY] = self.trainer.max_steps
-        checkpoint[TRAIN_SKIPPED_KEY] = {"skipped": dict(self.train_skipped), "nonfinite": self.nonfinite_steps}
-        _, keys, pos, has_gauss, gauss = np.random.get_state()
-        checkpoint[RNG_KEY] = {
-            "torch": torch.get_rng_state(),
-            "python": random.getstate(),
-            "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-        }
+        # The config and tokenizer travel inside the checkpoint, so that a checkpoint copied elsewhere still loads;
+        # how long the run is meant to be (a run that got there is finished), its counts, and every rank's random
+        # streams (each rank draws its own dropout and augmentation) let an interrupted run go on as it would have.
+        save_model_record(checkpoint, self.model)
+        max_steps = self.trainer.max_steps if self._trainer is not None else None
+        TrainingState(max_steps, dict(self.train_skipped), self.nonfinite_steps).save(checkpoint)
+        states = [rng_state()]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # every rank saves together
+            states = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(states, rng_state())
+        save_rng_states(checkpoint, states)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # A resumed run goes on counting where it stopped, and continues the random streams (dropout, init of new
-        # parts) there.
-        if TRAIN_SKIPPED_KEY in checkpoint:
-            self.train_skipped.update(checkpoint[TRAIN_SKIPPED_KEY]["skipped"])
-            self.nonfinite_steps = checkpoint[TRAIN_SKIPPED_KEY]["nonfinite"]
-        if RNG_KEY in checkpoint:
-            torch.set_rng_state(checkpoint[RNG_KEY]["torch"])
-            keys, pos, has_gauss, gauss = checkpoint[RNG_KEY]["numpy"]
-            np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-            random.setstate(checkpoint[RNG_KEY]["python"])
+        state = TrainingState.load(checkpoint)
+        self.train_skipped.update(state.skipped)
+        self.nonfinite_steps = state.nonfinite_steps
+        restore_rng_state(checkpoint, self.global_rank)
 
     # training -------------------------------------------------------------------------------------------
 

@@ -9,16 +9,13 @@ the last prompt token and decodes every label from it in parallel (``sampling``)
 
 from __future__ import annotations
 
-import fnmatch
 import functools
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-import safetensors.torch
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -55,13 +52,9 @@ def load_tokenizer(name_or_path: str):
     return AutoTokenizer.from_pretrained(name_or_path)
 
 
-# The constructor arguments that give the weights their shapes and meaning: what a saved model records
-# (``init_args`` and the tokenizer) and what ``nxtp test --ckpt_path`` takes from a checkpoint.
-ARCHITECTURE = ("vision", "decoder", "tokenizer", "prompt", "reference_compat", "reset_label_positions")
-
-
-class NXTP(nn.Module):
-    """The recognizer: vision tower, projection and truncated decoder, with its tokenizer.
+@dataclass
+class NXTPConfig:
+    """What gives a model's weights their shapes and meaning: all that a saved model records beside its weights.
 
     Args:
         vision: how to build the open_clip vision tower.
@@ -73,6 +66,41 @@ class NXTP(nn.Module):
             taken from its last sample, and the sampler's step-limit and rounding quirks.
         reset_label_positions: give every label block the rotary positions that follow the prompt, as at
             inference (the reference does not).
+    """
+
+    vision: VisionConfig
+    decoder: DecoderConfig
+    tokenizer: str
+    prompt: str = PROMPT
+    reference_compat: bool = False
+    reset_label_positions: bool = False
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any], source: str = "the config") -> NXTPConfig:
+        """A config from its plain form (``to_dict``, a ``config.yaml``); unknown keys are an error naming them."""
+        unknown = sorted(set(config) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"{source}: unknown model config keys {unknown}")
+        vision, decoder = config.get("vision"), config.get("decoder")
+        return cls(
+            **{
+                **config,
+                "vision": vision if isinstance(vision, VisionConfig) else VisionConfig(**(vision or {})),
+                "decoder": decoder if isinstance(decoder, DecoderConfig) else DecoderConfig(**(decoder or {})),
+                "tokenizer": str(config["tokenizer"]),
+            }
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (YAML / JSON), the form ``from_dict`` reads."""
+        return asdict(self)
+
+
+class NXTP(nn.Module):
+    """The recognizer: vision tower, projection and truncated decoder, with its tokenizer.
+
+    Args:
+        config: the architecture, tokenizer and prompt (``NXTPConfig``).
         attention: how the training forward computes the label-masked attention; every path gives the same
             result up to float rounding (see ``masking``). ``dense``: SDPA with the full [B, 1, S, S] boolean mask,
             the reference path. ``compact``: SDPA without a mask for the image rows and with a [B, 1, T, S] mask
@@ -86,12 +114,7 @@ class NXTP(nn.Module):
 
     def __init__(
         self,
-        vision: VisionConfig,
-        decoder: DecoderConfig,
-        tokenizer: str,
-        prompt: str = PROMPT,
-        reference_compat: bool = False,
-        reset_label_positions: bool = False,
+        config: NXTPConfig,
         attention: Attention = "auto",
         pad_to_multiple: int | None = None,
     ) -> None:
@@ -100,22 +123,16 @@ class NXTP(nn.Module):
             raise ValueError(f"attention={attention!r}: choose one of {Attention.__args__}")
         if pad_to_multiple is not None and pad_to_multiple < 1:
             raise ValueError(f"pad_to_multiple={pad_to_multiple}: must be a positive length")
-        self.init_args = dict(
-            vision=asdict(vision),
-            decoder=asdict(decoder),
-            prompt=prompt,
-            reference_compat=reference_compat,
-            reset_label_positions=reset_label_positions,
-        )
-        self.tokenizer = load_tokenizer(tokenizer)
-        self.sequences = SequenceBuilder(self.tokenizer, reference_compat=reference_compat)
-        self.prompt = prompt
-        self.reset_label_positions = reset_label_positions
+        self._config = config
+        self.tokenizer = load_tokenizer(config.tokenizer)
+        self.sequences = SequenceBuilder(self.tokenizer, reference_compat=config.reference_compat)
+        self.prompt = config.prompt
+        self.reset_label_positions = config.reset_label_positions
         # Speed settings, not part of the model: ``save_pretrained`` leaves them out of the config.
         self.attention = attention
         self.pad_to_multiple = pad_to_multiple
-        self.visual, self.train_transform, self.eval_transform = build_vision_tower(vision)
-        self.decoder = build_decoder(decoder, vocab_size=len(self.tokenizer))
+        self.visual, self.train_transform, self.eval_transform = build_vision_tower(config.vision)
+        self.decoder = build_decoder(config.decoder, vocab_size=len(self.tokenizer))
         width = self.visual.ln_post.normalized_shape[0]
         self.projection = nn.Linear(width, self.decoder.config.hidden_size, bias=False)
         grid = self.visual.grid_size
@@ -177,6 +194,11 @@ class NXTP(nn.Module):
         return pad_text(text, total - self.n_image_tokens, self.sequences.pad_id)
 
     @property
+    def config(self) -> NXTPConfig:
+        """This model's config, as built (``reference_compat`` as it is now: it may be switched after building)."""
+        return replace(self._config, reference_compat=self.reference_compat)
+
+    @property
     def reference_compat(self) -> bool:
         """Whether the reference's quirks are reproduced; kept once, by the sequence builder that lays them out."""
         return self.sequences.reference_compat
@@ -199,114 +221,17 @@ class NXTP(nn.Module):
         logits = self.logits(hidden[batch_index[keep], rows[keep]])
         return F.cross_entropy(logits.float(), targets[keep]), keep.sum()
 
-    # pickle-free checkpoints ------------------------------------------------------------------------------
+    # pickle-free model folders (the format: ``checkpoint``) ------------------------------------------------
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Write ``model.safetensors``, ``config.yaml`` and ``tokenizer/``: all that ``from_pretrained`` needs."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        config = {**self.init_args, "reference_compat": self.reference_compat}
-        config["vision"] = {**config["vision"], "pretrained": None}  # the weights are in model.safetensors
-        config["decoder"] = {
-            "name_or_path": None,
-            "num_blocks": None,
-            "dtype": "float32",
-            "config": {"model_type": self.decoder.config.model_type, **self.decoder.config.to_diff_dict()},
-        }
-        config["tokenizer"] = "tokenizer"
-        self.tokenizer.save_pretrained(out / "tokenizer")
-        safetensors.torch.save_model(self, str(out / "model.safetensors"))
-        (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        return out
+        from .checkpoint import save_folder
+
+        return save_folder(self, out_dir)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, **overrides) -> NXTP:
+    def from_pretrained(cls, path: str | Path) -> NXTP:
         """Rebuild a model written by ``save_pretrained`` (no pickle involved)."""
-        path = Path(path)
-        config = {**yaml.safe_load((path / "config.yaml").read_text()), **overrides}
-        model = cls(
-            VisionConfig(**config.pop("vision")),
-            DecoderConfig(**config.pop("decoder")),
-            tokenizer=str(path / config.pop("tokenizer")),
-            **config,
-        )
-        missing, unexpected = safetensors.torch.load_model(model, str(path / "model.safetensors"), strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{path / 'model.safetensors'}: missing keys {missing}, unexpected keys {unexpected}")
-        return model.eval()
+        from .checkpoint import load_folder
 
-
-def read_weights(path: str | Path) -> dict[str, Tensor]:
-    """The NXTP state dict stored at ``path``, read without running code from it.
-
-    ``path`` is a folder written by ``save_pretrained`` (``nxtp import-official``, ``nxtp export --format
-    safetensors``), a ``.safetensors`` file, or a Lightning ``.ckpt`` written by ``nxtp fit`` (read with the
-    allow-list of ``checkpoint_io.load_checkpoint``; only its ``model.*`` tensors are kept).
-    """
-    path = Path(path) if "://" not in str(path) else path
-    if isinstance(path, Path) and not path.exists():
-        raise FileNotFoundError(f"model.init_from={path}: no such file or folder")
-    if isinstance(path, Path) and path.is_dir():
-        path = path / "model.safetensors"
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} does not exist: a weights folder is one written by save_pretrained, "
-                f"nxtp import-official or nxtp export --format safetensors"
-            )
-    if str(path).endswith(".safetensors"):
-        return safetensors.torch.load_file(str(path))
-    from .checkpoint_io import load_checkpoint
-
-    checkpoint = load_checkpoint(path)
-    if "state_dict" not in checkpoint:
-        raise ValueError(f"{path}: no 'state_dict'; expected a .ckpt written by nxtp fit")
-    # LitNXTP keeps the recognizer under ``model.``; the rest (metric embedders) is not part of NXTP.
-    return {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-
-
-def _listed(keys: list[str], limit: int = 20) -> str:
-    shown = ", ".join(keys[:limit])
-    return f"{shown}, ... ({len(keys) - limit} more)" if len(keys) > limit else shown
-
-
-def load_weights(
-    model: nn.Module, state: dict[str, Tensor], allow_missing: list[str] = (), source: str = "the source"
-) -> list[str]:
-    """Copy ``state`` into ``model``, whose names and shapes it must match exactly; return the keys left as built.
-
-    Keys of ``model`` absent from ``state`` are allowed only where they match a pattern of ``allow_missing``
-    (fnmatch); they keep the model's own initialisation. Otherwise a ``ValueError`` lists every missing,
-    unexpected and mis-shaped key (with both shapes), in the terms of ``model.init_from`` and
-    ``model.init_allow_missing`` (what ``nxtp fit`` calls them).
-    """
-    expected = model.state_dict(keep_vars=True)
-    # Tied tensors (e.g. lm_head tied to the embeddings) are stored once by safetensors: any alias will do.
-    storage: dict[int | str, set[str]] = {}
-    ptr = {name: t.data_ptr() or name for name, t in expected.items()}  # empty and meta tensors all give 0
-    for name in expected:
-        storage.setdefault(ptr[name], set()).add(name)
-    absent = sorted(k for k in expected if not storage[ptr[k]] & state.keys())
-    allowed = [k for k in absent if any(fnmatch.fnmatch(k, p) for p in allow_missing)]
-    missing = [k for k in absent if k not in allowed]
-    unexpected = sorted(state.keys() - expected.keys())
-    mis_shaped = [
-        f"{k}: source {tuple(v.shape)}, model {tuple(expected[k].shape)}"
-        for k, v in sorted(state.items())
-        if k in expected and v.shape != expected[k].shape
-    ]
-    if missing or unexpected or mis_shaped:
-        problems = [
-            f"missing from the source (name them in model.init_allow_missing to keep them as built): {_listed(missing)}"
-            if missing
-            else "",
-            f"not in the model: {_listed(unexpected)}" if unexpected else "",
-            f"shape mismatches: {_listed(mis_shaped)}" if mis_shaped else "",
-        ]
-        raise ValueError(
-            f"model.init_from={source} does not fit the model built from the config (the model config "
-            f"must describe the source's architecture, e.g. --model FOLDER/config.yaml for a "
-            f"save_pretrained folder):\n  " + "\n  ".join(p for p in problems if p)
-        )
-    with torch.no_grad():
-        model.load_state_dict(state, strict=False)
-    return allowed
+        return load_folder(path)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .decoder import DecoderConfig
-from .nxtp import NXTP
+from .nxtp import NXTP, NXTPConfig
 from .vision import VisionConfig
 
 DECODER_KEYS = {  # Meta LLaMA name -> transformers LlamaForCausalLM name
@@ -188,7 +188,7 @@ def import_official(
     vision_cfg, decoder_cfg, state = convert(
         ckpt["model"], load_clip_visual(clip), vision_heads, decoder_heads, norm_eps
     )
-    model = NXTP(vision_cfg, decoder_cfg, tokenizer, reference_compat=reference_compat)
+    model = NXTP(NXTPConfig(vision_cfg, decoder_cfg, tokenizer, reference_compat=reference_compat))
     rows = state["decoder.model.embed_tokens.weight"].shape[0]
     if len(model.tokenizer) != rows:
         raise ValueError(

@@ -10,7 +10,6 @@ recognizer.map_labels(["cat.jpg"], "classes.txt")  # open-set labels mapped onto
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import torch
@@ -70,29 +69,9 @@ class Recognizer:
         A ``.ckpt`` is read without running code from its pickle (see ``checkpoint_io.load_checkpoint``) unless
         ``trust`` is set; a folder holds safetensors and JSON only.
         """
-        if Path(path).is_dir():
-            return cls(NXTP.from_pretrained(path), device, max_image_pixels, draft)
-        from .checkpoint_io import SAFE_GLOBALS, load_checkpoint
-        from .lit_nxtp import TOKENIZER_KEY, LitNXTP
+        from .checkpoint import load_model
 
-        checkpoint = load_checkpoint(path, trust=trust)
-        stored = (
-            checkpoint.get(TOKENIZER_KEY) if not Path(checkpoint["hyper_parameters"]["tokenizer"]).exists() else None
-        )
-        del checkpoint
-        with tempfile.TemporaryDirectory(prefix="nxtp-tokenizer-") as folder:
-            overrides = {}
-            if stored:  # moved to another machine or folder: the copy of the tokenizer stored in the checkpoint
-                for name, data in stored.items():
-                    (Path(folder) / name).write_bytes(data)
-                overrides["tokenizer"] = folder  # read into memory while loading; the folder is not needed after
-            # Lightning reads the file again (its hyperparameter and version migrations are not public API),
-            # under the same allow-list.
-            with torch.serialization.safe_globals(SAFE_GLOBALS):
-                module = LitNXTP.load_from_checkpoint(
-                    path, map_location="cpu", weights_only=not trust, semantic_metric=False, **overrides
-                )
-        return cls(module.model, device, max_image_pixels, draft)
+        return cls(load_model(path, trust), device, max_image_pixels, draft)
 
     def preprocess(self, image: ImageInput) -> Tensor:
         """Pixels [3, H, W] for one image: a path, encoded bytes, a PIL image, or an already preprocessed tensor."""

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.functional.classification import binary_average_precision
 from torchmetrics.utilities.data import dim_zero_cat
 from transformers import DynamicCache
 
@@ -492,8 +493,9 @@ class VocabularyScore(Metric):
     ``update(scores, targets)``: ``scores`` [B, E] (any real numbers, higher = more likely), ``targets`` [B, E]
     (0/1 or bool). :meth:`compute` returns
 
-    * ``map``: the mean over entries with at least one positive image of the entry's average precision, ranking
-      every image by its score (tied scores form one threshold, as in sklearn's ``average_precision_score``);
+    * ``map``: the mean over entries with at least one positive image of the entry's average precision (torchmetrics'
+      ``binary_average_precision``), ranking every image by its score (tied scores form one threshold, as in
+      sklearn's ``average_precision_score``); entries without a positive are left out, and ``map`` is 0 without any;
     * ``recall``, ``precision``, ``f1``: with the entries scoring at least ``threshold`` as an image's predictions,
       the means over images of the per-image values, defined as in ``metrics.ExactLabelScore`` (an image without
       predictions scores 0, an image without targets is skipped).
@@ -550,20 +552,27 @@ class VocabularyScore(Metric):
 
 
 def _mean_average_precision(scores: Tensor, targets: Tensor) -> Tensor:
-    """Mean over columns with a positive of the average precision, ties as one threshold (0 without any)."""
-    positives = targets.sum(0)
-    if not positives.any():
-        return scores.new_zeros(())
-    order = scores.argsort(dim=0, descending=True, stable=True)
-    s, y = scores.gather(0, order), targets.gather(0, order).double()
-    tp = y.cumsum(0)
-    rank = torch.arange(1, len(s) + 1, device=s.device, dtype=torch.float64)[:, None].expand_as(tp)
-    # Every row takes the precision at the end of its group of tied scores: AP = sum over positives of that
-    # precision / positives (sklearn's step-wise sum over distinct thresholds, regrouped by positive).
-    group_end = torch.ones_like(s, dtype=torch.bool)
-    group_end[:-1] = s[1:] != s[:-1]
-    end_index = torch.where(group_end, torch.arange(len(s), device=s.device)[:, None], len(s))
-    end_index = end_index.flip(0).cummin(0).values.flip(0)
-    precision = (tp / rank).gather(0, end_index)
-    ap = (y * precision).sum(0) / positives.clamp(min=1)
-    return ap[positives > 0].mean().float()
+    """Mean over columns with a positive of torchmetrics' average precision (0 when no column has one).
+
+    Columns without a positive are left out before torchmetrics sees them: it would score them ``nan`` and warn
+    (``binary_average_precision``, one column at a time, as ``multilabel_average_precision`` loops internally; the
+    multilabel form also refuses a single column). torchmetrics treats tied scores as one threshold, as sklearn.
+    """
+    positive = targets.any(0).nonzero().flatten().tolist()
+    if not positive:
+        return scores.new_zeros((), dtype=torch.float32)
+    # torchmetrics applies a sigmoid to scores outside [0, 1], which in float32 turns distinct large (or very
+    # negative) scores such as summed log-probabilities into ties of 1.0 (or 0.0). AP depends only on each column's
+    # order and ties, so hand it each score's dense rank in its column, scaled into [0, 1]: exact in float64.
+    ranks = _dense_ranks(scores) / max(len(scores), 1)
+    aps = [binary_average_precision(ranks[:, c], targets[:, c].long(), validate_args=False) for c in positive]
+    return torch.stack(aps).mean().float()
+
+
+def _dense_ranks(scores: Tensor) -> Tensor:
+    """Per column, 0 for the smallest distinct score, 1 for the next, ...; equal scores share a rank (float64)."""
+    ordered, order = scores.sort(dim=0)
+    new_value = torch.ones_like(ordered, dtype=torch.float64)
+    new_value[0] = 0
+    new_value[1:] = (ordered[1:] != ordered[:-1]).double()
+    return torch.empty_like(new_value).scatter_(0, order, new_value.cumsum(0))

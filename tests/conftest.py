@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from datamodules.synthetic import build_dataset  # noqa: E402
 from datamodules.tokenizer import build_tokenizer  # noqa: E402
 from lightning_modules.decoder import DecoderConfig  # noqa: E402
-from lightning_modules.nxtp import NXTP  # noqa: E402
+from lightning_modules.nxtp import NXTP, NXTPConfig  # noqa: E402
 from lightning_modules.vision import VisionConfig  # noqa: E402
 
 LLAMA_TOKENIZER = FIXTURES / "llama2-tokenizer"
@@ -48,7 +48,7 @@ def tiny_nxtp(seed: int = 0, hidden: int = 64, blocks: int = 2, **kwargs) -> NXT
             max_position_embeddings=256,
         )
     )
-    return NXTP(VisionConfig(model_name="nxtp-tiny-vit"), decoder, str(LLAMA_TOKENIZER), **kwargs).eval()
+    return NXTP(NXTPConfig(VisionConfig(model_name="nxtp-tiny-vit"), decoder, str(LLAMA_TOKENIZER), **kwargs)).eval()
 
 
 @pytest.fixture(scope="session")

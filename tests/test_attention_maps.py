@@ -17,7 +17,7 @@ from PIL import Image
 from lightning_modules import attention_maps as am
 from lightning_modules.decoder import LABEL_MASKED, DecoderConfig
 from lightning_modules.masking import label_masked_attention
-from lightning_modules.nxtp import NXTP
+from lightning_modules.nxtp import NXTP, NXTPConfig
 from lightning_modules.sampling import recognize
 from lightning_modules.sequence import collate_text, segment_ids
 from lightning_modules.vision import VisionConfig
@@ -113,7 +113,7 @@ def gqa_nxtp(kv_heads: int, image_size=(64, 64)) -> NXTP:
             max_position_embeddings=256,
         )
     )
-    return NXTP(vision, decoder, str(LLAMA_TOKENIZER)).eval()
+    return NXTP(NXTPConfig(vision, decoder, str(LLAMA_TOKENIZER))).eval()
 
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from lightning_modules.decoder import DecoderConfig, GgufConfig, build_decoder
 from lightning_modules.lit_nxtp import LitNXTP
-from lightning_modules.nxtp import NXTP
+from lightning_modules.nxtp import NXTP, NXTPConfig
 from lightning_modules.sequence import collate_text
 from lightning_modules.vision import VisionConfig
 
@@ -141,7 +141,7 @@ def cut_smollm2(smollm2_dir, smollm2_tokenizer, small_recipe) -> NXTP:
     decoder = DecoderConfig(
         name_or_path=smollm2_dir, gguf_file=GGUF_FILE, num_blocks=small_recipe["decoder"]["num_blocks"]
     )
-    return NXTP(VisionConfig(model_name="nxtp-tiny-vit"), decoder, str(smollm2_tokenizer)).eval()
+    return NXTP(NXTPConfig(VisionConfig(model_name="nxtp-tiny-vit"), decoder, str(smollm2_tokenizer))).eval()
 
 
 @needs_smollm2

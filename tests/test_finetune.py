@@ -12,11 +12,12 @@ from conftest import LLAMA_TOKENIZER, NXTP_CLI, OFFICIAL, fit_command, run, tiny
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from datamodules import NXTPDataModule
+from lightning_modules.checkpoint import load_weights, read_weights
 from lightning_modules.checkpoint_io import load_checkpoint
 from lightning_modules.cli.export import export_main
 from lightning_modules.decoder import DecoderConfig
 from lightning_modules.lit_nxtp import LitNXTP
-from lightning_modules.nxtp import NXTP, load_weights, read_weights
+from lightning_modules.nxtp import NXTP, NXTPConfig
 from lightning_modules.official import import_official
 from lightning_modules.vision import VisionConfig
 
@@ -247,5 +248,7 @@ def test_the_g70m_recipe_fits_the_imported_release():
     vision, decoder, state = convert(*g70m_release())
     assert VisionConfig(**recipe["vision"]) == vision and DecoderConfig(**recipe["decoder"]) == decoder
     with torch.device("meta"):  # the recipe's model takes every tensor of the release, names and shapes
-        model = NXTP(VisionConfig(**recipe["vision"]), DecoderConfig(**recipe["decoder"]), str(LLAMA_TOKENIZER))
+        model = NXTP(
+            NXTPConfig(VisionConfig(**recipe["vision"]), DecoderConfig(**recipe["decoder"]), str(LLAMA_TOKENIZER))
+        )
     assert load_weights(model, state) == []

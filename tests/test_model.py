@@ -6,7 +6,7 @@ from conftest import LLAMA_TOKENIZER, tiny_nxtp
 
 from lightning_modules.decoder import DecoderConfig
 from lightning_modules.lit_nxtp import LitNXTP
-from lightning_modules.nxtp import NXTP
+from lightning_modules.nxtp import NXTP, NXTPConfig
 from lightning_modules.sampling import Branch, decode_branches, decode_recompute, one_shot, rank_labels, recognize
 from lightning_modules.sequence import collate_text
 from lightning_modules.vision import VisionConfig, frozen_prefix
@@ -161,7 +161,9 @@ def test_frozen_vision_blocks_run_without_autograd_and_keep_the_gradients(traina
             hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4
         )
     )
-    model = NXTP(VisionConfig(model_name="three-block-vit", config=vit), decoder, str(LLAMA_TOKENIZER)).train()
+    model = NXTP(
+        NXTPConfig(VisionConfig(model_name="three-block-vit", config=vit), decoder, str(LLAMA_TOKENIZER))
+    ).train()
     model.visual.set_grad_checkpointing(checkpointing)
     pixels = torch.randn(2, 3, 32, 32)
     text = collate_text([model.sequences(model.prompt, ["dog", "cat"])] * 2, model.sequences.pad_id)

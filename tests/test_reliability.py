@@ -1,7 +1,10 @@
-"""Checkpoints written atomically, corrupt checkpoints named, non-finite losses skipped and counted."""
+"""Checkpoints written once and atomically, corrupt checkpoints named, non-finite losses skipped and counted."""
+
+import os
+import stat
+import tempfile
 
 import lightning as L
-import lightning.fabric.plugins.io.torch_io as torch_io
 import pytest
 import torch
 from conftest import LLAMA_TOKENIZER
@@ -18,17 +21,57 @@ def test_a_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypat
     path = tmp_path / "last.ckpt"
     io.save_checkpoint({"step": 1}, path)
 
-    def crash(checkpoint, target):  # half a file, then the process dies
-        with open(target, "wb") as f:
-            f.write(b"PK\x03\x04 half")
+    def crash(checkpoint, f):  # half a file, then the process dies
+        f.write(b"PK\x03\x04 half")
+        f.flush()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(torch_io, "_atomic_save", crash)
+    monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
         io.save_checkpoint({"step": 2}, path)
     monkeypatch.undo()
     assert io.load_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("tmpdir_state", ["empty", "missing"])
+def test_a_local_save_writes_once_in_the_target_folder(tmp_path, monkeypatch, tmpdir_state):
+    # $TMPDIR empty or missing: a writer that staged the file there would leave it behind or fail.
+    staging = tmp_path / "tmp"
+    if tmpdir_state == "empty":
+        staging.mkdir()
+    monkeypatch.setenv("TMPDIR", str(staging))
+    monkeypatch.setattr(tempfile, "tempdir", str(staging))
+    checkpoint = {"step": 3, "state_dict": {"w": torch.randn(4, 3)}, "loops": {"epoch": [1, 2]}}
+    path = tmp_path / "run" / "epoch=1.ckpt"  # the parent folder does not exist yet
+    AtomicCheckpointIO().save_checkpoint(checkpoint, path)
+    assert [p.name for p in path.parent.iterdir()] == ["epoch=1.ckpt"]
+    assert not staging.exists() or not any(staging.iterdir())
+    loaded = AtomicCheckpointIO().load_checkpoint(path)
+    assert loaded.keys() == checkpoint.keys() and loaded["loops"] == checkpoint["loops"] and loaded["step"] == 3
+    assert torch.equal(loaded["state_dict"]["w"], checkpoint["state_dict"]["w"])
+
+
+def test_the_file_is_fsynced_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    events: list[tuple] = []
+    fsync, replace = os.fsync, os.replace
+
+    def record_fsync(fd):
+        info = os.fstat(fd)
+        events.append(("fsync", "dir" if stat.S_ISDIR(info.st_mode) else "file", info.st_ino))
+        fsync(fd)
+
+    def record_replace(src, dst):
+        events.append(("replace", os.stat(src).st_ino))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", record_fsync)
+    monkeypatch.setattr(os, "replace", record_replace)
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"step": 1}, path)
+    monkeypatch.undo()
+    written = os.stat(path).st_ino  # the renamed file is the one fsynced
+    assert events == [("fsync", "file", written), ("replace", written), ("fsync", "dir", os.stat(tmp_path).st_ino)]
 
 
 def test_a_corrupt_checkpoint_is_named(tmp_path):

@@ -1,6 +1,7 @@
 """Closed vocabularies: exact scores against brute force and open-set sampling, mapping, bad files, the metric."""
 
 import json
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -313,6 +314,23 @@ def test_metric_against_brute_force():
     got = {k: v.item() for k, v in metric.compute().items()}
     assert got == pytest.approx(brute_metric(scores, targets, 0.5), abs=1e-6)
     assert brute_ap([0.9, 0.5, 0.5, 0.1], [True, False, True, False]) == pytest.approx(1 * 0.5 + 0.5 * 2 / 3)
+
+
+def test_metric_ties_and_scores_outside_0_1():
+    # Summed log-probabilities and logits: a sigmoid in float32 would make 40 and 50 (and -200 and -300) ties.
+    scores = torch.tensor([[0.9, 50.0, -1.0], [0.5, 40.0, -1.0], [0.5, -200.0, -1.0], [0.1, -300.0, -1.0]])
+    targets = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0], [0, 1, 0]])
+    metric = VocabularyScore(3)
+    metric.update(scores, targets)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the entry without a positive is left out, not scored nan and warned about
+        got = metric.compute()["map"].item()
+    # entry 0: ties at 0.5 form one threshold; entry 1: order 50 (pos), 40, -200, -300 (pos): AP (1 + 2/4) / 2.
+    assert got == pytest.approx((brute_ap([0.9, 0.5, 0.5, 0.1], [1, 0, 1, 0]) + 0.75) / 2)
+    assert got == pytest.approx(brute_metric(scores, targets, 0.5)["map"])
+    one = VocabularyScore(1)  # a single entry with positives
+    one.update(scores[:, :1], targets[:, :1])
+    assert one.compute()["map"].item() == pytest.approx(brute_ap([0.9, 0.5, 0.5, 0.1], [1, 0, 1, 0]))
 
 
 def test_metric_targets_and_empty():

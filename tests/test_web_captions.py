@@ -16,7 +16,7 @@ from PIL import Image
 from datamodules import NXTPDataModule
 from datamodules.labels import extract_labels_nltk
 from lightning_modules.decoder import DecoderConfig
-from lightning_modules.nxtp import NXTP
+from lightning_modules.nxtp import NXTP, NXTPConfig
 from lightning_modules.vision import VisionConfig
 
 # Abbreviations, HTML entities, emoji, other scripts, newlines and tabs, hashtags, a very long caption.
@@ -99,7 +99,9 @@ def model_with(tokenizer: str, **kwargs) -> NXTP:
             max_position_embeddings=4096,
         )
     )
-    return NXTP(VisionConfig(model_name="nxtp-tiny-vit"), decoder, tokenizer, prompt=PROMPT, **kwargs).eval()
+    return NXTP(
+        NXTPConfig(VisionConfig(model_name="nxtp-tiny-vit"), decoder, tokenizer, prompt=PROMPT, **kwargs)
+    ).eval()
 
 
 @pytest.fixture(scope="module", params=["llama2", "default"])

@@ -24,9 +24,8 @@ from ..callbacks import (
     SlurmRequeue,
     numbered,
 )
+from ..checkpoint import TrainingState, read_config
 from ..checkpoint_io import load_checkpoint
-from ..lit_nxtp import MAX_STEPS_KEY
-from ..nxtp import ARCHITECTURE
 
 # Lightning 2.6 flattens batches with torch's LeafSpec, which torch 2.9 deprecates: harmless, and printed at every
 # fit, validation and test.
@@ -86,10 +85,8 @@ class NXTPCLI(LightningCLI):
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not path or not Path(path).is_file():
             return
-        stored = load_checkpoint(path, mmap=True).get("hyper_parameters", {})
-        architecture = {k: stored[k] for k in ARCHITECTURE if k in stored}
-        if architecture:
-            self.config = self.parser.parse_object({subcommand: {"model": architecture}}, self.config)
+        architecture = read_config(path).to_dict()
+        self.config = self.parser.parse_object({subcommand: {"model": architecture}}, self.config)
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand != "fit":
@@ -109,7 +106,7 @@ class NXTPCLI(LightningCLI):
         if found is None:
             return
         path, version, state = found
-        step, planned = state.get("global_step", 0), state.get(MAX_STEPS_KEY) or config.trainer.max_steps
+        step, planned = state.get("global_step", 0), TrainingState.load(state).max_steps or config.trainer.max_steps
         if planned is not None and 0 < planned <= step:
             say(
                 f"not resuming {path}: its run is finished (step {step} of {planned}), so a new run starts; "

@@ -1,0 +1,303 @@
+"""What a saved model is: the one module that knows the keys of a ``.ckpt`` and the files of a model folder.
+
+Two forms hold a model:
+- a **model folder** (``nxtp export --format safetensors``, ``nxtp import-official``, ``NXTP.save_pretrained``):
+  ``config.yaml`` (``NXTPConfig``), ``model.safetensors`` and ``tokenizer/``; no pickle anywhere;
+- a Lightning **``.ckpt``** written by ``nxtp fit``: the weights under ``state_dict`` (``model.*``), the model's
+  config (``CONFIG_KEY``, and the hyper-parameters ``LitNXTP`` was built with), a copy of the tokenizer's files
+  (``TOKENIZER_KEY``) and what resuming the run needs (``TrainingState``). It is read without running code from its
+  pickle (``checkpoint_io.load_checkpoint``) unless the caller trusts it.
+
+Everything else (``Recognizer``, the CLI, ``nxtp serve``, export, resume) goes through the functions here.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .nxtp import NXTP, NXTPConfig
+
+CONFIG_FILE = "config.yaml"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+
+CONFIG_KEY = "nxtp_config"  # NXTPConfig.to_dict(): plain data, whatever LitNXTP's arguments are called
+TOKENIZER_KEY = "nxtp_tokenizer_files"
+RNG_KEY = "nxtp_rng_states"
+MAX_STEPS_KEY = "nxtp_max_steps"
+TRAIN_SKIPPED_KEY = "nxtp_train_skipped"
+MODEL_PREFIX = "model."  # LitNXTP keeps the recognizer as ``self.model``
+
+# Before NXTPConfig, LitNXTP took the architecture as top-level arguments: checkpoints of that time keep these
+# keys at the top of their hyper-parameters (and no CONFIG_KEY).
+_FLAT_KEYS = ("vision", "decoder", "tokenizer", "prompt", "reference_compat", "reset_label_positions")
+
+
+def is_model_folder(path: str | Path) -> bool:
+    return Path(path).is_dir()
+
+
+# model folders ----------------------------------------------------------------------------------------------
+
+
+def save_folder(model: NXTP, out_dir: str | Path) -> Path:
+    """Write ``model`` as a model folder (``config.yaml``, ``model.safetensors``, ``tokenizer/``); return it."""
+    import safetensors.torch
+    import yaml
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    config["vision"] = {**config["vision"], "pretrained": None}  # the weights are in model.safetensors
+    layers = model.decoder.config
+    config["decoder"] = {
+        "name_or_path": None,
+        "num_blocks": None,
+        "dtype": "float32",
+        "config": {"model_type": layers.model_type, **layers.to_diff_dict()},
+    }
+    config["tokenizer"] = TOKENIZER_DIR
+    model.tokenizer.save_pretrained(out / TOKENIZER_DIR)
+    safetensors.torch.save_model(model, str(out / WEIGHTS_FILE))
+    (out / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+    return out
+
+
+def _folder_config(path: Path) -> NXTPConfig:
+    import yaml
+
+    file = path / CONFIG_FILE
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{file} does not exist: a model folder is one written by nxtp export --format safetensors, "
+            f"nxtp import-official or NXTP.save_pretrained"
+        )
+    config = yaml.safe_load(file.read_text())
+    return NXTPConfig.from_dict({**config, "tokenizer": str(path / config["tokenizer"])}, source=str(file))
+
+
+def load_folder(path: str | Path) -> NXTP:
+    """Rebuild the model of a model folder, in eval mode (no pickle involved)."""
+    import safetensors.torch
+
+    path = Path(path)
+    model = NXTP(_folder_config(path))
+    missing, unexpected = safetensors.torch.load_model(model, str(path / WEIGHTS_FILE), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path / WEIGHTS_FILE}: missing keys {missing}, unexpected keys {unexpected}")
+    return model.eval()
+
+
+# .ckpt files ------------------------------------------------------------------------------------------------
+
+
+def checkpoint_config(checkpoint: dict[str, Any], source: str = "the checkpoint") -> NXTPConfig:
+    """The ``NXTPConfig`` a ``.ckpt``'s model was built with (checkpoints of every version of ``nxtp fit``)."""
+    if CONFIG_KEY in checkpoint:
+        return NXTPConfig.from_dict(checkpoint[CONFIG_KEY], source)
+    stored = checkpoint.get("hyper_parameters") or {}
+    if "nxtp" in stored:  # LitNXTP(nxtp=NXTPConfig(...), ...), as a dict or the dataclass itself
+        nxtp = stored["nxtp"]
+        return nxtp if isinstance(nxtp, NXTPConfig) else NXTPConfig.from_dict(dict(nxtp), source)
+    if not all(k in stored for k in ("vision", "decoder", "tokenizer")):
+        raise ValueError(f"{source}: no model config (neither {CONFIG_KEY!r} nor LitNXTP hyper-parameters)")
+    return NXTPConfig.from_dict({k: stored[k] for k in _FLAT_KEYS if k in stored}, source)
+
+
+def model_state(checkpoint: dict[str, Any], source: str = "the checkpoint") -> dict[str, Tensor]:
+    """The ``NXTP`` state dict inside a ``.ckpt``: its ``model.*`` tensors (the rest, e.g. metric embedders, is not
+    part of the recognizer)."""
+    if "state_dict" not in checkpoint:
+        raise ValueError(f"{source}: no 'state_dict'; expected a .ckpt written by nxtp fit")
+    return {k.removeprefix(MODEL_PREFIX): v for k, v in checkpoint["state_dict"].items() if k.startswith(MODEL_PREFIX)}
+
+
+def tokenizer_files(tokenizer) -> dict[str, bytes]:
+    """The files ``save_pretrained`` writes for ``tokenizer``, by name (what a ``.ckpt`` stores)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+
+
+def load_checkpoint_model(path: str | Path, trust: bool = False) -> NXTP:
+    """Rebuild the model of a ``.ckpt``, in eval mode. Its tokenizer is the one its config names where that
+    exists, else the copy the checkpoint stores (a checkpoint copied to another machine still loads)."""
+    from .checkpoint_io import load_checkpoint
+
+    checkpoint = load_checkpoint(path, trust=trust)
+    config = checkpoint_config(checkpoint, str(path))
+    stored = checkpoint.get(TOKENIZER_KEY)
+    with tempfile.TemporaryDirectory(prefix="nxtp-tokenizer-") as folder:
+        if stored and not Path(config.tokenizer).exists():
+            for name, data in stored.items():
+                (Path(folder) / name).write_bytes(data)
+            config.tokenizer = folder  # read into memory while building; the folder is not needed after
+        model = NXTP(config)
+    model.load_state_dict(model_state(checkpoint, str(path)))
+    return model.eval()
+
+
+def load_model(source: str | Path, trust: bool = False) -> NXTP:
+    """The model a source holds, in eval mode: a model folder or a ``.ckpt`` (see the module's docstring)."""
+    if "://" not in str(source) and not Path(source).exists():
+        raise FileNotFoundError(f"{source}: no such model folder or checkpoint")
+    return load_folder(source) if is_model_folder(source) else load_checkpoint_model(source, trust)
+
+
+def read_config(source: str | Path, trust: bool = False) -> NXTPConfig:
+    """The config alone of a model folder or ``.ckpt`` (tensors memory-mapped, not read)."""
+    from .checkpoint_io import load_checkpoint
+
+    if is_model_folder(source):
+        return _folder_config(Path(source))
+    return checkpoint_config(load_checkpoint(source, trust=trust, mmap="://" not in str(source)), str(source))
+
+
+def read_weights(path: str | Path) -> dict[str, Tensor]:
+    """The NXTP state dict stored at ``path``, read without running code from it.
+
+    ``path`` is a model folder, a ``.safetensors`` file, or a Lightning ``.ckpt`` written by ``nxtp fit`` (read
+    with the allow-list of ``checkpoint_io.load_checkpoint``; only its ``model.*`` tensors are kept).
+    """
+    import safetensors.torch
+
+    from .checkpoint_io import load_checkpoint
+
+    path = Path(path) if "://" not in str(path) else path
+    if isinstance(path, Path) and not path.exists():
+        raise FileNotFoundError(f"model.init_from={path}: no such file or folder")
+    if isinstance(path, Path) and path.is_dir():
+        path = path / WEIGHTS_FILE
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} does not exist: a weights folder is one written by save_pretrained, "
+                f"nxtp import-official or nxtp export --format safetensors"
+            )
+    if str(path).endswith(".safetensors"):
+        return safetensors.torch.load_file(str(path))
+    return model_state(load_checkpoint(path), str(path))
+
+
+def _listed(keys: list[str], limit: int = 20) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{shown}, ... ({len(keys) - limit} more)" if len(keys) > limit else shown
+
+
+def load_weights(
+    model: nn.Module, state: dict[str, Tensor], allow_missing: list[str] = (), source: str = "the source"
+) -> list[str]:
+    """Copy ``state`` into ``model``, whose names and shapes it must match exactly; return the keys left as built.
+
+    Keys of ``model`` absent from ``state`` are allowed only where they match a pattern of ``allow_missing``
+    (fnmatch); they keep the model's own initialisation. Otherwise a ``ValueError`` lists every missing,
+    unexpected and mis-shaped key (with both shapes), in the terms of ``model.init_from`` and
+    ``model.init_allow_missing`` (what ``nxtp fit`` calls them).
+    """
+    expected = model.state_dict(keep_vars=True)
+    # Tied tensors (e.g. lm_head tied to the embeddings) are stored once by safetensors: any alias will do.
+    storage: dict[int | str, set[str]] = {}
+    ptr = {name: t.data_ptr() or name for name, t in expected.items()}  # empty and meta tensors all give 0
+    for name in expected:
+        storage.setdefault(ptr[name], set()).add(name)
+    absent = sorted(k for k in expected if not storage[ptr[k]] & state.keys())
+    allowed = [k for k in absent if any(fnmatch.fnmatch(k, p) for p in allow_missing)]
+    missing = [k for k in absent if k not in allowed]
+    unexpected = sorted(state.keys() - expected.keys())
+    mis_shaped = [
+        f"{k}: source {tuple(v.shape)}, model {tuple(expected[k].shape)}"
+        for k, v in sorted(state.items())
+        if k in expected and v.shape != expected[k].shape
+    ]
+    if missing or unexpected or mis_shaped:
+        problems = [
+            f"missing from the source (name them in model.init_allow_missing to keep them as built): {_listed(missing)}"
+            if missing
+            else "",
+            f"not in the model: {_listed(unexpected)}" if unexpected else "",
+            f"shape mismatches: {_listed(mis_shaped)}" if mis_shaped else "",
+        ]
+        raise ValueError(
+            f"model.init_from={source} does not fit the model built from the config (the model config "
+            f"must describe the source's architecture, e.g. --model FOLDER/config.yaml for a "
+            f"save_pretrained folder):\n  " + "\n  ".join(p for p in problems if p)
+        )
+    with torch.no_grad():
+        model.load_state_dict(state, strict=False)
+    return allowed
+
+
+# what a training run stores beside the model ----------------------------------------------------------------
+
+
+@dataclass
+class TrainingState:
+    """What resuming a run needs beyond Lightning's own state: how long the run is meant to be (a run that got
+    there is finished, and is not resumed), and its counts of skipped samples and non-finite steps."""
+
+    max_steps: int | None = None
+    skipped: dict[str, int] = field(default_factory=dict)
+    nonfinite_steps: int = 0
+
+    def save(self, checkpoint: dict[str, Any]) -> None:
+        if self.max_steps is not None:
+            checkpoint[MAX_STEPS_KEY] = self.max_steps
+        checkpoint[TRAIN_SKIPPED_KEY] = {"skipped": dict(self.skipped), "nonfinite": self.nonfinite_steps}
+
+    @classmethod
+    def load(cls, checkpoint: dict[str, Any]) -> TrainingState:
+        counts = checkpoint.get(TRAIN_SKIPPED_KEY) or {}
+        return cls(checkpoint.get(MAX_STEPS_KEY), dict(counts.get("skipped", {})), counts.get("nonfinite", 0))
+
+
+def save_model_record(checkpoint: dict[str, Any], model: NXTP) -> None:
+    """Store in a ``.ckpt`` what rebuilds ``model`` anywhere: its config as plain data and its tokenizer's files."""
+    checkpoint[CONFIG_KEY] = model.config.to_dict()
+    checkpoint[TOKENIZER_KEY] = tokenizer_files(model.tokenizer)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random streams (torch CPU, numpy, Python), as plain data a weights-only load accepts."""
+    import random
+
+    import numpy as np
+
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+    }
+
+
+def save_rng_states(checkpoint: dict[str, Any], states: list[dict[str, Any]]) -> None:
+    """Store every rank's ``rng_state()``, in rank order."""
+    checkpoint[RNG_KEY] = states
+
+
+def restore_rng_state(checkpoint: dict[str, Any], rank: int) -> bool:
+    """Continue this rank's random streams where the checkpoint left them; False if it holds none for ``rank``
+    (a run resumed on more ranks than it was saved from: those ranks keep their seeded streams).
+
+    Checkpoints written before states were kept per rank hold rank 0's alone, which every rank then takes."""
+    import random
+
+    import numpy as np
+
+    stored = checkpoint.get(RNG_KEY)
+    if isinstance(stored, dict):
+        stored = [stored] * (rank + 1)
+    if not stored or rank >= len(stored):
+        return False
+    state = stored[rank]
+    torch.set_rng_state(state["torch"])
+    keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+    return True
