@@ -1,5 +1,6 @@
-"""Labelling speed on large photos, end to end as ``nxtp label`` does it: files -> ``ImageFiles`` (decode,
-orient, convert, resize) in DataLoader workers -> ``Recognizer.label``, with plain and draft JPEG decoding.
+"""Labelling speed on large photos, end to end as ``nxtp label`` does it (``inference.label_files``): files ->
+``ImageFiles`` (decode, orient, convert, resize) in DataLoader workers -> ``Recognizer.label``, with plain and
+draft JPEG decoding.
 
     python experiments/bench_label.py [--images 32] [--size 3000x2200] [--workers 0 1 2] [--folder DIR]
 
@@ -28,9 +29,9 @@ from PIL import Image, ImageDraw
 from datamodules.synthetic import KINDS
 from datamodules.tokenizer import train_caption_tokenizer
 from lightning_modules import Recognizer
-from lightning_modules.cli.label import ImageFiles, image_paths
 from lightning_modules.decoder import DecoderConfig
-from lightning_modules.nxtp import NXTP
+from lightning_modules.inference import InferenceOptions, image_paths, label_files
+from lightning_modules.nxtp import NXTP, NXTPConfig
 from lightning_modules.vision import VisionConfig
 
 ROOT = Path(__file__).parents[1]
@@ -75,27 +76,36 @@ def default_model(tokenizer: str | None, folder: Path) -> NXTP:
         train_caption_tokenizer([f"a {kind} next to a {kind}" for kind in KINDS], tokenizer, required_words=KINDS)
     config = yaml.safe_load((ROOT / "configs/model/nxtp_tiny.yaml").read_text())
     torch.manual_seed(0)
-    model = NXTP(VisionConfig(**config["vision"]), DecoderConfig(**config["decoder"]), tokenizer).eval()
+    vision, decoder = VisionConfig(**config["vision"]), DecoderConfig(**config["decoder"])
+    model = NXTP(NXTPConfig(vision, decoder, tokenizer)).eval()
     with torch.no_grad():  # a random model rarely ends a label: every branch would run to the length limit
         model.decoder.get_output_embeddings().weight[model.sequences.delimiter_id] *= 8
     return model
 
 
 def label_folder(recognizer: Recognizer, paths: list[Path], workers: int, batch_size: int) -> tuple[float, float]:
-    """Label every image as ``nxtp label`` does; return (seconds, seconds spent waiting for decoded images)."""
-    files = ImageFiles(paths, recognizer.model.eval_transform, recognizer.max_image_pixels, recognizer.draft_input_size)
-    start = time.perf_counter()
-    loader = iter(torch.utils.data.DataLoader(files, batch_size=batch_size, num_workers=workers, collate_fn=list))
-    waited = 0.0
-    while True:
-        before = time.perf_counter()
-        batch = next(loader, None)
-        waited += time.perf_counter() - before
-        if batch is None:
-            break
-        assert all(error is None for _, _, error in batch), batch
-        recognizer.label([pixels for _, pixels, _ in batch], topk=10, batch_size=batch_size)
-    return time.perf_counter() - start, waited
+    """Label every image with ``label_files``, as ``nxtp label`` does; return (seconds, seconds outside the model:
+    waiting for decoded images)."""
+    in_model = 0.0
+    label = recognizer.label
+
+    def timed(*args, **kwargs):
+        nonlocal in_model
+        start = time.perf_counter()
+        try:
+            return label(*args, **kwargs)
+        finally:
+            in_model += time.perf_counter() - start
+
+    recognizer.label = timed  # shadows the method on this instance only
+    try:
+        start = time.perf_counter()
+        for result in label_files(recognizer, paths, InferenceOptions(batch_size=batch_size), workers=workers):
+            assert result.error is None, result.error
+        seconds = time.perf_counter() - start
+    finally:
+        del recognizer.label
+    return seconds, seconds - in_model
 
 
 def main() -> None:

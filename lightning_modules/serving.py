@@ -41,7 +41,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from datamodules.images import MAX_IMAGE_PIXELS
+from .inference import InferenceOptions, Labelled, autocast
 
 MAX_TOPK = 100  # branches per image; more multiplies a batch's work for labels far below any useful probability
 
@@ -286,36 +286,28 @@ class RecognizerAPI(ls.LitAPI):
     def __init__(
         self,
         checkpoint: str,
+        options: InferenceOptions | None = None,
         trust: bool = False,
-        precision: str = "32",
-        max_image_pixels: int = MAX_IMAGE_PIXELS,
         threads: int | None = None,
         **kwargs: Any,
     ) -> None:
-        """``kwargs`` go to ``LitAPI`` (``max_batch_size``, ``batch_timeout``)."""
-        super().__init__(**kwargs)
-        self.checkpoint, self.trust, self.precision = checkpoint, trust, precision
-        self.max_image_pixels, self.threads = max_image_pixels, threads
+        """``options.batch_size`` is LitServe's ``max_batch_size``, ``kwargs`` go to ``LitAPI`` (``batch_timeout``);
+        each worker loads the model on the device LitServe gives it (``cli.serve.accelerator_devices``)."""
+        self.options = options or InferenceOptions()
+        super().__init__(max_batch_size=self.options.batch_size, **kwargs)
+        self.checkpoint, self.trust, self.threads = checkpoint, trust, threads
 
     def setup(self, device: str) -> None:
         import torch
         from PIL import Image
 
-        from .recognizer import Recognizer
-
         if self.threads:
             torch.set_num_threads(self.threads)
-        self.recognizer = Recognizer.from_checkpoint(
-            self.checkpoint, device, trust=self.trust, max_image_pixels=self.max_image_pixels
-        )
-        self.dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(self.precision)
-        self.device_type = torch.device(device).type
+        self.recognizer = self.options.load(self.checkpoint, trust=self.trust, device=device)
         self.label([self.recognizer.preprocess(Image.new("RGB", (64, 64)))], topk=1)  # warm up before /health
 
     def label(self, pixels: list, topk: int) -> list[list[tuple[str, float]]]:
-        import torch
-
-        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None):
+        with autocast(self.recognizer.device, self.options.precision):
             return self.recognizer.label(pixels, topk=topk, batch_size=len(pixels))
 
     # No annotation on ``request`` nor on encode_response's result: LitServe builds the FastAPI endpoint from them
@@ -351,41 +343,28 @@ class RecognizerAPI(ls.LitAPI):
         item, labels, batch_size = output
         if isinstance(item, RequestError):
             return item.response(batch_size)
-        entry = ({"image": item.filename} if item.filename is not None else {}) | {
-            "labels": [{"label": label, "prob": p} for label, p in labels]
-        }
+        entry = Labelled(item.filename, labels).to_json()
         return JSONResponse(entry, headers={"X-Batch-Size": str(batch_size)})
 
 
 def describe(checkpoint: str | Path, trust: bool = False) -> dict[str, Any]:
     """What ``/info`` names: the checkpoint, the vision tower, the decoder and the tokenizer, read from the
-    checkpoint's config (a ``.ckpt`` is read as ``Recognizer.from_checkpoint`` reads it, so an untrusted one is
-    refused here, before any worker starts)."""
-    from dataclasses import asdict, is_dataclass
-
-    import yaml
+    model's config alone (``checkpoint.read_config``: a ``.ckpt`` is read as ``Recognizer.from_checkpoint``
+    reads it, so an untrusted one is refused here, before any worker starts)."""
+    from .checkpoint import read_config
 
     path = Path(checkpoint)
-    if path.is_dir():
-        config = yaml.safe_load((path / "config.yaml").read_text())
-        tokenizer = str((path / config["tokenizer"]).resolve())
-    else:
-        from .checkpoint_io import load_checkpoint
-
-        config = load_checkpoint(path, trust=trust).get("hyper_parameters", {})
-        tokenizer = str(config.get("tokenizer"))
-        if not Path(tokenizer).exists():  # Recognizer.from_checkpoint then uses the copy the checkpoint holds
-            tokenizer += " (not on this machine: the copy stored in the checkpoint is used)"
-    vision, decoder = (
-        {**asdict(c)} if is_dataclass(c) else dict(c or {}) for c in (config.get("vision"), config.get("decoder"))
-    )
-    layers = decoder.get("config") or {}
+    config = read_config(path, trust=trust)
+    tokenizer = str(Path(config.tokenizer).resolve()) if Path(config.tokenizer).exists() else config.tokenizer
+    if not path.is_dir() and not Path(config.tokenizer).exists():  # the checkpoint's own copy is used instead
+        tokenizer += " (not on this machine: the copy stored in the checkpoint is used)"
+    layers = config.decoder.config or {}
     return {
         "checkpoint": str(path.resolve()),
         "model": "NXTP",
-        "vision": vision.get("model_name"),
-        "decoder": decoder.get("name_or_path") or layers.get("model_type", "llama"),
-        "decoder_layers": decoder.get("num_blocks") or layers.get("num_hidden_layers"),
+        "vision": config.vision.model_name,
+        "decoder": config.decoder.name_or_path or layers.get("model_type", "llama"),
+        "decoder_layers": config.decoder.num_blocks or layers.get("num_hidden_layers"),
         "decoder_hidden_size": layers.get("hidden_size"),
         "tokenizer": tokenizer,
     }

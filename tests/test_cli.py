@@ -37,3 +37,27 @@ def test_every_subcommand_has_its_own_help(command, monkeypatch, capsys):
         main()
     assert end.value.code in (0, None)
     assert "usage:" in capsys.readouterr().out
+
+
+HEAVY = {"torch", "transformers", "lightning", "open_clip"}
+OPTIONS = {  # some options of each command's own, and for label and serve the shared inference options
+    "label": ["--checkpoint", "--vocabulary", "--attention-maps", "--format", "--batch-size", "--workers"],
+    "serve": ["--checkpoint", "--port", "--max-batch-size", "--timeout"],
+    "export": ["--checkpoint", "--format", "--out", "--opset"],
+    "import-official": ["--checkpoint", "--clip", "--tokenizer", "--out"],
+    "sweep": ["--launcher", "--index", "--dry-run"],
+}
+SHARED = ["--device", "--precision", "--topk", "--min-prob", "--max-image-pixels", "--no-draft"]
+
+
+@pytest.mark.parametrize("command", list(OPTIONS))
+def test_help_lists_the_options_without_importing_torch(command):
+    """`nxtp COMMAND --help` answers at once: nothing heavy is imported before the arguments are parsed."""
+    result = run(NXTP_CLI[:1] + ["-X", "importtime"] + NXTP_CLI[1:] + [command, "--help"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("import time:")]
+    imported = {line.rsplit("|", 1)[1].strip() for line in lines}
+    assert "lightning_modules.cli" in imported  # what -X importtime reports, so that an empty set proves nothing
+    assert not {name.split(".")[0] for name in imported} & HEAVY
+    expected = OPTIONS[command] + (SHARED if command in ("label", "serve") else [])
+    assert [flag for flag in expected if flag not in result.stdout] == []

@@ -2,13 +2,15 @@
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import OFFICIAL, tiny_nxtp
 from PIL import Image
 
-from lightning_modules.cli.label import label_main
+from lightning_modules.cli.label import build_parser, label_main
+from lightning_modules.inference import InferenceOptions, autocast, dtype, label_files
 from lightning_modules.recognizer import Recognizer
 
 
@@ -132,3 +134,19 @@ def test_attention_maps_are_written_for_every_label_and_equal_recognizer_explain
         assert values.shape == label_map.grid.shape and abs(values.sum() - 1) < 1e-4 and (values >= 0).all()
         assert np.allclose(values, label_map.grid, atol=1e-6)
     assert json.loads((out_dir / "a.json").read_text())
+
+
+def test_options_are_declared_once_for_the_command_line_and_the_library(setup):
+    root, folder, _ = setup
+    args = build_parser().parse_args(["--checkpoint", "x", "--precision", "bf16", "--no-draft", "--topk", "2"])
+    options = InferenceOptions.from_args(args)
+    assert options == InferenceOptions(precision="bf16", draft=False, topk=2)
+    assert (dtype("32"), dtype("bf16"), dtype("16")) == (None, torch.bfloat16, torch.float16)
+    with autocast("cpu", "bf16"):
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    # the library loop yields what the command writes: an error entry for an unreadable file, labels for the rest
+    recognizer = InferenceOptions().load(root / "model")
+    results = {Path(r.image).name: r for r in label_files(recognizer, [folder / "broken.jpg", folder / "a.png"])}
+    assert results["broken.jpg"].error and results["broken.jpg"].labels is None
+    expected = recognizer.label([folder / "a.png"], topk=10)[0]
+    assert [label for label, _ in results["a.png"].labels] == [label for label, _ in expected]

@@ -70,6 +70,13 @@ def test_an_untrusted_checkpoint_is_refused_before_anything_starts(tmp_path, cap
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_option_defaults_obey_the_request_rules(capsys):
+    for flag, value, words in (("--topk", "0", "--topk: an integer from 1 to"), ("--min-prob", "2", "--min-prob: a")):
+        with pytest.raises(SystemExit) as end:
+            serve_main(["--checkpoint", "model", flag, value])
+        assert end.value.code == 2 and words in capsys.readouterr().err
+
+
 # the server ----------------------------------------------------------------------------------------------------
 
 

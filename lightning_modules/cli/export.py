@@ -5,9 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..checkpoint_io import UntrustedCheckpointError
-from ..export import export
-
 
 def export_main(argv: list[str]) -> int:
     """``nxtp export --checkpoint CKPT --format safetensors|onnx --out DIR [--opset 17]``."""
@@ -23,6 +20,8 @@ def export_main(argv: list[str]) -> int:
         "trust (by default only what the project's own checkpoints contain is loaded)",
     )
     args = parser.parse_args(argv)
+    from ..checkpoint_io import UntrustedCheckpointError
+    from ..export import export
 
     try:
         out = export(args.checkpoint, args.out, args.format, args.opset, trust=args.trust_checkpoint)

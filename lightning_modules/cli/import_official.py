@@ -4,15 +4,20 @@
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib.util
 from pathlib import Path
 
-from .. import official
-from ..official import import_official
+
+def summary() -> str:
+    """The first paragraph of ``official``'s docstring, read from its source: importing it would import torch."""
+    source = Path(importlib.util.find_spec("..official", __package__).origin).read_text()
+    return ast.get_docstring(ast.parse(source)).split("\n\n")[0]
 
 
 def import_main(argv: list[str]) -> int:
     """``nxtp import-official``."""
-    parser = argparse.ArgumentParser(prog="nxtp import-official", description=official.__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="nxtp import-official", description=summary())
     parser.add_argument("--checkpoint", required=True, help="official ckpt_epoch_03_iter_*.pth")
     parser.add_argument(
         "--clip",
@@ -27,6 +32,8 @@ def import_main(argv: list[str]) -> int:
     parser.add_argument("--decoder-norm-eps", type=float, default=1e-5)
     parser.add_argument("--reference-compat", action="store_true", help="reproduce the reference's quirks")
     args = parser.parse_args(argv)
+    from ..official import import_official
+
     import_official(
         args.checkpoint,
         args.clip,

@@ -13,7 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
-from datamodules.images import MAX_IMAGE_PIXELS
+from ..inference import TOPK, InferenceOptions
 
 
 def accelerator_devices(device: str) -> tuple[str, int | list[int] | str]:
@@ -49,8 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="interface to listen on (0.0.0.0 or :: open the server to other machines)",
     )
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda (every GPU), cuda:1, cuda:0,1, mps or auto")
-    parser.add_argument("--precision", choices=["32", "bf16", "16"], default="32", help="autocast dtype")
+    InferenceOptions.add_arguments(
+        parser,
+        notes={
+            "device": "here cuda is every GPU, and cuda:0,1 (these GPUs) or auto work too",
+            "topk": "the default of the request option topk",
+            "min_prob": "the default of the request option min_prob",
+            "max_image_pixels": "answered 422",
+        },
+        exclude=["batch_size"],  # LitServe batches requests: --max-batch-size
+    )
     parser.add_argument("--max-batch-size", type=int, default=16, help="requests labelled together at most")
     parser.add_argument(
         "--batch-timeout", type=float, default=0.01, help="seconds a batch waits to fill before it runs anyway"
@@ -62,18 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="torch threads per worker (default on the CPU: the cores shared among the workers)",
     )
-    parser.add_argument("--topk", type=int, default=10, help="default of the request option topk")
-    parser.add_argument("--min-prob", type=float, default=0.0, help="default of the request option min_prob")
     parser.add_argument(
         "--timeout", type=float, default=30.0, help="seconds a request may wait for a worker before it is answered 504"
     )
     parser.add_argument("--max-payload-mb", type=float, default=16.0, help="refuse larger request bodies (413)")
-    parser.add_argument(
-        "--max-image-pixels",
-        type=int,
-        default=MAX_IMAGE_PIXELS,
-        help="refuse images with more pixels (width x height, read from the header; 422)",
-    )
     parser.add_argument(
         "--slow-queue",
         action="store_true",
@@ -88,13 +88,15 @@ def serve_main(argv: list[str]) -> int:
     """``nxtp serve``: runs until SIGTERM or Ctrl-C, then stops its workers and returns 0."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    options = InferenceOptions.from_args(args, batch_size=args.max_batch_size)
     from ..serving import FIELDS, MAX_TOPK
 
-    for name in ("topk", "min_prob"):  # the defaults obey the rules of the request options they stand for
+    defaults = {"topk": TOPK if options.topk is None else options.topk, "min_prob": options.min_prob}
+    for name, value in defaults.items():  # the defaults obey the rules of the request options they stand for
         try:
-            FIELDS[name](getattr(args, name), False)
+            FIELDS[name](value, False)
         except ValueError as e:
-            parser.error(f"--{name.replace('_', '-')}: {e}".replace(f"{name}: ", ""))
+            parser.error(f"--{name.replace('_', '-')}: {str(e).removeprefix(f'{name}: ')}")
     if not 1024 <= args.port <= 65535:
         parser.error(f"--port: from 1024 to 65535 (LitServe's range), got {args.port}")
     if args.max_batch_size < 1 or args.batch_timeout < 0 or args.workers_per_device < 1 or args.timeout <= 0:
@@ -120,28 +122,25 @@ def serve_main(argv: list[str]) -> int:
     except pickle.UnpicklingError as e:  # checkpoint_io.UntrustedCheckpointError, or a corrupt file
         print(f"nxtp serve: {e}", file=sys.stderr)
         return 2
-    accelerator, devices = accelerator_devices(args.device)
+    accelerator, devices = accelerator_devices(options.device)
     threads = args.threads
     if threads is None and accelerator == "cpu":
         threads = max(1, (os.cpu_count() or 1) // args.workers_per_device)
-    defaults = {"topk": args.topk, "min_prob": args.min_prob}
     max_payload = int(args.max_payload_mb * (1 << 20))
     info.update(
         defaults=defaults,
         max_topk=MAX_TOPK,
         max_payload_bytes=max_payload,
-        max_image_pixels=args.max_image_pixels,
-        max_batch_size=args.max_batch_size,
+        max_image_pixels=options.max_image_pixels,
+        max_batch_size=options.batch_size,
         batch_timeout=args.batch_timeout,
-        precision=args.precision,
+        precision=options.precision,
     )
     api = RecognizerAPI(
         str(Path(args.checkpoint).resolve()),
+        options,
         trust=args.trust_checkpoint,
-        precision=args.precision,
-        max_image_pixels=args.max_image_pixels,
         threads=threads,
-        max_batch_size=args.max_batch_size,
         batch_timeout=args.batch_timeout,
     )
     server = ls.LitServer(

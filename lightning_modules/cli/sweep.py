@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from ..sweep import Sweep, fit_args, read_status, run_name, run_one, submit_slurm, table, trials, write_table
-
 
 def sweep_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="nxtp sweep", description="Run a hyper-parameter sweep of `nxtp fit` runs.")
@@ -22,6 +20,8 @@ def sweep_main(argv: list[str]) -> int:
     parser.add_argument("--collect", action="store_true", help="only write the table of the runs so far")
     parser.add_argument("--dry-run", action="store_true", help="print the runs' commands and stop")
     args = parser.parse_args(argv)
+    from ..sweep import Sweep, fit_args, read_status, run_name, run_one, submit_slurm, table, trials, write_table
+
     sweep = Sweep.load(args.sweep)
     runs = trials(sweep)
     if args.dry_run:

@@ -1,0 +1,248 @@
+"""How a model is run on images: the options ``nxtp label`` and ``nxtp serve`` share (``InferenceOptions``, which
+also declares them on both command lines), the precision's autocast, and the labelling loop over image files
+(``label_files``) with its JSON-lines and CSV writers.
+
+torch is imported inside the functions that run a model: building a command's parser (``nxtp label --help``)
+imports nothing heavy.
+
+    options = InferenceOptions(device="cuda", precision="bf16", topk=5)
+    recognizer = options.load("logs/default/version_0/checkpoints/last.ckpt")
+    with open("labels.jsonl", "w") as out:
+        for result in label_files(recognizer, image_paths(["photos/"]), options):
+            write_jsonl(out, result)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from datamodules.images import MAX_IMAGE_PIXELS, decode_image
+
+if TYPE_CHECKING:
+    import torch
+
+    from .attention_maps import LabelMap
+    from .recognizer import Recognizer
+    from .vocabulary import LabelMapper
+
+# precision name -> torch dtype that autocast runs in (None: float32, autocast off)
+PRECISIONS = {"32": None, "bf16": "bfloat16", "16": "float16"}
+TOPK = 10  # labels (first tokens branched from) per image where no topk is given, as in Recognizer.label
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+CSV_HEADER = ["image", "label", "prob", "error"]
+
+
+def option(default: Any, help: str, **kwargs: Any) -> Any:
+    """A field of ``InferenceOptions`` with its command-line help (and ``add_argument`` keywords such as
+    ``choices``): the one definition of the option."""
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class InferenceOptions:
+    """How a recognizer is loaded and run: each field is a command-line option (``--min-prob`` for ``min_prob``,
+    ``--no-draft`` for ``draft``) whose help is the field's ``help``."""
+
+    device: str = option("cpu", "where the model runs: cpu, cuda, cuda:1, mps")
+    precision: str = option("32", "autocast dtype", choices=tuple(PRECISIONS))
+    topk: int | None = option(None, f"first tokens to branch from (at most this many labels; default {TOPK})", type=int)
+    min_prob: float = option(0.0, "drop labels below this probability", type=float)
+    max_image_pixels: int = option(
+        MAX_IMAGE_PIXELS,
+        "refuse larger images (width x height, read from the header), as data.max_image_pixels",
+        type=int,
+    )
+    draft: bool = option(
+        True,
+        "decode large JPEGs at full scale (slower; by default they are decoded at 1/2-1/8 scale, never below twice "
+        "the tower's input)",
+    )
+    batch_size: int = option(32, "images the model runs at once", type=int)
+
+    @classmethod
+    def add_arguments(
+        cls, parser: argparse.ArgumentParser, notes: dict[str, str] | None = None, exclude: Iterable[str] = ()
+    ) -> None:
+        """Declare the options on ``parser``; ``notes`` add what an option means to this command to its help, and
+        the fields in ``exclude`` are left out (``from_args`` then takes their defaults, or the caller's)."""
+        notes = notes or {}
+        for f in fields(cls):
+            if f.name in exclude:
+                continue
+            kwargs = dict(f.metadata)
+            kwargs["help"] = "; ".join(filter(None, [kwargs["help"], notes.get(f.name)]))
+            flag = f.name.replace("_", "-")
+            if isinstance(f.default, bool):  # a switch that turns the default around
+                flag, kwargs["action"] = ("no-" + flag, "store_false") if f.default else (flag, "store_true")
+            parser.add_argument(f"--{flag}", dest=f.name, default=f.default, **kwargs)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **overrides: Any) -> InferenceOptions:
+        """The options parsed by a parser that ``add_arguments`` declared them on, ``overrides`` taking precedence."""
+        given = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        return cls(**(given | overrides))
+
+    def load(self, checkpoint: str | Path, trust: bool = False, device: str | None = None) -> Recognizer:
+        """``Recognizer.from_checkpoint`` with these options (on ``device`` instead of ``self.device`` if given)."""
+        from .recognizer import Recognizer
+
+        return Recognizer.from_checkpoint(
+            checkpoint,
+            device=device or self.device,
+            trust=trust,
+            max_image_pixels=self.max_image_pixels,
+            draft=self.draft,
+        )
+
+
+def dtype(precision: str) -> torch.dtype | None:
+    """The dtype a precision name (``PRECISIONS``) runs in under autocast; None for float32 (no autocast)."""
+    import torch
+
+    return getattr(torch, PRECISIONS[precision]) if PRECISIONS[precision] else None
+
+
+def autocast(device: str | torch.device, precision: str):
+    """The autocast context for a precision name on ``device`` (disabled for ``32``)."""
+    import torch
+
+    cast = dtype(precision)
+    return torch.autocast(torch.device(device).type, dtype=cast, enabled=cast is not None)
+
+
+def image_paths(inputs: Iterable[str], files_from: str | Path | None = None) -> list[Path]:
+    """Files as given, glob patterns expanded, image files inside directories (recursively, sorted), and the
+    paths listed one per line in ``files_from``."""
+    items = list(inputs)
+    if files_from:
+        items += [line.strip() for line in Path(files_from).read_text().splitlines() if line.strip()]
+    paths: list[Path] = []
+    for item in items:
+        if not Path(item).exists() and glob.has_magic(item):
+            paths += [Path(p) for p in sorted(glob.glob(item, recursive=True))]
+        elif Path(item).is_dir():
+            paths += sorted(p for p in Path(item).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            paths.append(Path(item))  # a missing file is reported as an error entry, like an unreadable one
+    return paths
+
+
+class ImageFiles:
+    """Preprocessed images, a map-style dataset for a DataLoader: read as in training (``decode_image``: upright
+    RGB, at most ``max_image_pixels``, large JPEGs decoded at reduced scale for a tower of ``input_size``, None:
+    full scale); an unreadable file yields its error instead of pixels."""
+
+    def __init__(
+        self,
+        paths: list[Path],
+        transform,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
+        input_size: int | tuple[int, int] | None = None,
+    ) -> None:
+        self.paths, self.transform = paths, transform
+        self.max_image_pixels, self.input_size = max_image_pixels, input_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            image = decode_image(self.paths[i], self.max_image_pixels, self.input_size)
+            return str(self.paths[i]), self.transform(image), None
+        except Exception as e:  # reported, never fatal: one bad file must not cost the others
+            return str(self.paths[i]), None, f"{type(e).__name__}: {e}"
+
+
+@dataclass
+class Labelled:
+    """One image's result: its labels ``(label, probability)`` sorted by probability, or the error that kept it from
+    being read; with ``label_files(explain=...)`` also where each label looks (``maps``) and the pixels the model
+    saw (for ``attention_maps.pixels_to_image``)."""
+
+    image: str | None
+    labels: list[tuple[str, float]] | None = None
+    error: str | None = None
+    maps: list[LabelMap] | None = None
+    pixels: Any = None  # Tensor [3, H, W]
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"image", "labels": [{"label", "prob"}]}`` or ``{"image", "error"}``: ``nxtp label``'s JSON line and
+        ``nxtp serve``'s answer (which leaves ``image`` out where the request named no file)."""
+        entry = {} if self.image is None else {"image": self.image}
+        if self.error:
+            return entry | {"error": self.error}
+        return entry | {"labels": [{"label": label, "prob": p} for label, p in self.labels]}
+
+
+def label_files(
+    recognizer: Recognizer,
+    paths: Iterable[str | Path],
+    options: InferenceOptions | None = None,
+    *,
+    vocabulary: tuple | None = None,
+    mapper: LabelMapper | None = None,
+    keep_unmapped: bool = False,
+    chunk_tokens: int = 2048,
+    explain: str | None = None,
+    layer: int = -1,
+    head: int = 0,
+    workers: int = 0,
+) -> Iterator[Labelled]:
+    """Label image files in batches of ``options.batch_size`` under ``options.precision``'s autocast, read by
+    ``workers`` DataLoader processes; yield a ``Labelled`` per file as each batch ends (its unreadable files first).
+
+    Free labels (``Recognizer.label``: ``options.topk`` branches, default ``TOPK``) unless ``vocabulary`` (what
+    ``Recognizer.tokenize`` returns: every entry scored exactly, the ``topk`` most probable, default all) or
+    ``mapper`` (a prepared ``LabelMapper``: free labels mapped onto its vocabulary, unmapped ones dropped unless
+    ``keep_unmapped``). ``explain``: an ``attention_maps`` method; each result then holds the maps of its labels
+    (teacher-forced; ``layer`` and ``head`` for the ``head`` method).
+    """
+    import torch
+
+    options = options or InferenceOptions()
+    files = ImageFiles(
+        list(paths), recognizer.model.eval_transform, recognizer.max_image_pixels, recognizer.draft_input_size
+    )
+    loader = torch.utils.data.DataLoader(files, batch_size=options.batch_size, num_workers=workers, collate_fn=list)
+    topk, min_prob, batch_size = options.topk, options.min_prob, options.batch_size
+    branches = TOPK if topk is None else topk
+    for batch in loader:
+        yield from (Labelled(path, error=error) for path, _, error in batch if error)
+        good = [(path, pixels) for path, pixels, error in batch if error is None]
+        if not good:
+            continue
+        pixels = [p for _, p in good]
+        with autocast(recognizer.device, options.precision):
+            if vocabulary is not None:
+                results = recognizer.score(pixels, vocabulary, topk, min_prob, batch_size, chunk_tokens)
+            elif mapper is not None:
+                results = recognizer.map_labels(pixels, mapper, branches, min_prob, keep_unmapped, batch_size)
+            else:
+                results = recognizer.label(pixels, topk=branches, min_prob=min_prob, batch_size=batch_size)
+        maps = [None] * len(good)
+        if explain:  # the maps of the labels found, teacher-forced (outside autocast: gradient maps need autograd)
+            labels = [[label for label, _ in r] for r in results]
+            maps = recognizer.explain(pixels, labels, explain, layer, head, batch_size=batch_size)
+        for (path, image), labels, label_maps in zip(good, results, maps):
+            yield Labelled(path, labels, maps=label_maps, pixels=image if explain else None)
+
+
+def write_jsonl(stream: TextIO, result: Labelled) -> None:
+    """Write a result as one JSON line (``Labelled.to_json``), flushed: a reader sees each image as it is done."""
+    stream.write(json.dumps(result.to_json()) + "\n")
+    stream.flush()
+
+
+def write_csv(stream: TextIO, result: Labelled) -> None:
+    """Write a result as CSV rows (``CSV_HEADER``'s columns, the header is the caller's), one per label; an image
+    with no label left or with an error gets one row with an empty label. Flushed, as ``write_jsonl``."""
+    rows = [[result.image, label, p, ""] for label, p in result.labels or []]
+    csv.writer(stream).writerows(rows or [[result.image, "", "", result.error or ""]])
+    stream.flush()
