@@ -18,6 +18,10 @@ By default four things differ, each a fix of something that turns web captions i
 Both ways, duplicates are removed after lemmatization (the reference deduplicates before, so "dog" and "dogs" could
 both survive as "dog") and the order of first appearance is kept (the reference shuffles; the data pipeline does).
 
+Samples may also carry their labels (``given_labels``): a ``.json`` with a ``labels`` list, or ``.tags`` (one per
+line or comma-separated). Those are used as they are, lowercased and whitespace-normalised; ``data.labels_from``
+says whether they or the caption's nouns win when a sample has both.
+
 Self-contained: the NLTK data (tokenizer, tagger, WordNet) ships in ``datamodules/nltk_data`` and is the only data
 read, whatever ``NLTK_DATA`` says and without ever downloading, so a caption gives the same labels on every machine.
 ``nltk_data=`` (or the ``NXTP_NLTK_DATA`` environment variable) selects another folder of the same layout.
@@ -31,6 +35,7 @@ the yardstick.
 from __future__ import annotations
 
 import html
+import json
 import os
 import re
 import warnings
@@ -47,13 +52,22 @@ __all__ = [
     "NLTK_RESOURCES",
     "NOISE_WORDS",
     "PACKAGED_NLTK_DATA",
+    "LABEL_ERRORS",
+    "LABEL_SOURCES",
+    "LabelError",
     "NLTKDataError",
+    "check_labels",
     "clean_caption",
+    "decode_caption",
     "ensure_nltk_data",
     "extract_labels",
     "extract_labels_batch",
     "extract_labels_nltk",
+    "given_labels",
     "nltk_data_dir",
+    "normalize_label",
+    "normalize_labels",
+    "split_tags",
     "tokenize",
 ]
 
@@ -96,6 +110,100 @@ NLTK_RESOURCES: dict[str, str] = {
     "taggers/averaged_perceptron_tagger_eng/": "averaged_perceptron_tagger_eng",
     "corpora/wordnet/": "wordnet",
 }
+
+
+# data.labels_from: which wins when a sample has both given labels and a caption (either is used when alone).
+LABEL_SOURCES = ("given", "caption")
+# Why a sample's text gives no usable labels (``LabelError.reason``); reject reasons of the data pipeline too.
+LABEL_ERRORS = (
+    "no caption",
+    "caption not utf-8",
+    "empty caption",
+    "labels not utf-8",
+    "malformed labels",
+    "label has delimiter",
+    "label has special token",
+    "no labels",
+)
+# .tags holds one label per line, or comma-separated ones.
+_TAG_SEPARATORS = re.compile(r"[\n,]")
+
+
+class LabelError(ValueError):
+    """A sample whose caption or given labels cannot be used; ``reason`` is one of ``LABEL_ERRORS``."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def normalize_label(label: str) -> str:
+    """Lowercase and collapse whitespace: ``" Stop  Sign"`` -> ``"stop sign"`` (as the metrics compare labels)."""
+    return " ".join(label.lower().split())
+
+
+def decode_caption(data: bytes) -> str:
+    """A caption's text; ``LabelError`` (``caption not utf-8``, ``empty caption``) when it has none."""
+    try:
+        caption = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LabelError("caption not utf-8", str(e)) from e
+    if not caption.strip():
+        raise LabelError("empty caption")
+    return caption
+
+
+def split_tags(text: str) -> list[str]:
+    """The labels of a ``.tags`` text: one per line, or comma-separated."""
+    return _TAG_SEPARATORS.split(text)
+
+
+def normalize_labels(labels: list[str]) -> list[str]:
+    """Given labels as they are used: normalised (:func:`normalize_label`), blank ones dropped, repeats removed,
+    in the given order."""
+    return list(dict.fromkeys(label for label in map(normalize_label, labels) if label))
+
+
+def given_labels(tags: bytes | None = None, meta: bytes | None = None) -> list[str] | None:
+    """The labels a sample gives itself: its ``.json``'s ``labels`` list, else its ``.tags`` (:func:`split_tags`);
+    None when it gives none (no ``.tags``, and no ``.json`` or one without ``labels``). They are normalised
+    (:func:`normalize_labels`); an empty list means the sample gives no label (a ``no labels`` reject).
+
+    Raises:
+        LabelError: ``labels not utf-8``; ``malformed labels`` (a ``.json`` that is no JSON, or ``labels`` that is
+            not a list of strings).
+    """
+    labels = None
+    if meta is not None:
+        try:
+            record = json.loads(meta.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise LabelError("labels not utf-8", f".json: {e}") from e
+        except ValueError as e:
+            raise LabelError("malformed labels", f".json is not JSON: {e}") from e
+        if isinstance(record, dict) and "labels" in record:
+            labels = record["labels"]
+            if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+                raise LabelError("malformed labels", f'.json "labels" is not a list of strings: {labels!r:.200}')
+    if labels is None and tags is not None:
+        try:
+            labels = split_tags(tags.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise LabelError("labels not utf-8", f".tags: {e}") from e
+    return None if labels is None else normalize_labels(labels)
+
+
+def check_labels(labels: list[str], delimiter: str = ",", special: tuple[str, ...] = ()) -> list[str]:
+    """``labels`` unchanged, or ``LabelError`` for the first one holding the ``delimiter`` (it would end the
+    label's block early) or one of the tokenizer's ``special`` tokens (``label has delimiter``, ``label has special
+    token``)."""
+    for label in labels:
+        if delimiter in label:
+            raise LabelError("label has delimiter", f"{label!r} contains {delimiter!r}")
+        token = next((t for t in special if t and t in label), None)
+        if token is not None:
+            raise LabelError("label has special token", f"{label!r} contains {token!r}")
+    return labels
 
 
 class NLTKDataError(RuntimeError):

@@ -1,8 +1,10 @@
 """A LightningDataModule that streams image-caption WebDataset shards into NXTP training batches.
 
-Each sample of a shard is ``KEY.{jpg,jpeg,png,webp}`` + ``KEY.txt`` (the caption). Shards are given as
-brace patterns, lists, local paths or URLs (webdataset handles ``pipe:``, http(s) and s3 itself). Labels
-are extracted from the caption (``labels``), shuffled per sample, and tokenized after the prompt. Shards
+Each sample of a shard is ``KEY.{jpg,jpeg,png,webp}`` + ``KEY.txt`` (the caption) and/or labels it gives itself
+(``KEY.json``'s ``labels`` list or ``KEY.tags``; ``nxtp shards`` writes them from folders, CSV files, COCO and
+ImageFolder trees). Shards are given as brace patterns, lists, local paths or URLs (webdataset handles ``pipe:``,
+http(s) and s3 itself). Labels are the given ones or the nouns extracted from the caption (``data.labels_from``
+says which wins when a sample has both), shuffled per sample, and tokenized after the prompt. Shards
 are split by node and by worker, so with resampling off every sample is seen once per epoch.
 Bad data never stops a run: a sample that cannot be used (broken or oversized image, missing, empty or
 non-UTF-8 caption, no labels, or any error while extracting its labels, tokenizing them or transforming its
@@ -37,7 +39,17 @@ from lightning_modules.sequence import SequenceBuilder, collate_text
 
 from .even_epochs import StopTogether
 from .images import IMAGE_ERRORS, MAX_IMAGE_PIXELS, ImageError, decode_image
-from .labels import NLTKDataError, ensure_nltk_data, extract_labels
+from .labels import (
+    LABEL_ERRORS,
+    LABEL_SOURCES,
+    LabelError,
+    NLTKDataError,
+    check_labels,
+    decode_caption,
+    ensure_nltk_data,
+    extract_labels,
+    given_labels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +60,8 @@ REJECTS_FILE = "rejects.jsonl"
 # that ranks can sum their counts as one vector.
 REJECT_REASONS = (
     "no image",
-    "no caption",
-    "caption not utf-8",
-    "empty caption",
+    *LABEL_ERRORS,
     *IMAGE_ERRORS,
-    "no labels",
     "label extraction failed",
     "tokenization failed",
     "image transform failed",
@@ -168,8 +177,13 @@ class SampleDecoder:
     (``label extraction failed``, ``tokenization failed``, ``image transform failed``); missing NLTK data and
     failures that go on (see ``Rejects.failed``) stop the run instead.
 
+    A sample's labels are the ones it gives (``KEY.json``'s ``labels`` list, else ``KEY.tags``; see
+    :func:`~datamodules.labels.given_labels`), used as they are, or the nouns of its caption (``KEY.txt``);
+    ``labels_from`` (``given`` or ``caption``) says which wins when it has both. A given label holding the
+    delimiter or a special token rejects the sample (``label has delimiter``, ``label has special token``).
+
     ``labels`` are the labels in the sequence (shuffled and cut to ``max_labels``), or with ``full_references``
-    (evaluation) all of the caption's labels, in caption order, while the sequence keeps the cut.
+    (evaluation) all of the sample's labels, in their order, while the sequence keeps the cut.
     ``reference_compat`` and ``nltk_data`` are passed to :func:`~datamodules.labels.extract_labels`.
     """
 
@@ -188,12 +202,20 @@ class SampleDecoder:
         reference_compat: bool = False,
         nltk_data: str | None = None,
         input_size: int | tuple[int, int] | None = None,
+        labels_from: str = "given",
     ) -> None:
+        if labels_from not in LABEL_SOURCES:
+            raise ValueError(f"labels_from={labels_from!r}: use one of {LABEL_SOURCES}")
         self.transform, self.sequences, self.prompt = transform, sequences, prompt
         self.shuffle_labels, self.hflip, self.max_labels = shuffle_labels, hflip, max_labels
         self.seed, self.rejects, self.max_image_pixels = seed, rejects, max_image_pixels
         self.full_references, self.reference_compat, self.nltk_data = full_references, reference_compat, nltk_data
         self.input_size = input_size  # the tower's: large JPEGs are decoded at reduced scale (images.draft_size)
+        self.labels_from = labels_from
+        # What a given label may not hold (a plain callable as ``sequences``, in tests, has no tokenizer).
+        self.delimiter = getattr(sequences, "delimiter", ",")
+        tokenizer = getattr(sequences, "tokenizer", None)
+        self.special = tuple(tokenizer.all_special_tokens) if tokenizer is not None else ()
         self.rng: random.Random | None = None
         ensure_nltk_data(nltk_data)  # here, in the main process: missing data fails before any worker starts
 
@@ -204,21 +226,17 @@ class SampleDecoder:
         image_bytes = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
         if image_bytes is None:
             return self.rejects.add("no image", shard, key)
-        if "txt" not in sample:
-            return self.rejects.add("no caption", shard, key)
         try:
-            caption = sample["txt"].decode("utf-8")
-        except UnicodeDecodeError as e:
-            return self.rejects.add("caption not utf-8", shard, key, e)
-        if not caption.strip():
-            return self.rejects.add("empty caption", shard, key)
+            caption, given = self._text(sample)
+        except LabelError as e:
+            return self.rejects.add(e.reason, shard, key, e.__cause__ or (e if str(e) != e.reason else None))
         try:
             image = decode_image(image_bytes, self.max_image_pixels, self.input_size)
         except ImageError as e:
             return self.rejects.add(e.reason, shard, key, e.__cause__ or e)
         stage = "label extraction failed"
         try:
-            labels = extract_labels(caption, self.reference_compat, self.nltk_data)
+            labels = given if given is not None else extract_labels(caption, self.reference_compat, self.nltk_data)
             if not labels:
                 return self.rejects.add("no labels", shard, key)
             references = list(labels) if self.full_references else None
@@ -237,6 +255,23 @@ class SampleDecoder:
             return self.rejects.failed(stage, shard, key, e)
         self.rejects.succeeded()
         return pixels, sequence, references if self.full_references else labels, key
+
+    def _text(self, sample: dict[str, Any]) -> tuple[str | None, list[str] | None]:
+        """``(caption, None)`` or ``(None, given labels)``: where the sample's labels come from.
+
+        Raises:
+            LabelError: the one chosen cannot be used, or the sample has neither (``no caption``).
+        """
+        if self.labels_from == "caption" and "txt" in sample:
+            return decode_caption(sample["txt"]), None
+        given = given_labels(sample.get("tags"), sample.get("json"))
+        if given is not None:
+            if not given:
+                raise LabelError("no labels", "the sample gives an empty list of labels")
+            return None, check_labels(given, self.delimiter, self.special)
+        if "txt" not in sample:
+            raise LabelError("no caption")
+        return decode_caption(sample["txt"]), None
 
 
 def _shard_files(url: str, skip: int) -> Iterator[dict[str, Any]]:
@@ -394,6 +429,8 @@ class NXTPDataModule(L.LightningDataModule):
             set-up, not bad data.
         max_rejects_in_a_row: this many samples or shards in a row rejected for any reason, with none becoming an
             example, stop the run (resampled shards that are all bad would otherwise be read for ever).
+        labels_from: ``given`` (a sample's own labels, ``KEY.json`` ``labels`` or ``KEY.tags``, win over its caption)
+            or ``caption`` (the caption's nouns win); a sample with only one of them uses it either way.
     """
 
     def __init__(
@@ -415,7 +452,10 @@ class NXTPDataModule(L.LightningDataModule):
         nltk_data: str | None = None,
         max_failures_in_a_row: int = 20,
         max_rejects_in_a_row: int = 10_000,
+        labels_from: str = "given",
     ) -> None:
+        if labels_from not in LABEL_SOURCES:
+            raise ValueError(f"data.labels_from={labels_from!r}: use one of {LABEL_SOURCES}")
         super().__init__()
         self.save_hyperparameters()
         self.model = None
@@ -503,6 +543,7 @@ class NXTPDataModule(L.LightningDataModule):
             nltk_data=hp.nltk_data,
             # random crops may keep a small part of the image: decode those at full size
             input_size=None if train and hp.augment else self.model.visual.image_size,
+            labels_from=hp.labels_from,
         )
         resampled = train and hp.resampled
         # deterministic: drawn from `seed` and the worker, not from the clock and pid

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
+from datamodules.labels import normalize_label
+
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
@@ -60,11 +62,6 @@ MAIN_METRIC = metric_tag(
 )  # what sweeps sort by by default (and the configs' checkpoint monitor)
 
 ONLINE_EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
-
-
-def normalize_label(s: str) -> str:
-    """Lowercase, strip and collapse inner whitespace: ``" Traffic  Light"`` -> ``"traffic light"``."""
-    return " ".join(s.lower().split())
 
 
 def default_embedder_path() -> str:

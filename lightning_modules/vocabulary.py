@@ -356,8 +356,8 @@ class LabelMapper:
         self._cache: dict[str, tuple[int | None, str]] = {}
 
     def _wordnet_reader(self):
-        """WordNet with its noun data, from the project's NLTK data folder if it has it (the packaged copy keeps only
-        what lemmatizing reads), else from NLTK's own search path (``NLTK_DATA``, ``nltk.download("wordnet")``)."""
+        """WordNet with its noun data, from the project's NLTK data folder (the packaged copy is the complete
+        WordNet 3.0) if it has it, else from NLTK's own search path (``NLTK_DATA``, ``nltk.download("wordnet")``)."""
         if self._wordnet is None:
             import nltk
             from nltk.corpus.reader.wordnet import WordNetCorpusReader

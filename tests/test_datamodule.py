@@ -1,6 +1,7 @@
 """The WebDataset DataModule reading shards it did not write itself, with broken members among them."""
 
 import io
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -174,3 +175,48 @@ def test_evaluation_references_are_every_label_and_extraction_follows_the_model(
     assert len(train["labels"][0]) == 2 and set(train["labels"][0]) <= set(truth)
     for batch in (val, train):  # both sequences hold max_labels labels (the last one without a delimiter in compat)
         assert int((batch["text"].label_ends[0] >= 0).sum()) == 2 - compat
+
+
+# --- Labels given by the sample (KEY.json "labels", KEY.tags) ------------------------------------------------
+
+
+def test_given_labels_reach_the_batch_whole_and_labels_from_picks_the_winner(tmp_path, model):
+    caption = b"a dog on the grass"
+    with wds.TarWriter(str(tmp_path / "given.tar")) as sink:
+        sink.write({"__key__": "tags", "jpg": jpeg("red"), "tags": b"Red  Dress\nstop sign,Red dress", "txt": caption})
+        sink.write({"__key__": "json", "jpg": jpeg("red"), "json": json.dumps({"labels": ["Traffic Light"]}).encode()})
+        # The synthetic shards' .json holds boxes; without "labels" it leaves the caption in charge.
+        sink.write({"__key__": "boxes", "jpg": jpeg("red"), "json": b'{"objects": [[1, 2, 3, 4]]}', "txt": caption})
+        sink.write({"__key__": "comma", "jpg": jpeg("red"), "json": json.dumps({"labels": ["salt, pepper"]}).encode()})
+        sink.write({"__key__": "special", "jpg": jpeg("red"), "tags": b"dog\n</s>"})
+        sink.write({"__key__": "empty", "jpg": jpeg("red"), "tags": b" \n,", "txt": caption})
+        sink.write({"__key__": "latin1", "jpg": jpeg("red"), "tags": "caf\xe9".encode("latin-1")})
+        sink.write({"__key__": "broken", "jpg": jpeg("red"), "json": b"{not json"})
+
+    def read(labels_from):
+        dm = NXTPDataModule(
+            val_shards=str(tmp_path / "given.tar"), batch_size=16, num_workers=0, labels_from=labels_from
+        )
+        dm.bind(model)
+        (batch,) = list(dm.val_dataloader())
+        return dict(zip(batch["keys"], batch["labels"])), batch["skipped"], batch["text"], batch["keys"]
+
+    labels, skipped, text, keys = read("given")
+    assert labels == {"tags": ["red dress", "stop sign"], "json": ["traffic light"], "boxes": ["dog", "grass"]}
+    assert skipped == {
+        "label has delimiter": 1,
+        "label has special token": 1,
+        "no labels": 1,
+        "labels not utf-8": 1,
+        "malformed labels": 1,
+    }
+    # A multi-word label is one block of the sequence, tokenized whole.
+    i = keys.index("tags")
+    ids, anchor, ends = text.ids[i].tolist(), int(text.anchors[i]), [e for e in text.label_ends[i].tolist() if e >= 0]
+    assert model.tokenizer.decode(ids[anchor + 1 : ends[0]]).strip() == "red dress"
+    labels, skipped, _, _ = read("caption")
+    assert labels["tags"] == labels["boxes"] == labels["empty"] == ["dog", "grass"] and labels["json"] == [
+        "traffic light"
+    ]
+    with pytest.raises(ValueError, match="labels_from"):
+        NXTPDataModule(labels_from="both")

@@ -19,12 +19,15 @@ import pytest
 from datamodules import labels
 from datamodules.labels import (
     PACKAGED_NLTK_DATA,
+    LabelError,
     NLTKDataError,
+    check_labels,
     clean_caption,
     ensure_nltk_data,
     extract_labels,
     extract_labels_batch,
     extract_labels_nltk,
+    given_labels,
     tokenize,
 )
 
@@ -247,7 +250,7 @@ def test_ensure_nltk_data_finds_the_packaged_data():
     assert ensure_nltk_data() == PACKAGED_NLTK_DATA.resolve()
 
 
-def test_packaged_data_is_small_and_only_what_is_read():
+def test_packaged_data_is_only_what_is_read_and_wordnet_is_complete():
     files = sorted(str(p.relative_to(PACKAGED_NLTK_DATA)) for p in PACKAGED_NLTK_DATA.rglob("*") if p.is_file())
     assert files == [
         "README.md",
@@ -255,13 +258,72 @@ def test_packaged_data_is_small_and_only_what_is_read():
         "taggers/averaged_perceptron_tagger_eng.zip",
         "tokenizers/punkt_tab.zip",
     ]
-    assert sum(p.stat().st_size for p in PACKAGED_NLTK_DATA.rglob("*")) < 6_000_000
-    # The WordNet files kept are the fixture's own bytes.
+    assert sum(p.stat().st_size for p in PACKAGED_NLTK_DATA.rglob("*")) < 14_000_000
+    # The whole of WordNet 3.0 (synonyms and hypernyms for vocabulary mapping), the fixture's own bytes.
     with (
         zipfile.ZipFile(PACKAGED_NLTK_DATA / "corpora/wordnet.zip") as ours,
         zipfile.ZipFile(FIXTURE_NLTK_DATA / "corpora/wordnet.zip") as full,
     ):
+        assert sorted(ours.namelist()) == sorted(full.namelist())
         assert all(ours.read(name) == full.read(name) for name in ours.namelist() if not name.endswith("/"))
+
+
+MAP_PUPPY = """
+import json
+from lightning_modules.vocabulary import LabelMapper, Vocabulary
+mapper = LabelMapper(Vocabulary.coerce(["dog", "car", "tree"]), by=["wordnet"])
+mapper.prepare()
+print(json.dumps([mapper.vocabulary.entries[i].name for i in map(mapper._by_wordnet, ["puppy", "oak", "taxi"])]))
+"""
+
+
+def test_puppy_maps_to_dog_through_the_packaged_wordnet_offline(tmp_path):
+    # A clean environment: NLTK_DATA and NXTP_NLTK_DATA unset, a HOME without nltk_data, no network (offline hubs,
+    # and NLTK never downloads), so the only WordNet there is is the packaged one.
+    env = {k: os.environ[k] for k in ("PATH", "LANG", "OMP_NUM_THREADS") if k in os.environ}
+    env.update(
+        HOME=str(tmp_path), PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", NO_PROXY="*", http_proxy="http://0.0.0.0:9"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", MAP_PUPPY], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == ["dog", "tree", "car"]
+
+
+# --- Labels a sample gives itself
+
+
+def test_given_labels_from_json_and_tags():
+    assert given_labels(meta=b'{"labels": ["Red  Dress", " stop\\tsign ", "red dress", ""]}') == [
+        "red dress",
+        "stop sign",
+    ]
+    assert given_labels(tags=b"Dog\ncat, Stop Sign\n\n") == ["dog", "cat", "stop sign"]
+    assert given_labels(tags=b"dog", meta=b'{"labels": ["cat"]}') == ["cat"]  # the .json's list wins
+    assert given_labels(tags=b"dog", meta=b'{"objects": []}') == ["dog"]
+    assert given_labels(meta=b'{"objects": []}') is None and given_labels(meta=b"[1, 2]") is None
+    assert given_labels() is None and given_labels(tags=b" ,\n") == []
+    for meta, reason in [
+        (b"{no", "malformed labels"),
+        (b'{"labels": "dog"}', "malformed labels"),
+        (b"\xff", "labels not utf-8"),
+    ]:
+        with pytest.raises(LabelError) as info:
+            given_labels(meta=meta)
+        assert info.value.reason == reason
+    with pytest.raises(LabelError, match="labels not utf-8"):
+        given_labels(tags="caf\xe9".encode("latin-1"))
+
+
+def test_check_labels_refuses_the_delimiter_and_special_tokens():
+    assert check_labels(["red dress"], ",", ("</s>",)) == ["red dress"]
+    with pytest.raises(LabelError) as info:
+        check_labels(["dog", "salt, pepper"], ",")
+    assert info.value.reason == "label has delimiter" and "salt, pepper" in str(info.value)
+    with pytest.raises(LabelError) as info:
+        check_labels(["a </s> b"], ",", ("</s>",))
+    assert info.value.reason == "label has special token"
 
 
 def test_another_folder_is_read_only_when_asked_for(tmp_path, monkeypatch):

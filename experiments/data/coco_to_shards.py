@@ -4,7 +4,9 @@
         --captions coco/annotations/captions_val2017.json --out data/coco/val --per-image
 
 Each sample is ``KEY.jpg`` (the original file's bytes), ``KEY.txt`` and ``KEY.json`` (image id, file name and
-all its captions). By default there is one sample per caption, as in the paper's training pairs; with
+all its captions), read by ``datamodules.shards.sources.read_coco`` (which ``nxtp shards`` uses too: it also
+converts COCO instances files, with a validation split and resumable shards).
+By default there is one sample per caption, as in the paper's training pairs; with
 ``--per-image`` one sample per image whose text joins all its captions, which is how evaluation references
 are built (the labels are the nouns of all five captions).
 """
@@ -13,38 +15,34 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
+import sys
 from pathlib import Path
 
 import webdataset as wds
 
+sys.path.insert(0, str(Path(__file__).parents[2]))  # run as a script from anywhere in the repository
+from datamodules.shards.sources import Item, read_coco  # noqa: E402
+
 
 def convert(images: Path, captions: Path, out: Path, per_image: bool = False, samples_per_shard: int = 5000) -> dict:
     """Write the shards and return counts: ``samples``, ``shards`` and ``missing_images`` (skipped, named in a
-    warning)."""
-    data = json.loads(captions.read_text())
-    files = {img["id"]: img["file_name"] for img in data["images"]}
-    by_image: dict[int, list[str]] = defaultdict(list)
-    for ann in data["annotations"]:
-        by_image[ann["image_id"]].append(" ".join(ann["caption"].split()))
+    warning; so is every other image that is skipped, e.g. one with no captions)."""
     out.mkdir(parents=True, exist_ok=True)
-    samples, missing = 0, []
+    samples, skipped = 0, []
     with wds.ShardWriter(str(out / "%06d.tar"), maxcount=samples_per_shard, verbose=0) as sink:
-        for image_id in sorted(by_image):
-            path = images / files[image_id]
-            if not path.is_file():
-                missing.append(str(path))
+        for item in read_coco(captions, images):
+            if not isinstance(item, Item):
+                skipped.append(item)
                 continue
-            jpg = path.read_bytes()
-            texts = [". ".join(by_image[image_id])] if per_image else by_image[image_id]
+            jpg = item.image.read_bytes()
+            texts = [item.caption] if per_image else item.meta["captions"]
             for i, text in enumerate(texts):
-                meta = {"image_id": image_id, "file_name": files[image_id], "captions": by_image[image_id]}
-                sink.write({"__key__": f"{image_id:012d}_{i}", "jpg": jpg, "txt": text, "json": meta})
+                sink.write({"__key__": f"{item.key}_{i}", "jpg": jpg, "txt": text, "json": item.meta})
                 samples += 1
-    if missing:
-        print(f"warning: {len(missing)} images listed in {captions} are missing, e.g. {missing[0]}")
+    for reject in skipped:
+        print(f"warning: skipped {reject.file}: {reject.reason} ({reject.detail})", file=sys.stderr)
     shards = -(-samples // samples_per_shard)
-    return {"samples": samples, "shards": shards, "missing_images": len(missing)}
+    return {"samples": samples, "shards": shards, "missing_images": sum(r.reason == "no image" for r in skipped)}
 
 
 def main() -> None:

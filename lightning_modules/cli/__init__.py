@@ -31,6 +31,7 @@ COMMANDS = {
         "convert a released NXTP checkpoint (.pth) to a model folder",
     ),
     "serve": (".serve", "serve_main", "an HTTP server that labels images, with dynamic batching (LitServe)"),
+    "shards": (".shards", "shards_main", "write your images with captions or labels as training shards"),
 }
 
 
