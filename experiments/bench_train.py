@@ -112,29 +112,33 @@ def build(name: str, device: torch.device) -> tuple[NXTP, int, int]:
     """The model of a config on ``device`` with its trainable parts set, its batch size and labels per image."""
     if name == "tiny":
         cfg = yaml.safe_load((ROOT / "configs/model/nxtp_tiny.yaml").read_text())
-        tokenizer = ROOT / cfg["tokenizer"]
-        cfg["tokenizer"] = str(tokenizer if tokenizer.exists() else TEST_TOKENIZER)
-        cfg["vision"], cfg["decoder"] = VisionConfig(**cfg["vision"]), DecoderConfig(**cfg["decoder"])
+        tokenizer = ROOT / cfg["nxtp"]["tokenizer"]
+        cfg["nxtp"]["tokenizer"] = str(tokenizer if tokenizer.exists() else TEST_TOKENIZER)
         batch, labels = 64, 4
     elif name == "medium":
         cfg = dict(
-            vision=VisionConfig(model_name="bench-medium-vit", config=MEDIUM_VIT),
-            decoder=DecoderConfig(config=MEDIUM_DECODER),
-            tokenizer=str(TEST_TOKENIZER),
-            trainable=["visual.transformer.resblocks.[23].*", "visual.ln_post.*", "projection.*", "decoder.*"],
+            nxtp=dict(
+                vision=VisionConfig(model_name="bench-medium-vit", config=MEDIUM_VIT),
+                decoder=DecoderConfig(config=MEDIUM_DECODER),
+                tokenizer=str(TEST_TOKENIZER),
+            ),
+            optimization=dict(
+                trainable=["visual.transformer.resblocks.[23].*", "visual.ln_post.*", "projection.*", "decoder.*"]
+            ),
         )
         batch, labels = 4, 10
     elif name == "paper":
         cfg = yaml.safe_load((ROOT / "configs/model/nxtp_paper.yaml").read_text())
-        cfg["vision"] = VisionConfig(model_name=cfg["vision"]["model_name"])  # the architecture, no download
-        cfg["decoder"] = DecoderConfig(config=LLAMA2_7B, num_blocks=cfg["decoder"]["num_blocks"])
-        cfg["tokenizer"] = str(TEST_TOKENIZER)  # LLaMA-2's tokenizer
+        nxtp = cfg["nxtp"]
+        nxtp["vision"] = VisionConfig(model_name=nxtp["vision"]["model_name"])  # the architecture, no download
+        nxtp["decoder"] = DecoderConfig(config=LLAMA2_7B, num_blocks=nxtp["decoder"]["num_blocks"])
+        nxtp["tokenizer"] = str(TEST_TOKENIZER)  # LLaMA-2's tokenizer
         batch, labels = 16, 10
     else:
         raise ValueError(f"unknown config {name!r}")
-    cfg["semantic_metric"] = False
+    cfg["evaluation"] = {"semantic_metric": False}
     with device:  # random init straight on the device: the paper model is 7 GB in float32
-        model = LitNXTP(**cfg).model
+        model = LitNXTP.from_config(cfg).model
     return model.train(), batch, labels
 
 

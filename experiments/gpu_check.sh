@@ -56,9 +56,9 @@ step label_paper 150 bash -c "$PY experiments/random_model.py --config paper --d
 step fsdp 120 bash -c "$PY -m datamodules.synthetic --out $TMP/shapes --train 512 --val 64 --test 64 \
   --samples-per-shard 256 > /dev/null && $PY -m datamodules.tokenizer --data $TMP/shapes > /dev/null \
   && $PY -m lightning_modules.cli fit --config configs/experiment/default.yaml \
-  --model.tokenizer $TMP/shapes/tokenizer --data.train_shards '$TMP/shapes/train/shard-{000000..000001}.tar' \
+  --model.nxtp.tokenizer $TMP/shapes/tokenizer --data.train_shards '$TMP/shapes/train/shard-{000000..000001}.tar' \
   --data.val_shards $TMP/shapes/val/shard-000000.tar --data.test_shards $TMP/shapes/test/shard-000000.tar \
-  --model.semantic_metric false --trainer.accelerator gpu --trainer.devices 1 --trainer.strategy fsdp \
+  --model.evaluation.semantic_metric false --trainer.accelerator gpu --trainer.devices 1 --trainer.strategy fsdp \
   --trainer.precision bf16-mixed --trainer.max_steps 30 --trainer.val_check_interval 15 \
   --trainer.logger.init_args.save_dir $TMP/logs --resume false"
 [ "$DRY" = 1 ] || cat "$OUT/summary.txt"

@@ -16,9 +16,11 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import callbacks
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from PIL import Image, ImageDraw
 from torch import Tensor
 from torch.utils.tensorboard.summary import hparams
 
+from .checkpoint import restore_rng_state, rng_state, save_rng_states
 from .masking import label_masked_attention
 from .metrics import metric_tag
 from .sequence import segment_ids
@@ -95,7 +97,7 @@ class AttentionMaskImage(L.Callback):
 
 
 def flat_config(config: dict, prefix: str = "") -> dict[str, str | int | float | bool]:
-    """Nested config -> ``{"model.lr": 0.002, ...}`` with values TensorBoard's HParams tab can show."""
+    """Nested config -> ``{"model.optimization.lr": 0.002, ...}`` with values TensorBoard's HParams tab can show."""
     flat: dict[str, str | int | float | bool] = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
@@ -138,8 +140,8 @@ class SaveConfigToTensorBoard(SaveConfigCallback):
             for k, v in flat_config(config).items()
             if k.startswith(("model.", "data.", "seed_everything")) or (k.startswith("trainer.") and k.count(".") == 1)
         }
-        hp = pl_module.hparams
-        tags = hparam_metric_tags(list(hp.get("eval_topk", [])), bool(hp.get("semantic_metric", False)))
+        evaluation = pl_module.evaluation
+        tags = hparam_metric_tags(list(evaluation.topk), evaluation.semantic_metric)
         # The summaries name the metric tags only; their values are the scalars logged during the run.
         writer = experiment._get_file_writer()
         for summary in hparams(params, {tag: 0.0 for tag in tags}):
@@ -327,3 +329,121 @@ class GracefulStop(L.Callback):
         raise Interrupted(
             128 + signum, f"stopped by {signum.name} at step {trainer.global_step}; run the same command to resume"
         )
+
+
+# What LitNXTP itself asks for (LitNXTP.configure_callbacks) ------------------------------------------------
+
+
+class RandomStreams(L.Callback):
+    """Every rank's random streams (torch, numpy, Python: dropout, augmentation, label order) saved in each
+    checkpoint and continued on resume, so that an interrupted run draws what it would have drawn; each rank its
+    own (see ``checkpoint.save_rng_states``). Every rank saves a checkpoint together, so gathering them is safe."""
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        states = [rng_state()]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            states = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(states, rng_state())
+        save_rng_states(checkpoint, states)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        restore_rng_state(checkpoint, trainer.global_rank)
+
+
+class ValidationPredictions(L.Callback):
+    """``val/predictions``: the first validation batch's first ``n`` images with their true and predicted labels
+    (with probabilities), and below each image where its top-3 labels look (``attention_maps``' default map).
+    ``validation_step`` returns the predictions it scored."""
+
+    def __init__(self, n: int = 8) -> None:
+        self.n = n
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int, dataloader_idx=0
+    ) -> None:
+        experiment = getattr(trainer.logger, "experiment", None)
+        if (
+            batch_idx
+            or not outputs
+            or self.n <= 0
+            or not trainer.is_global_zero
+            or not hasattr(experiment, "add_image")
+        ):
+            return
+        experiment.add_image(
+            "val/predictions", self.grid(pl_module.model, batch, outputs), trainer.global_step, dataformats="HWC"
+        )
+
+    def grid(self, model, batch, predictions: list[list[tuple[str, float]]]) -> np.ndarray:
+        """The tiles of the first ``n`` images side by side, as an RGB array [H, W, 3]."""
+        from .attention_maps import explain, overlay, pixels_to_image
+
+        n = min(self.n, len(predictions))
+        top3 = [[label for label, _ in p[:3]] for p in predictions[:n]]
+        # Validation runs in inference mode; the gradient-weighted maps need autograd (on a copy of the pixels).
+        with torch.inference_mode(False), torch.enable_grad():
+            maps = explain(model, batch["pixels"][:n].clone(), top3)
+        tiles = []
+        for i in range(n):
+            image = pixels_to_image(model, batch["pixels"][i])
+            overlays = [(m.label, overlay(image, m.grid, min_size=1)) for m in maps[i]]
+            tiles.append(caption_tile(image, batch["labels"][i], predictions[i][:5], overlays))
+        grid = Image.new("RGB", (sum(t.width for t in tiles), max(t.height for t in tiles)), "white")
+        for i, tile in enumerate(tiles):
+            grid.paste(tile, (i * tiles[0].width, 0))
+        return np.asarray(grid)
+
+
+def caption_tile(
+    image: Image.Image,
+    truth: list[str],
+    predicted: list[tuple[str, float]],
+    maps: list[tuple[str, Image.Image]] = (),
+    size: int = 160,
+) -> Image.Image:
+    """The image enlarged, with the true labels and the predicted ones (with probabilities) written below, then
+    the given maps (label, overlay) side by side under their labels."""
+    lines = ["true: " + ", ".join(sorted(truth))] + [f"{p:.2f} {label}" for label, p in predicted]
+    text_height = 12 * len(lines) + 4
+    small = size // 3
+    tile = Image.new("RGB", (size, size + text_height + (small + 14 if maps else 0)), "white")
+    tile.paste(image.resize((size, size), Image.Resampling.NEAREST), (0, 0))
+    draw = ImageDraw.Draw(tile)
+    for j, line in enumerate(lines):
+        draw.text((3, size + 2 + 12 * j), line[:30], fill="black")
+    for j, (label, picture) in enumerate(maps[:3]):
+        x, y = j * small, size + text_height
+        draw.text((x + 2, y), label[:8], fill="black")
+        tile.paste(picture.resize((small - 2, small - 2), Image.Resampling.BILINEAR), (x + 1, y + 13))
+    return tile
+
+
+class Throughput(callbacks.ThroughputMonitor):
+    """Lightning's ``ThroughputMonitor`` over the last ``window`` steps: ``train/device/samples_per_sec`` (images),
+    ``train/device/items_per_sec`` (text tokens, padding excluded), and ``train/device/mfu`` where the device's peak
+    is known and the module measured its FLOPs per batch (``flops_per_batch``); summed over ranks without
+    ``device/``. A batch of no samples (one that only carries a data worker's reject counts) is not a step of
+    work: Lightning's counter refuses it, and it is passed over."""
+
+    def __init__(self, window: int = 20) -> None:
+        super().__init__(
+            batch_size_fn=lambda batch: len(batch["keys"]),
+            length_fn=lambda batch: int(batch["text"].lengths.sum()),
+            window_size=window,
+        )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, *args) -> None:
+        if batch["keys"]:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, *args)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, *args, **kwargs) -> None:
+        if batch["keys"]:
+            super().on_validation_batch_end(trainer, pl_module, outputs, batch, *args, **kwargs)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, *args, **kwargs) -> None:
+        if batch["keys"]:
+            super().on_test_batch_end(trainer, pl_module, outputs, batch, *args, **kwargs)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, *args, **kwargs) -> None:
+        if batch["keys"]:
+            super().on_predict_batch_end(trainer, pl_module, outputs, batch, *args, **kwargs)

@@ -172,7 +172,7 @@ def read_weights(path: str | Path) -> dict[str, Tensor]:
 
     path = Path(path) if "://" not in str(path) else path
     if isinstance(path, Path) and not path.exists():
-        raise FileNotFoundError(f"model.init_from={path}: no such file or folder")
+        raise FileNotFoundError(f"model.optimization.init_from={path}: no such file or folder")
     if isinstance(path, Path) and path.is_dir():
         path = path / WEIGHTS_FILE
         if not path.is_file():
@@ -197,8 +197,8 @@ def load_weights(
 
     Keys of ``model`` absent from ``state`` are allowed only where they match a pattern of ``allow_missing``
     (fnmatch); they keep the model's own initialisation. Otherwise a ``ValueError`` lists every missing,
-    unexpected and mis-shaped key (with both shapes), in the terms of ``model.init_from`` and
-    ``model.init_allow_missing`` (what ``nxtp fit`` calls them).
+    unexpected and mis-shaped key (with both shapes), in the terms of ``model.optimization.init_from`` and
+    ``model.optimization.init_allow_missing`` (what ``nxtp fit`` calls them).
     """
     expected = model.state_dict(keep_vars=True)
     # Tied tensors (e.g. lm_head tied to the embeddings) are stored once by safetensors: any alias will do.
@@ -217,14 +217,15 @@ def load_weights(
     ]
     if missing or unexpected or mis_shaped:
         problems = [
-            f"missing from the source (name them in model.init_allow_missing to keep them as built): {_listed(missing)}"
+            "missing from the source (name them in model.optimization.init_allow_missing to keep them as built): "
+            + _listed(missing)
             if missing
             else "",
             f"not in the model: {_listed(unexpected)}" if unexpected else "",
             f"shape mismatches: {_listed(mis_shaped)}" if mis_shaped else "",
         ]
         raise ValueError(
-            f"model.init_from={source} does not fit the model built from the config (the model config "
+            f"model.optimization.init_from={source} does not fit the model built from the config (the model config "
             f"must describe the source's architecture, e.g. --model FOLDER/config.yaml for a "
             f"save_pretrained folder):\n  " + "\n  ".join(p for p in problems if p)
         )

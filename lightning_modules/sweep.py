@@ -13,8 +13,8 @@ A sweep file::
     mode: max
     fixed: {trainer.max_steps: 600}           # overrides shared by every run
     parameters:
-      model.decoder.num_blocks: [1, 2, 4]                          # a list: grid values, or a random choice
-      model.lr: {distribution: log_uniform, low: 1.0e-4, high: 1.0e-2}   # random search only
+      model.nxtp.decoder.num_blocks: [1, 2, 4]                          # a list: grid values, or a random choice
+      model.optimization.lr: {distribution: log_uniform, low: 1.0e-4, high: 1.0e-2}   # random search only
       data.batch_size: {distribution: int_uniform, low: 16, high: 64}
 
 Every run is an ordinary ``nxtp fit`` whose TensorBoard logger is named ``sweeps/NAME/RUN``, so each run has

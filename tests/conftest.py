@@ -124,9 +124,9 @@ def fit_command(data: Path, save_dir: Path, max_steps: int, tokenizer: Path | No
         "fit",
         "--config",
         "configs/experiment/default.yaml",
-        "--model.tokenizer",
+        "--model.nxtp.tokenizer",
         str(tokenizer or data / "tokenizer"),
-        "--model.semantic_metric",
+        "--model.evaluation.semantic_metric",
         "false",
         "--test_after_fit",
         "false",
@@ -154,7 +154,7 @@ def fit_command(data: Path, save_dir: Path, max_steps: int, tokenizer: Path | No
 def fit_overrides(shapes: Path, tmp_path: Path, max_steps: int) -> dict[str, str]:
     """The end-to-end tests' short fit (``fit_command``) as a sweep's ``fixed`` keys, logger excluded."""
     command = fit_command(shapes, tmp_path / "logs", max_steps)
-    start = command.index("--model.tokenizer")
+    start = command.index("--model.nxtp.tokenizer")
     return {
         k.lstrip("-"): v
         for k, v in zip(command[start::2], command[start + 1 :: 2])

@@ -25,7 +25,8 @@ from datamodules.images import decode_image, to_rgb
 from datamodules.labels import NLTKDataError
 from datamodules.webdataset import Rejects, SampleDecoder, SystematicFailure, read_shards
 from lightning_modules.decoder import DecoderConfig
-from lightning_modules.lit_nxtp import LitNXTP
+from lightning_modules.lit_nxtp import EvaluationConfig, LitNXTP
+from lightning_modules.nxtp import NXTPConfig
 from lightning_modules.vision import VisionConfig
 
 RETRIES = 2
@@ -274,21 +275,18 @@ def test_shards_that_match_nothing_name_the_key(model, shards):
 
 
 def tiny_module() -> LitNXTP:
+    decoder = DecoderConfig(
+        config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+        }
+    )
     return LitNXTP(
-        VisionConfig(model_name="nxtp-tiny-vit"),
-        DecoderConfig(
-            config={
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_hidden_layers": 1,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 4,
-            }
-        ),
-        str(LLAMA_TOKENIZER),
-        semantic_metric=False,
-        log_images=0,
-        eval_topk=[1],
+        NXTPConfig(VisionConfig(model_name="nxtp-tiny-vit"), decoder, str(LLAMA_TOKENIZER)),
+        evaluation=EvaluationConfig(semantic_metric=False, log_images=0, topk=[1]),
     )
 
 

@@ -25,15 +25,19 @@ def test_the_mask_picture_shows_which_blocks_see_which():
 def test_flat_config_keeps_scalars_and_names_nested_keys():
     flat = flat_config(
         {
-            "model": {"lr": 0.002, "decoder": {"num_blocks": 2, "name_or_path": None}, "eval_topk": [5, 10]},
+            "model": {
+                "optimization": {"lr": 0.002},
+                "nxtp": {"decoder": {"num_blocks": 2, "name_or_path": None}},
+                "evaluation": {"topk": [5, 10]},
+            },
             "seed_everything": 0,
         }
     )
     assert flat == {
-        "model.lr": 0.002,
-        "model.decoder.num_blocks": 2,
-        "model.decoder.name_or_path": "None",
-        "model.eval_topk": "[5, 10]",
+        "model.optimization.lr": 0.002,
+        "model.nxtp.decoder.num_blocks": 2,
+        "model.nxtp.decoder.name_or_path": "None",
+        "model.evaluation.topk": "[5, 10]",
         "seed_everything": 0,
     }
 
@@ -45,8 +49,10 @@ def test_the_validation_grid_shows_each_image_with_its_top3_labels_maps(llama_to
     import numpy as np
 
     from lightning_modules.attention_maps import explain, overlay, pixels_to_image
+    from lightning_modules.callbacks import ValidationPredictions, caption_tile
     from lightning_modules.decoder import DecoderConfig
-    from lightning_modules.lit_nxtp import LitNXTP, caption_tile
+    from lightning_modules.lit_nxtp import EvaluationConfig, LitNXTP
+    from lightning_modules.nxtp import NXTPConfig
     from lightning_modules.sampling import recognize
     from lightning_modules.vision import VisionConfig
 
@@ -62,16 +68,22 @@ def test_the_validation_grid_shows_each_image_with_its_top3_labels_maps(llama_to
         )
     )
     module = LitNXTP(
-        VisionConfig(model_name="nxtp-tiny-vit"), decoder, str(llama_tokenizer_dir), semantic_metric=False, log_images=2
+        NXTPConfig(VisionConfig(model_name="nxtp-tiny-vit"), decoder, str(llama_tokenizer_dir)),
+        evaluation=EvaluationConfig(semantic_metric=False, log_images=2),
     ).eval()
     model = module.model
     images = []
     experiment = types.SimpleNamespace(add_image=lambda tag, picture, step, dataformats: images.append((tag, picture)))
-    module._trainer = types.SimpleNamespace(logger=types.SimpleNamespace(experiment=experiment), global_step=3)
+    trainer = types.SimpleNamespace(
+        logger=types.SimpleNamespace(experiment=experiment), global_step=3, is_global_zero=True
+    )
+    (shown,) = [c for c in module.configure_callbacks() if isinstance(c, ValidationPredictions)]
     pixels = torch.randn(2, 3, 64, 64)
+    batch = {"pixels": pixels, "labels": [["cat"], ["dog"]], "keys": ["a", "b"]}
     with torch.inference_mode():
         predictions = recognize(model, pixels, topk=3)
-        module._log_predictions({"pixels": pixels, "labels": [["cat"], ["dog"]]}, predictions)
+        shown.on_validation_batch_end(trainer, module, predictions, batch, 0)
+        shown.on_validation_batch_end(trainer, module, predictions, batch, 1)  # the first batch only
     ((tag, picture),) = images
     maps = explain(model, pixels, [[label for label, _ in p[:3]] for p in predictions])
     expected = caption_tile(

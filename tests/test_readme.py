@@ -99,7 +99,7 @@ def trained(tmp_path_factory, shapes) -> tuple[Path, subprocess.CompletedProcess
     fit = run(
         fit_command(shapes, root / "logs", 6, tokenizer)
         + [  # later flags override earlier ones
-            "--model.semantic_metric",
+            "--model.evaluation.semantic_metric",
             "true",
             "--test_after_fit",
             "true",
@@ -147,7 +147,9 @@ def test_the_run_writes_what_the_readme_lists(trained, tmp_path):
         tag: plugin_data_pb2.HParamsPluginData.FromString(content)
         for tag, content in events.PluginTagToContent("hparams").items()
     }
-    assert hparams["_hparams_/session_start_info"].session_start_info.hparams["model.lr"].number_value == 2e-3
+    assert (
+        hparams["_hparams_/session_start_info"].session_start_info.hparams["model.optimization.lr"].number_value == 2e-3
+    )
     assert "val/exact_top5/f1" in [m.name.tag for m in hparams["_hparams_/experiment"].experiment.metric_infos]
     final = json.loads((version / "metrics.json").read_text())
     assert final["global_step"] == 6 and 0 <= final["test/exact_top5/f1"] <= 1

@@ -11,7 +11,9 @@ from conftest import LLAMA_TOKENIZER
 
 from lightning_modules.checkpoint_io import AtomicCheckpointIO
 from lightning_modules.decoder import DecoderConfig
-from lightning_modules.lit_nxtp import LitNXTP
+from lightning_modules.lit_nxtp import EvaluationConfig, LitNXTP
+from lightning_modules.nxtp import NXTPConfig
+from lightning_modules.optimization import OptimizationConfig
 from lightning_modules.sequence import collate_text
 from lightning_modules.vision import VisionConfig, build_vision_tower
 
@@ -92,17 +94,16 @@ class Record(L.Callback):
 
 
 def fit_with_nan_at(steps: list[int], max_steps: int, max_nonfinite_steps: int = 10):
+    decoder = DecoderConfig(
+        config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4
+        )
+    )
     module = LitNXTP(
-        VisionConfig(model_name="nxtp-tiny-vit", conv_stem=True),  # BatchNorm: a forward changes it
-        DecoderConfig(
-            config=dict(
-                hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4
-            )
-        ),
-        str(LLAMA_TOKENIZER),
-        semantic_metric=False,
-        max_nonfinite_steps=max_nonfinite_steps,
-        warmup=0,
+        # BatchNorm in the conv stem: a forward changes it
+        NXTPConfig(VisionConfig(model_name="nxtp-tiny-vit", conv_stem=True), decoder, str(LLAMA_TOKENIZER)),
+        OptimizationConfig(max_nonfinite_steps=max_nonfinite_steps, warmup=0),
+        EvaluationConfig(semantic_metric=False),
     )
     model = module.model
     size = model.visual.image_size
@@ -139,7 +140,7 @@ def test_a_nonfinite_step_is_skipped_and_leaves_the_model_as_it_was():
         assert torch.equal(before[key], after[key]), key  # step 1 changed nothing
     assert not all(torch.equal(after[k], later[k]) for k in after)  # step 2 trained
     assert all(torch.isfinite(v).all() for v in module.state_dict().values() if v.is_floating_point())
-    assert module.nonfinite_steps == 1
+    assert module.guard.skipped == 1
 
 
 def test_too_many_nonfinite_steps_stop_the_run_naming_the_samples():

@@ -14,7 +14,9 @@ from lightning_modules import Recognizer
 from lightning_modules.checkpoint_io import AtomicCheckpointIO, UntrustedCheckpointError, load_checkpoint
 from lightning_modules.cli.export import export_main
 from lightning_modules.decoder import DecoderConfig
-from lightning_modules.lit_nxtp import LitNXTP
+from lightning_modules.lit_nxtp import EvaluationConfig, LitNXTP
+from lightning_modules.nxtp import NXTPConfig
+from lightning_modules.optimization import OptimizationConfig
 from lightning_modules.sampling import recognize
 from lightning_modules.sequence import collate_text
 from lightning_modules.vision import VisionConfig
@@ -77,20 +79,17 @@ def trainer(root: pathlib.Path, steps: int) -> L.Trainer:
 @pytest.fixture(scope="module")
 def project_checkpoint(tmp_path_factory) -> tuple[pathlib.Path, LitNXTP]:
     """A checkpoint as the project writes it (Lightning's trainer state, optimizer, scheduler, tokenizer, RNG
-    states), from a module built in Python, whose hyperparameters keep the config dataclasses."""
+    states), from a module built in Python with config dataclasses."""
     root = tmp_path_factory.mktemp("ckpt")
+    decoder = DecoderConfig(
+        config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4
+        )
+    )
     module = LitNXTP(
-        VisionConfig(model_name="nxtp-tiny-vit", conv_stem=True),
-        DecoderConfig(
-            config=dict(
-                hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4
-            )
-        ),
-        str(LLAMA_TOKENIZER),
-        semantic_metric=False,
-        log_images=0,
-        eval_topk=[1],
-        lr=1e-3,
+        NXTPConfig(VisionConfig(model_name="nxtp-tiny-vit", conv_stem=True), decoder, str(LLAMA_TOKENIZER)),
+        OptimizationConfig(lr=1e-3),
+        EvaluationConfig(semantic_metric=False, log_images=0, topk=[1]),
     )
     trainer(root, 2).fit(module, train_dataloaders=batches(module), val_dataloaders=[])
     return root / "last.ckpt", module
@@ -98,7 +97,7 @@ def project_checkpoint(tmp_path_factory) -> tuple[pathlib.Path, LitNXTP]:
 
 def test_the_projects_checkpoint_loads_safely_with_its_weights(project_checkpoint):
     path, module = project_checkpoint
-    assert torch.serialization.get_unsafe_globals_in_checkpoint(path)  # it does need the allow-list
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == []  # plain data only
     assert load_checkpoint(path)["global_step"] == 2
     recognizer = Recognizer.from_checkpoint(path)
     pixels = torch.randn(2, 3, 64, 64)
@@ -106,6 +105,27 @@ def test_the_projects_checkpoint_loads_safely_with_its_weights(project_checkpoin
         want = recognize(module.model.eval(), pixels, topk=3)
     assert recognizer.label(list(pixels), topk=3) == want
     assert Recognizer.from_checkpoint(path, trust=True).label(list(pixels), topk=3) == want
+
+
+def test_a_checkpoint_whose_hyperparameters_pickle_the_configs_loads_through_the_allow_list(
+    project_checkpoint, tmp_path
+):
+    # Before hyper-parameters were saved as plain data, a module built in Python pickled VisionConfig and
+    # DecoderConfig into its checkpoint, with the architecture at the top of its hyper-parameters.
+    path, module = project_checkpoint
+    checkpoint = torch.load(path, weights_only=True)
+    nxtp = module.model.config
+    checkpoint["hyper_parameters"] = {"vision": nxtp.vision, "decoder": nxtp.decoder, "tokenizer": nxtp.tokenizer}
+    del checkpoint["nxtp_config"]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    assert set(torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "old.ckpt")) == {
+        "lightning_modules.vision.VisionConfig",
+        "lightning_modules.decoder.DecoderConfig",
+    }
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = recognize(module.model.eval(), pixels, topk=3)
+    assert Recognizer.from_checkpoint(tmp_path / "old.ckpt").label(list(pixels), topk=3) == want
 
 
 def test_a_run_resumes_from_the_projects_checkpoint(project_checkpoint, tmp_path):

@@ -6,7 +6,9 @@ import yaml
 from conftest import LLAMA_TOKENIZER
 
 from lightning_modules.decoder import DecoderConfig
-from lightning_modules.lit_nxtp import LitNXTP
+from lightning_modules.lit_nxtp import EvaluationConfig, LitNXTP
+from lightning_modules.nxtp import NXTPConfig
+from lightning_modules.optimization import OptimizationConfig
 from lightning_modules.sequence import collate_text
 from lightning_modules.vision import VisionConfig
 
@@ -34,11 +36,13 @@ VOCAB = 32000 + 2  # <|image|>, <|empty|>
 def paper_model():
     with open("configs/model/nxtp_paper.yaml") as f:
         cfg = yaml.safe_load(f)
-    cfg["vision"] = VisionConfig(model_name=cfg["vision"]["model_name"])  # same architecture, no download
-    cfg["decoder"] = DecoderConfig(config=LLAMA2_7B, num_blocks=cfg["decoder"]["num_blocks"])
-    cfg["tokenizer"] = str(LLAMA_TOKENIZER)
+    nxtp = cfg["nxtp"]
+    nxtp["vision"] = VisionConfig(model_name=nxtp["vision"]["model_name"])  # same architecture, no download
+    nxtp["decoder"] = DecoderConfig(config=LLAMA2_7B, num_blocks=nxtp["decoder"]["num_blocks"])
+    nxtp["tokenizer"] = str(LLAMA_TOKENIZER)
+    cfg["evaluation"]["semantic_metric"] = False
     with torch.device("meta"):
-        return LitNXTP(**{**cfg, "semantic_metric": False})
+        return LitNXTP.from_config(cfg)
 
 
 def test_paper_model_has_1_78b_parameters(paper_model):
@@ -67,17 +71,15 @@ def test_reference_trainable_parameters(paper_model):
 
 
 def test_new_token_rows_are_the_only_embedding_rows_that_learn():
+    decoder = DecoderConfig(
+        config=dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4
+        )
+    )
     module = LitNXTP(
-        VisionConfig(model_name="nxtp-tiny-vit"),
-        DecoderConfig(
-            config=dict(
-                hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4
-            )
-        ),
-        str(LLAMA_TOKENIZER),
-        trainable=["decoder.model.layers.*"],
-        train_new_token_embeddings=True,
-        semantic_metric=False,
+        NXTPConfig(VisionConfig(model_name="nxtp-tiny-vit"), decoder, str(LLAMA_TOKENIZER)),
+        OptimizationConfig(trainable=["decoder.model.layers.*"], train_new_token_embeddings=True),
+        EvaluationConfig(semantic_metric=False),
     )
     model = module.model
     seqs = [model.sequences(model.prompt, ["dog", "cat"])]

@@ -365,10 +365,11 @@ def test_metric_ddp_sync_with_an_idle_rank(tmp_path):
 
 
 def test_validation_reports_closed_set_scores_over_the_eval_vocabulary(tmp_path, llama_tokenizer_dir):
-    # model.eval_vocabulary: the mapped open-set labels scored by hand (mAP and F1 at the threshold), and the
+    # model.evaluation.vocabulary: the mapped open-set labels scored by hand (mAP and F1 at the threshold), and the
     # exactly scored entries equal to score_vocabulary's.
     from lightning_modules.decoder import DecoderConfig
-    from lightning_modules.lit_nxtp import LitNXTP
+    from lightning_modules.lit_nxtp import EvaluationConfig, LitNXTP
+    from lightning_modules.nxtp import NXTPConfig
     from lightning_modules.vision import VisionConfig
     from lightning_modules.vocabulary import VocabularyScore, score_vocabulary
 
@@ -385,12 +386,10 @@ def test_validation_reports_closed_set_scores_over_the_eval_vocabulary(tmp_path,
         )
     )
     module = LitNXTP(
-        VisionConfig(model_name="nxtp-tiny-vit"),
-        decoder,
-        str(llama_tokenizer_dir),
-        semantic_metric=False,
-        eval_vocabulary=str(tmp_path / "classes.txt"),
-        eval_vocabulary_threshold=0.1,
+        NXTPConfig(VisionConfig(model_name="nxtp-tiny-vit"), decoder, str(llama_tokenizer_dir)),
+        evaluation=EvaluationConfig(
+            semantic_metric=False, vocabulary=str(tmp_path / "classes.txt"), vocabulary_threshold=0.1
+        ),
     ).eval()
     pixels = torch.randn(2, 3, 64, 64)
     with torch.no_grad():

@@ -80,13 +80,13 @@ class NXTPCLI(LightningCLI):
         """``--ckpt_path``: the model is built as the checkpoint's was (its architecture, tokenizer and prompt win
         over the config), and everything else (evaluation, speed, optimization) is what the command line says.
         LightningCLI would let every stored hyper-parameter override the command line, so that e.g.
-        ``nxtp test --ckpt_path CKPT --model.eval_vocabulary FILE`` silently dropped the vocabulary."""
+        ``nxtp test --ckpt_path CKPT --model.evaluation.vocabulary FILE`` silently dropped the vocabulary."""
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not path or not Path(path).is_file():
             return
         architecture = read_config(path).to_dict()
-        self.config = self.parser.parse_object({subcommand: {"model": architecture}}, self.config)
+        self.config = self.parser.parse_object({subcommand: {"model": {"nxtp": architecture}}}, self.config)
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand != "fit":
