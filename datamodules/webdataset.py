@@ -35,6 +35,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from lightning_modules.batch import Batch, ModelInputs
 from lightning_modules.sequence import SequenceBuilder, collate_text
 
 from .even_epochs import StopTogether
@@ -56,7 +57,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 Shards = str | list[str] | None
 REJECTS_FILE = "rejects.jsonl"
-# Why a sample (or, for the last four, a shard) was skipped: the keys of ``batch["skipped"]``, in a fixed order, so
+# Why a sample (or, for the last four, a shard) was skipped: the keys of ``Batch.skipped``, in a fixed order, so
 # that ranks can sum their counts as one vector.
 REJECT_REASONS = (
     "no image",
@@ -340,51 +341,38 @@ def read_shards(
         yield {}  # end of shard: group_by_keys must not join its last sample with the next shard's first
 
 
-def carry_leftovers(
-    batches: Iterable[dict[str, Any]], rejects: Rejects, empty: Callable[[], dict] | None
-) -> Iterator[dict[str, Any]]:
+def carry_leftovers(batches: Iterable[Batch], rejects: Rejects, empty: bool) -> Iterator[Batch]:
     """Pipeline stage: hold each batch back until the next, so that the last one also carries what was rejected
     after it was collated (training drops a partial last batch). A worker left with rejects and no batch to carry
-    them yields ``empty()`` (a batch of no samples, which evaluation takes); without ``empty`` (training, where
-    every batch is a step) they wait for that worker's next batch, in the next epoch."""
+    them yields ``Batch.empty()`` (a batch of no samples, which evaluation takes) if ``empty``; otherwise (training,
+    where every batch is a step) they wait for that worker's next batch, in the next epoch."""
     held = None
     for batch in batches:
         if held is not None:
             yield held
         held = batch
     rejects.check_end()
-    if held is None and rejects.counts and empty is not None:
-        held = empty()
+    if held is None and rejects.counts and empty:
+        held = Batch.empty()
     if held is not None:
         counts, records = rejects.drain()
         for reason, count in counts.items():
-            held["skipped"][reason] = held["skipped"].get(reason, 0) + count
-        held["rejects"] += records
+            held.skipped[reason] = held.skipped.get(reason, 0) + count
+        held.rejects += records
         yield held
 
 
 class Collate:
-    """Stacks decoded samples into a batch dict and attaches what was rejected since the last batch."""
+    """Stacks decoded samples into a ``Batch`` and attaches what was rejected since the last batch."""
 
     def __init__(self, rejects: Rejects, pad_id: int) -> None:
         self.rejects, self.pad_id = rejects, pad_id
 
-    def __call__(self, samples: list) -> dict[str, Any]:
+    def __call__(self, samples: list) -> Batch:
         pixels, seqs, labels, keys = zip(*samples)
         skipped, records = self.rejects.drain()
-        return {
-            "pixels": torch.stack(pixels),
-            "text": collate_text(list(seqs), self.pad_id),
-            "labels": list(labels),
-            "keys": list(keys),
-            "skipped": skipped,
-            "rejects": records,
-        }
-
-    @staticmethod
-    def empty() -> dict[str, Any]:
-        """A batch of no samples, to carry rejects (see ``carry_leftovers``)."""
-        return {"pixels": torch.empty(0), "text": None, "labels": [], "keys": [], "skipped": {}, "rejects": []}
+        text = collate_text(list(seqs), self.pad_id)
+        return Batch(torch.stack(pixels), text, list(labels), list(keys), skipped, records)
 
 
 def leave_the_process_group(worker_id: int) -> None:
@@ -401,7 +389,7 @@ class NXTPDataModule(L.LightningDataModule):
     """Image-caption shards for NXTP.
 
     Every rejected sample (and every skipped or truncated shard) is counted by reason in the batch that follows
-    it (``batch["skipped"]``) and written as one JSON line (``split``, ``shard``, ``key``, ``reason``, ``error``,
+    it (``Batch.skipped``) and written as one JSON line (``split``, ``shard``, ``key``, ``reason``, ``error``,
     ``step``) to ``rejects.jsonl`` in the run's log directory (``rejects.rank<N>.jsonl`` on other ranks).
 
     Args:
@@ -415,7 +403,7 @@ class NXTPDataModule(L.LightningDataModule):
         hflip: random horizontal flips for training images.
         augment: use the vision tower's own training transform (random resized crops) instead of its eval one.
         max_labels: at most this many labels per training sequence (after shuffling). Validation and test
-            batches still carry every label of the caption in ``batch["labels"]``, the references they are scored on.
+            batches still carry every label of the sample in ``Batch.labels``, the references they are scored on.
         seed: seed of shard sampling, shard and sample shuffling, label order and flips; each rank and worker
             draws its own stream from it, and a resumed run one mixed with its step (so a run is reproducible).
         max_image_pixels: images with more pixels (width x height, read from the header) are rejected without
@@ -431,6 +419,8 @@ class NXTPDataModule(L.LightningDataModule):
             example, stop the run (resampled shards that are all bad would otherwise be read for ever).
         labels_from: ``given`` (a sample's own labels, ``KEY.json`` ``labels`` or ``KEY.tags``, win over its caption)
             or ``caption`` (the caption's nouns win); a sample with only one of them uses it either way.
+        inputs: what the model needs its batches made with (``LitNXTP.inputs``: tokenizer, prompt, image
+            preprocessing); ``nxtp fit`` links the model's, from Python give them here or with ``bind``.
     """
 
     def __init__(
@@ -453,22 +443,26 @@ class NXTPDataModule(L.LightningDataModule):
         max_failures_in_a_row: int = 20,
         max_rejects_in_a_row: int = 10_000,
         labels_from: str = "given",
+        inputs: ModelInputs | None = None,
     ) -> None:
         if labels_from not in LABEL_SOURCES:
             raise ValueError(f"data.labels_from={labels_from!r}: use one of {LABEL_SOURCES}")
         super().__init__()
-        self.save_hyperparameters()
-        self.model = None
+        self.save_hyperparameters(ignore=["inputs"])
+        self.inputs = inputs
         self.rejects_path: Path | None = None
         self._seen_rejects: set[tuple] = set()
 
-    def bind(self, model) -> None:
-        """Take the tokenizer, prompt and image preprocessing from an ``NXTP`` model."""
-        self.model = model
+    def bind(self, inputs: ModelInputs) -> None:
+        """Make batches for the model these ``inputs`` come from (``NXTP.inputs``, ``LitNXTP.inputs``)."""
+        self.inputs = inputs
 
     def setup(self, stage: str) -> None:
-        if self.model is None:
-            self.bind(self.trainer.lightning_module.model)
+        if self.inputs is None:
+            raise ValueError(
+                "NXTPDataModule: no model inputs; give the model's, e.g. NXTPDataModule(..., inputs=module.inputs) or "
+                "datamodule.bind(module.inputs) (nxtp fit links them itself)"
+            )
         # Here, as every rank calls setup: trainer.log_dir is a collective call.
         rank = self.trainer.global_rank
         self.rejects_path = Path(self.trainer.log_dir) / (REJECTS_FILE if rank == 0 else f"rejects.rank{rank}.jsonl")
@@ -476,9 +470,10 @@ class NXTPDataModule(L.LightningDataModule):
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Append the rejects that came with a batch to the rejects file (in the main process, as workers cannot
         share a file handle with it); they leave the batch, which goes on to the device without them."""
-        if isinstance(batch, dict) and "rejects" in batch:
+        if isinstance(batch, Batch) and batch.rejects:
             # Validation and test read the same shards at every pass; their rejects are written once.
-            records = [r for r in batch.pop("rejects") if r["split"] == "train" or self._first_time(r)]
+            records = [r for r in batch.rejects if r["split"] == "train" or self._first_time(r)]
+            batch.rejects = []
             if records and self.rejects_path is not None:
                 self.rejects_path.parent.mkdir(parents=True, exist_ok=True)
                 step = self.trainer.global_step if self.trainer is not None else None
@@ -523,15 +518,15 @@ class NXTPDataModule(L.LightningDataModule):
         rejects = Rejects(name, hp.max_failures_in_a_row, hp.max_rejects_in_a_row)
         # Labels are extracted the reference's way exactly when the model follows the reference
         # (model.reference_compat).
-        compat = self.model.reference_compat
+        compat = self.inputs.reference_compat
         # open_clip's training transform crops at random, which can cut objects (and so labels) out of an image.
-        transform = self.model.train_transform if train and hp.augment else self.model.eval_transform
+        transform = self.inputs.train_transform if train and hp.augment else self.inputs.eval_transform
         seed = self._stream_seed() if train else hp.seed
         epoch = self.trainer.current_epoch if self.trainer is not None else 0  # where a resumed epoch run starts
         decoder = SampleDecoder(
             transform,
-            self.model.sequences,
-            self.model.prompt,
+            self.inputs.sequences,
+            self.inputs.prompt,
             shuffle_labels=train,
             hflip=train and hp.hflip,
             max_labels=hp.max_labels,
@@ -542,7 +537,7 @@ class NXTPDataModule(L.LightningDataModule):
             reference_compat=compat,
             nltk_data=hp.nltk_data,
             # random crops may keep a small part of the image: decode those at full size
-            input_size=None if train and hp.augment else self.model.visual.image_size,
+            input_size=None if train and hp.augment else self.inputs.image_size,
             labels_from=hp.labels_from,
         )
         resampled = train and hp.resampled
@@ -563,8 +558,8 @@ class NXTPDataModule(L.LightningDataModule):
         stages += [
             wds.map(decoder),
             wds.select(lambda s: s is not None),
-            wds.batched(hp.batch_size, Collate(rejects, self.model.sequences.pad_id), partial=not train),
-            wds.pipelinefilter(carry_leftovers)(rejects, None if train else Collate.empty),
+            wds.batched(hp.batch_size, Collate(rejects, self.inputs.pad_id), partial=not train),
+            wds.pipelinefilter(carry_leftovers)(rejects, not train),
         ]
         workers = min(hp.num_workers, len(urls))
         return wds.WebLoader(

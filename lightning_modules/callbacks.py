@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 from torch.utils.tensorboard.summary import hparams
 
+from .batch import Batch
 from .checkpoint import restore_rng_state, rng_state, save_rng_states
 from .masking import label_masked_attention
 from .metrics import metric_tag
@@ -90,7 +91,7 @@ class AttentionMaskImage(L.Callback):
         if self.logged or not trainer.is_global_zero or not hasattr(experiment, "add_image"):
             return
         model = pl_module.model
-        seg = segment_ids(batch["text"], model.n_image_tokens, model.reference_compat)[:1]
+        seg = segment_ids(batch.text, model.n_image_tokens, model.reference_compat)[:1]
         picture = attention_mask_image(seg[0], label_masked_attention(seg)[0, 0])
         experiment.add_image("attention/label_masked_mask", picture, trainer.global_step, dataformats="HWC")
         self.logged = True
@@ -382,12 +383,12 @@ class ValidationPredictions(L.Callback):
         top3 = [[label for label, _ in p[:3]] for p in predictions[:n]]
         # Validation runs in inference mode; the gradient-weighted maps need autograd (on a copy of the pixels).
         with torch.inference_mode(False), torch.enable_grad():
-            maps = explain(model, batch["pixels"][:n].clone(), top3)
+            maps = explain(model, batch.pixels[:n].clone(), top3)
         tiles = []
         for i in range(n):
-            image = pixels_to_image(model, batch["pixels"][i])
+            image = pixels_to_image(model, batch.pixels[i])
             overlays = [(m.label, overlay(image, m.grid, min_size=1)) for m in maps[i]]
-            tiles.append(caption_tile(image, batch["labels"][i], predictions[i][:5], overlays))
+            tiles.append(caption_tile(image, batch.labels[i], predictions[i][:5], overlays))
         grid = Image.new("RGB", (sum(t.width for t in tiles), max(t.height for t in tiles)), "white")
         for i, tile in enumerate(tiles):
             grid.paste(tile, (i * tiles[0].width, 0))
@@ -427,23 +428,23 @@ class Throughput(callbacks.ThroughputMonitor):
 
     def __init__(self, window: int = 20) -> None:
         super().__init__(
-            batch_size_fn=lambda batch: len(batch["keys"]),
-            length_fn=lambda batch: int(batch["text"].lengths.sum()),
+            batch_size_fn=len,  # Batch.__len__: its images
+            length_fn=Batch.token_count,
             window_size=window,
         )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, *args) -> None:
-        if batch["keys"]:
+        if batch.keys:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, *args)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, *args, **kwargs) -> None:
-        if batch["keys"]:
+        if batch.keys:
             super().on_validation_batch_end(trainer, pl_module, outputs, batch, *args, **kwargs)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, *args, **kwargs) -> None:
-        if batch["keys"]:
+        if batch.keys:
             super().on_test_batch_end(trainer, pl_module, outputs, batch, *args, **kwargs)
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, *args, **kwargs) -> None:
-        if batch["keys"]:
+        if batch.keys:
             super().on_predict_batch_end(trainer, pl_module, outputs, batch, *args, **kwargs)

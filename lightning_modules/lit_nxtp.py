@@ -15,6 +15,7 @@ from torchmetrics import MeanMetric, SumMetric
 
 from datamodules.webdataset import REJECT_REASONS
 
+from .batch import Batch, ModelInputs
 from .callbacks import RandomStreams, Throughput, ValidationPredictions
 from .checkpoint import TrainingState, load_weights, read_weights, save_model_record
 from .metrics import ExactLabelScore, SemanticLabelScore, score_name
@@ -160,6 +161,11 @@ class LitNXTP(L.LightningModule):
             SpeedConfig(**config.get("speed", {})),
         )
 
+    @property
+    def inputs(self) -> ModelInputs:
+        """What the data pipeline needs from the model (linked to ``data.inputs`` by ``nxtp fit``)."""
+        return self.model.inputs
+
     def configure_callbacks(self) -> list[L.Callback]:
         return [RandomStreams(), ValidationPredictions(self.evaluation.log_images), Throughput()]
 
@@ -188,14 +194,14 @@ class LitNXTP(L.LightningModule):
 
     # training -------------------------------------------------------------------------------------------
 
-    def training_step(self, batch, batch_idx):
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         self.guard.before_forward()
-        loss, n_tokens = self.model(batch["pixels"], batch["text"])
-        skip = self._count_step(batch["skipped"], loss)
+        loss, n_tokens = self.model(batch.pixels, batch.text)
+        skip = self._count_step(batch.skipped, loss)
         if skip:  # backward still runs (with DDP, every rank must take part); its gradients are dropped
             self._skip(loss, batch)
         # A skipped step's loss is logged as NaN: Lightning would write the last value again for a key not logged.
-        self.log("train/loss", float("nan") if skip else loss, prog_bar=True, batch_size=len(batch["keys"]))
+        self.log("train/loss", float("nan") if skip else loss, prog_bar=True, batch_size=len(batch.keys))
         return loss
 
     def _count_step(self, skipped: dict[str, int], loss: torch.Tensor) -> bool:
@@ -217,27 +223,27 @@ class LitNXTP(L.LightningModule):
             counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
         return counts.tolist()
 
-    def _skip(self, loss: torch.Tensor, batch) -> None:
+    def _skip(self, loss: torch.Tensor, batch: Batch) -> None:
         here = not torch.isfinite(loss)
         where = "on another rank"
         if here:
             world = self.trainer.world_size if self._trainer is not None else 1
-            where = f"batch samples {batch['keys'][:8]}" + (f" on rank {self.global_rank}" if world > 1 else "")
+            where = f"batch samples {batch.keys[:8]}" + (f" on rank {self.global_rank}" if world > 1 else "")
         self.guard.skip(self.global_step, here, where)
-        self.log("train/nonfinite_steps", float(self.guard.skipped), batch_size=len(batch["keys"]))
+        self.log("train/nonfinite_steps", float(self.guard.skipped), batch_size=len(batch.keys))
         if not here:
             rank_zero_warn(f"skipping step {self.global_step}: loss is not finite ({where})")
 
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
         if self.flops_per_batch is None and get_available_flops(self.device, torch.get_default_dtype()):
             self.flops_per_batch = self.measure_flops(batch)
 
-    def measure_flops(self, batch) -> float:
+    def measure_flops(self, batch: Batch) -> float:
         """FLOPs of one training step (forward and backward) on ``batch``, counted by torch's FlopCounterMode; the
         model, its gradients and the random streams are left as they were."""
         stats = [b.clone() for b in running_stats(self.model)]
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            flops = measure_flops(self.model, lambda: self.model(batch["pixels"], batch["text"])[0], lambda loss: loss)
+            flops = measure_flops(self.model, lambda: self.model(batch.pixels, batch.text)[0], lambda loss: loss)
         self.model.zero_grad(set_to_none=True)
         with torch.no_grad():
             for buffer, saved in zip(running_stats(self.model), stats):
@@ -260,34 +266,34 @@ class LitNXTP(L.LightningModule):
 
     # evaluation -----------------------------------------------------------------------------------------
 
-    def _evaluate(self, batch) -> list[list[tuple[str, float]]] | None:
-        for reason, count in batch["skipped"].items():
+    def _evaluate(self, batch: Batch) -> list[list[tuple[str, float]]] | None:
+        for reason, count in batch.skipped.items():
             self.eval_skipped[reason] = self.eval_skipped.get(reason, 0) + count
-        if not batch["keys"]:
+        if not batch.keys:
             return  # a batch that only carries rejects (datamodules.webdataset.carry_leftovers)
-        loss, n_tokens = self.model(batch["pixels"], batch["text"])
+        loss, n_tokens = self.model(batch.pixels, batch.text)
         self.eval_loss.update(loss, n_tokens)
-        self.eval_images.update(len(batch["keys"]))
+        self.eval_images.update(len(batch.keys))
         # The paper's protocol: the top-k labels come from a sampling with exactly k branches (cutting a top-10
         # sampling would let branches 6-10 merge into and outrank the top-5 labels).
         predictions = {
-            k: recognize(self.model, batch["pixels"], topk=k, min_prob=self.evaluation.min_prob)
+            k: recognize(self.model, batch.pixels, topk=k, min_prob=self.evaluation.min_prob)
             for k in self.evaluation.topk
         }
         for k, labels in predictions.items():
             labels = [[label for label, _ in p] for p in labels]
-            self.metrics[score_name("exact", k)].update(labels, batch["labels"])
+            self.metrics[score_name("exact", k)].update(labels, batch.labels)
             if self.evaluation.semantic_metric:
-                self.metrics[score_name("semantic", k)].update(labels, batch["labels"])
+                self.metrics[score_name("semantic", k)].update(labels, batch.labels)
         if self.vocabulary is not None:
             self._evaluate_vocabulary(batch, predictions[max(predictions)])
         return predictions[max(predictions)]  # for ValidationPredictions
 
-    def _evaluate_vocabulary(self, batch, open_set: list[list[tuple[str, float]]]) -> None:
+    def _evaluate_vocabulary(self, batch: Batch, open_set: list[list[tuple[str, float]]]) -> None:
         """Closed-set scores over ``model.evaluation.vocabulary``: every entry scored exactly, and the open-set labels
         mapped onto the entries (an entry's score: the summed probability of the labels mapped to it)."""
-        targets = vocabulary_targets(self.vocabulary, batch["labels"]).to(batch["pixels"].device)
-        scored = score_vocabulary(self.model, batch["pixels"], self._candidates, len(self.vocabulary))
+        targets = vocabulary_targets(self.vocabulary, batch.labels).to(batch.pixels.device)
+        scored = score_vocabulary(self.model, batch.pixels, self._candidates, len(self.vocabulary))
         self.metrics["vocab_scored"].update(scored.float(), targets)
         mapped = torch.zeros_like(targets, dtype=torch.float32)
         for row, labels in enumerate(open_set):
@@ -337,7 +343,7 @@ class LitNXTP(L.LightningModule):
     def on_validation_epoch_start(self):
         self._sync_buffers()
 
-    def validation_step(self, batch, batch_idx):
+    def validation_step(self, batch: Batch, batch_idx: int):
         return self._evaluate(batch)
 
     def on_validation_epoch_end(self):
@@ -346,16 +352,14 @@ class LitNXTP(L.LightningModule):
     def on_test_epoch_start(self):
         self._sync_buffers()
 
-    def test_step(self, batch, batch_idx):
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluate(batch)
 
     def on_test_epoch_end(self):
         self._log_metrics("test")
 
-    def predict_step(self, batch, batch_idx):
-        if not batch["keys"]:
+    def predict_step(self, batch: Batch, batch_idx: int) -> list[dict]:
+        if not batch.keys:
             return []
-        preds = recognize(
-            self.model, batch["pixels"], topk=max(self.evaluation.topk), min_prob=self.evaluation.min_prob
-        )
-        return [{"key": k, "labels": p} for k, p in zip(batch["keys"], preds)]
+        preds = recognize(self.model, batch.pixels, topk=max(self.evaluation.topk), min_prob=self.evaluation.min_prob)
+        return [{"key": k, "labels": p} for k, p in zip(batch.keys, preds)]

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from .batch import ModelInputs
 from .decoder import DecoderConfig, build_decoder
 from .masking import compact_label_mask, label_block_mask, label_masked_attention
 from .sequence import PROMPT, SequenceBuilder, TextBatch, loss_targets, pad_text, position_ids, segment_ids
@@ -192,6 +193,13 @@ class NXTP(nn.Module):
         m = self.pad_to_multiple
         total = -(-(self.n_image_tokens + text.ids.shape[1]) // m) * m
         return pad_text(text, total - self.n_image_tokens, self.sequences.pad_id)
+
+    @property
+    def inputs(self) -> ModelInputs:
+        """What the data pipeline needs from this model (``NXTPDataModule(inputs=...)``)."""
+        size = self.visual.image_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return ModelInputs(self.sequences, self.prompt, self.train_transform, self.eval_transform, size)
 
     @property
     def config(self) -> NXTPConfig:

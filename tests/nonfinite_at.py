@@ -14,4 +14,4 @@ class NonFiniteAt(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_rank == self.rank and trainer.global_step == self.step:
-            batch["pixels"].fill_(float("nan"))
+            batch.pixels.fill_(float("nan"))

@@ -1,11 +1,11 @@
 """Bad data in the shards: every bad sample or shard skipped and counted by reason, every good sample kept once."""
 
+import dataclasses
 import io
 import json
 import signal
 import struct
 import tarfile
-import types
 import zlib
 from collections import Counter
 from contextlib import contextmanager
@@ -129,12 +129,12 @@ def test_bad_samples_and_shards_are_counted_and_good_ones_arrive_once(tmp_path, 
     dm = NXTPDataModule(
         val_shards=urls, batch_size=4, num_workers=num_workers, shard_retries=RETRIES, shard_retry_wait=0
     )
-    dm.bind(model)
+    dm.bind(model.inputs)
     seen, skipped, rejects = [], Counter(), []
     for batch in dm.val_dataloader():
-        seen += batch["keys"]
-        skipped.update(batch["skipped"])
-        rejects += batch["rejects"]
+        seen += batch.keys
+        skipped.update(batch.skipped)
+        rejects += batch.rejects
     assert sorted(seen) == sorted(good)
     assert skipped == expected
     assert Counter(r["reason"] for r in rejects) == expected
@@ -158,10 +158,10 @@ def test_a_download_that_breaks_off_is_read_again_without_repeating_samples(tmp_
         f"else head -c {broken_off} {tar}; exit 1; fi"
     )
     dm = NXTPDataModule(val_shards=url, batch_size=4, num_workers=0, shard_retries=RETRIES, shard_retry_wait=0)
-    dm.bind(model)
+    dm.bind(model.inputs)
     batches = list(dm.val_dataloader())
-    assert sorted(key for batch in batches for key in batch["keys"]) == keys
-    assert sum((Counter(batch["skipped"]) for batch in batches), Counter()) == {}
+    assert sorted(key for batch in batches for key in batch.keys) == keys
+    assert sum((Counter(batch.skipped) for batch in batches), Counter()) == {}
     assert attempts.read_text().count("attempt") == 3
 
 
@@ -178,10 +178,10 @@ def test_a_worker_with_nothing_but_rejects_still_reports_them(tmp_path, model):
     urls, _, _ = write_bad_shards(tmp_path, tmp_path / "attempts")
     # Worker 1's only shard is unreachable: it has no batch to carry that count, so it yields one of no samples.
     dm = NXTPDataModule(val_shards=[urls[3], urls[2]], batch_size=4, num_workers=2, shard_retries=0)
-    dm.bind(model)
+    dm.bind(model.inputs)
     batches = list(dm.val_dataloader())
-    assert sorted(key for batch in batches for key in batch["keys"]) == [f"whole_{i}" for i in range(6)]
-    assert sum((Counter(batch["skipped"]) for batch in batches), Counter()) == {"unreachable shard": 1}
+    assert sorted(key for batch in batches for key in batch.keys) == [f"whole_{i}" for i in range(6)]
+    assert sum((Counter(batch.skipped) for batch in batches), Counter()) == {"unreachable shard": 1}
 
 
 def test_a_malformed_sample_is_recorded_with_its_shard(tmp_path, model):
@@ -198,11 +198,11 @@ def test_a_malformed_sample_is_recorded_with_its_shard(tmp_path, model):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     dm = NXTPDataModule(val_shards=str(path), batch_size=4, num_workers=0)
-    dm.bind(model)
+    dm.bind(model.inputs)
     (batch,) = list(dm.val_dataloader())
-    assert batch["skipped"] == {"malformed sample": 1}
-    assert [(r["shard"], r["reason"]) for r in batch["rejects"]] == [(str(path), "malformed sample")]
-    assert "k0.jpg" in batch["rejects"][0]["error"]
+    assert batch.skipped == {"malformed sample": 1}
+    assert [(r["shard"], r["reason"]) for r in batch.rejects] == [(str(path), "malformed sample")]
+    assert "k0.jpg" in batch.rejects[0]["error"]
 
 
 @contextmanager
@@ -241,7 +241,7 @@ def test_resampled_shards_that_give_nothing_stop_the_run_instead_of_reading_for_
             max_failures_in_a_row=3,
             max_rejects_in_a_row=50,
         )
-        dm.bind(model)
+        dm.bind(model.inputs)
         with deadline(60), pytest.raises(SystematicFailure, match=message):
             next(iter(dm.train_dataloader()))
 
@@ -269,7 +269,7 @@ def test_large_images_are_rejected_from_their_header():
 @pytest.mark.parametrize("shards", [[], "", ["", ""]])
 def test_shards_that_match_nothing_name_the_key(model, shards):
     dm = NXTPDataModule(train_shards=shards)
-    dm.bind(model)
+    dm.bind(model.inputs)
     with pytest.raises(ValueError, match="data.train_shards matches no shards"):
         dm.train_dataloader()
 
@@ -315,6 +315,7 @@ def test_a_run_writes_every_reject_to_its_log_dir(tmp_path):
         shuffle_buffer=8,
         shard_retries=0,
         shard_retry_wait=0,
+        inputs=module.inputs,
     )
     trainer = quiet_trainer(tmp_path, max_epochs=1, max_steps=50, log_every_n_steps=1)
     trainer.fit(module, datamodule=dm)
@@ -342,9 +343,10 @@ def test_a_run_writes_every_reject_to_its_log_dir(tmp_path):
 
 
 def test_an_evaluation_of_no_sample_is_an_error_not_a_score(tmp_path):
-    dm = NXTPDataModule(test_shards="pipe:exit 1", num_workers=0, shard_retries=0)
+    module = tiny_module()
+    dm = NXTPDataModule(test_shards="pipe:exit 1", num_workers=0, shard_retries=0, inputs=module.inputs)
     with pytest.raises(RuntimeError, match="test: no sample of data.test_shards could be evaluated"):
-        quiet_trainer(tmp_path).test(tiny_module(), datamodule=dm)
+        quiet_trainer(tmp_path).test(module, datamodule=dm)
     assert not (tmp_path / "logs/lightning_logs/version_0/metrics.json").exists()
 
 
@@ -436,13 +438,7 @@ def test_a_worker_whose_every_sample_failed_stops_the_run(tmp_path, model, num_w
         with wds.TarWriter(str(tmp_path / f"{s}.tar")) as sink:
             for i in range(3):
                 sink.write(sample(f"s{s}_{i}"))
-    broken = types.SimpleNamespace(
-        eval_transform=lambda image: 1 / 0,
-        sequences=model.sequences,
-        prompt=model.prompt,
-        reference_compat=False,
-        visual=model.visual,
-    )
+    broken = dataclasses.replace(model.inputs, eval_transform=lambda image: 1 / 0)
     dm = NXTPDataModule(val_shards=[str(tmp_path / "0.tar"), str(tmp_path / "1.tar")], num_workers=num_workers)
     dm.bind(broken)
     per_worker = 6 // max(num_workers, 1)  # both shards in one stream, or one shard per worker
@@ -453,7 +449,7 @@ def test_a_worker_whose_every_sample_failed_stops_the_run(tmp_path, model, num_w
 def test_missing_nltk_data_stops_the_run_before_reading_anything(tmp_path, model, monkeypatch):
     urls, _, _ = write_bad_shards(tmp_path, tmp_path / "attempts")
     dm = NXTPDataModule(val_shards=urls[0], nltk_data=str(tmp_path / "no_nltk_data"))
-    dm.bind(model)
+    dm.bind(model.inputs)
     with pytest.raises(NLTKDataError, match="no_nltk_data"):
         dm.val_dataloader()
 

@@ -49,6 +49,7 @@ def test_the_validation_grid_shows_each_image_with_its_top3_labels_maps(llama_to
     import numpy as np
 
     from lightning_modules.attention_maps import explain, overlay, pixels_to_image
+    from lightning_modules.batch import Batch
     from lightning_modules.callbacks import ValidationPredictions, caption_tile
     from lightning_modules.decoder import DecoderConfig
     from lightning_modules.lit_nxtp import EvaluationConfig, LitNXTP
@@ -79,7 +80,7 @@ def test_the_validation_grid_shows_each_image_with_its_top3_labels_maps(llama_to
     )
     (shown,) = [c for c in module.configure_callbacks() if isinstance(c, ValidationPredictions)]
     pixels = torch.randn(2, 3, 64, 64)
-    batch = {"pixels": pixels, "labels": [["cat"], ["dog"]], "keys": ["a", "b"]}
+    batch = Batch(pixels, None, [["cat"], ["dog"]], ["a", "b"])
     with torch.inference_mode():
         predictions = recognize(model, pixels, topk=3)
         shown.on_validation_batch_end(trainer, module, predictions, batch, 0)

@@ -47,15 +47,15 @@ def model():
 def test_every_good_sample_once_and_bad_ones_counted(tmp_path, model, num_workers):
     good_keys = write_shards(tmp_path)
     dm = NXTPDataModule(val_shards=str(tmp_path / "shard-{000000..000001}.tar"), batch_size=4, num_workers=num_workers)
-    dm.bind(model)
+    dm.bind(model.inputs)
     seen, skipped = [], {}
     for batch in dm.val_dataloader():
-        seen += batch["keys"]
-        for reason, count in batch["skipped"].items():
+        seen += batch.keys
+        for reason, count in batch.skipped.items():
             skipped[reason] = skipped.get(reason, 0) + count
-        assert batch["pixels"].shape[1:] == (3, 64, 64)
-        text = batch["text"]
-        assert text.ids.shape[0] == len(batch["keys"]) == len(batch["labels"])
+        assert batch.pixels.shape[1:] == (3, 64, 64)
+        text = batch.text
+        assert text.ids.shape[0] == len(batch.keys) == len(batch.labels)
         for ids, length, anchor in zip(text.ids, text.lengths, text.anchors):
             assert ids[anchor].item() == model.sequences.prompt_ids(model.prompt)[-1]
             assert (ids[length:] == model.sequences.pad_id).all()
@@ -66,7 +66,7 @@ def test_every_good_sample_once_and_bad_ones_counted(tmp_path, model, num_worker
 def test_labels_come_from_the_caption_and_are_shuffled(tmp_path, model):
     write_shards(tmp_path, n_shards=1)
     dm = NXTPDataModule(train_shards=str(tmp_path / "shard-000000.tar"), batch_size=5, num_workers=0, seed=3)
-    dm.bind(model)
+    dm.bind(model.inputs)
     batch = next(iter(dm.train_dataloader()))
     captions = dict(zip([f"s0_{i:03d}" for i in range(6)], [CAPTIONS[i % 4] for i in range(6)]))
     expected = {
@@ -75,18 +75,18 @@ def test_labels_come_from_the_caption_and_are_shuffled(tmp_path, model):
         "a red bus in the street": {"bus", "street"},
         "a boat on the lake": {"boat", "lake"},
     }
-    for key, labels in zip(batch["keys"], batch["labels"]):
+    for key, labels in zip(batch.keys, batch.labels):
         assert set(labels) == expected[captions[key]]
     decoded = [
         model.tokenizer.decode(ids[a + 1 : l])
-        for ids, a, l in zip(batch["text"].ids, batch["text"].anchors, batch["text"].lengths)
+        for ids, a, l in zip(batch.text.ids, batch.text.anchors, batch.text.lengths)
     ]
-    assert decoded == [", ".join(labels) + "," for labels in batch["labels"]]
+    assert decoded == [", ".join(labels) + "," for labels in batch.labels]
 
 
 def test_missing_shards_config_names_the_key(model):
     dm = NXTPDataModule(train_shards=None)
-    dm.bind(model)
+    dm.bind(model.inputs)
     with pytest.raises(ValueError, match="data.train_shards"):
         dm.train_dataloader()
 
@@ -94,7 +94,7 @@ def test_missing_shards_config_names_the_key(model):
 def test_shards_that_do_not_exist_name_the_key(tmp_path, model):
     write_shards(tmp_path, n_shards=1)
     dm = NXTPDataModule(val_shards=str(tmp_path / "shard-{000000..000002}.tar"))
-    dm.bind(model)
+    dm.bind(model.inputs)
     with pytest.raises(FileNotFoundError, match=r"data.val_shards: 2 of 3 shards do not exist"):
         dm.val_dataloader()
 
@@ -106,8 +106,8 @@ def test_two_ranks_with_two_workers_each_see_disjoint_halves(tmp_path, model, mo
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
         dm = NXTPDataModule(val_shards=str(tmp_path / "shard-{000000..000003}.tar"), batch_size=2, num_workers=2)
-        dm.bind(model)
-        seen.append([key for batch in dm.val_dataloader() for key in batch["keys"]])
+        dm.bind(model.inputs)
+        seen.append([key for batch in dm.val_dataloader() for key in batch.keys])
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == sorted(good_keys)  # every good sample exactly once across ranks
 
@@ -122,14 +122,11 @@ def training_stream(tmp_path, model, epochs=1, batches=None, seed=0, resumed_at=
         hflip=True,
         **data,
     )
-    dm.bind(model)
+    dm.bind(model.inputs)
     dm.trainer = SimpleNamespace(global_step=resumed_at, current_epoch=0, global_rank=rank, world_size=1)
     loader = dm.train_dataloader()
     return [
-        [
-            (batch["keys"], batch["labels"], batch["pixels"].sum().item())
-            for batch, _ in zip(loader, range(batches or 10**9))
-        ]
+        [(batch.keys, batch.labels, batch.pixels.sum().item()) for batch, _ in zip(loader, range(batches or 10**9))]
         for _ in range(epochs)
     ]
 
@@ -169,12 +166,12 @@ def test_evaluation_references_are_every_label_and_extraction_follows_the_model(
         num_workers=0,
         max_labels=2,
     )
-    dm.bind(model)
+    dm.bind(model.inputs)
     val, train = next(iter(dm.val_dataloader())), next(iter(dm.train_dataloader()))
-    assert val["labels"] == [truth]  # not cut to max_labels, in caption order
-    assert len(train["labels"][0]) == 2 and set(train["labels"][0]) <= set(truth)
+    assert val.labels == [truth]  # not cut to max_labels, in caption order
+    assert len(train.labels[0]) == 2 and set(train.labels[0]) <= set(truth)
     for batch in (val, train):  # both sequences hold max_labels labels (the last one without a delimiter in compat)
-        assert int((batch["text"].label_ends[0] >= 0).sum()) == 2 - compat
+        assert int((batch.text.label_ends[0] >= 0).sum()) == 2 - compat
 
 
 # --- Labels given by the sample (KEY.json "labels", KEY.tags) ------------------------------------------------
@@ -197,9 +194,9 @@ def test_given_labels_reach_the_batch_whole_and_labels_from_picks_the_winner(tmp
         dm = NXTPDataModule(
             val_shards=str(tmp_path / "given.tar"), batch_size=16, num_workers=0, labels_from=labels_from
         )
-        dm.bind(model)
+        dm.bind(model.inputs)
         (batch,) = list(dm.val_dataloader())
-        return dict(zip(batch["keys"], batch["labels"])), batch["skipped"], batch["text"], batch["keys"]
+        return dict(zip(batch.keys, batch.labels)), batch.skipped, batch.text, batch.keys
 
     labels, skipped, text, keys = read("given")
     assert labels == {"tags": ["red dress", "stop sign"], "json": ["traffic light"], "boxes": ["dog", "grass"]}

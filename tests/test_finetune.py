@@ -125,10 +125,10 @@ def imported(tmp_path_factory) -> Path:
 def mean_loss(model: NXTP, shard: Path, batches: int = 4) -> float:
     """Token-weighted training loss of ``model`` on the first ``batches`` batches of ``shard`` (eval transform)."""
     data = NXTPDataModule(val_shards=str(shard), batch_size=16, num_workers=0)
-    data.bind(model.eval())
+    data.bind(model.eval().inputs)
     total = count = 0
     for _, batch in zip(range(batches), data.val_dataloader()):
-        loss, n = model(batch["pixels"], batch["text"])
+        loss, n = model(batch.pixels, batch.text)
         total, count = total + loss.item() * n.item(), count + n.item()
     return total / count
 

@@ -99,8 +99,8 @@ def read_all(dm: NXTPDataModule, timeout: float = 120) -> tuple[list[str], Count
         try:
             keys, skipped = [], Counter()
             for batch in dm.val_dataloader():
-                keys += batch["keys"]
-                skipped.update(batch["skipped"])
+                keys += batch.keys
+                skipped.update(batch.skipped)
             result["value"] = keys, skipped
         except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
             result["error"] = e
@@ -122,7 +122,7 @@ def model():
 def data_module(server: Server, model, retries: int) -> NXTPDataModule:
     urls = [server.url("/a.tar"), server.url("/b.tar")]
     dm = NXTPDataModule(val_shards=urls, batch_size=4, num_workers=0, shard_retries=retries, shard_retry_wait=0)
-    dm.bind(model)
+    dm.bind(model.inputs)
     return dm
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import LLAMA_TOKENIZER
 
+from lightning_modules.batch import Batch
 from lightning_modules.checkpoint_io import AtomicCheckpointIO
 from lightning_modules.decoder import DecoderConfig
 from lightning_modules.lit_nxtp import EvaluationConfig, LitNXTP
@@ -108,16 +109,16 @@ def fit_with_nan_at(steps: list[int], max_steps: int, max_nonfinite_steps: int =
     model = module.model
     size = model.visual.image_size
     batches = [
-        {
-            "pixels": torch.randn(2, 3, *size),
-            "keys": [f"s{i}a", f"s{i}b"],
-            "skipped": {},
-            "text": collate_text([model.sequences(model.prompt, ["dog"])] * 2, model.sequences.pad_id),
-        }
+        Batch(
+            torch.randn(2, 3, *size),
+            collate_text([model.sequences(model.prompt, ["dog"])] * 2, model.sequences.pad_id),
+            [["dog"]] * 2,
+            [f"s{i}a", f"s{i}b"],
+        )
         for i in range(max_steps)
     ]
     for step in steps:
-        batches[step]["pixels"].fill_(float("nan"))
+        batches[step].pixels.fill_(float("nan"))
     record = Record()
     trainer = L.Trainer(
         max_steps=max_steps,

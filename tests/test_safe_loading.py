@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 
 from lightning_modules import Recognizer
+from lightning_modules.batch import Batch
 from lightning_modules.checkpoint_io import AtomicCheckpointIO, UntrustedCheckpointError, load_checkpoint
 from lightning_modules.cli.export import export_main
 from lightning_modules.decoder import DecoderConfig
@@ -51,12 +52,12 @@ def batches(module: LitNXTP, n: int = 3) -> torch.utils.data.DataLoader:
     torch.manual_seed(0)
     return torch.utils.data.DataLoader(
         [
-            {
-                "pixels": torch.randn(2, 3, 64, 64),
-                "keys": ["a", "b"],
-                "skipped": {},
-                "text": collate_text([model.sequences(model.prompt, ["dog", "cat"])] * 2, model.sequences.pad_id),
-            }
+            Batch(
+                torch.randn(2, 3, 64, 64),
+                collate_text([model.sequences(model.prompt, ["dog", "cat"])] * 2, model.sequences.pad_id),
+                [["dog", "cat"]] * 2,
+                ["a", "b"],
+            )
             for _ in range(n)
         ],
         batch_size=None,

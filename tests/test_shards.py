@@ -84,16 +84,16 @@ def test_a_tag_folder_reads_back_with_its_labels_through_the_datamodule(tmp_path
     assert decode_image(read["sub/c"]["jpg"]).size == (40, 20)  # upright for the reader
     # The datamodule, with the model's tokenizer: given labels reach the batch whole and unchanged.
     dm = NXTPDataModule(val_shards=str(tmp_path / "out/train/shard-000000.tar"), batch_size=8, num_workers=0)
-    dm.bind(model)
+    dm.bind(model.inputs)
     (batch,) = list(dm.val_dataloader())
-    labels = dict(zip(batch["keys"], batch["labels"]))
+    labels = dict(zip(batch.keys, batch.labels))
     assert labels == {
         "a": ["red dress", "stop sign"],
         "sub/b": ["dog", "cat"],
         "sub/c": ["traffic light"],
         "d_v2": ["boat"],
     }
-    assert batch["skipped"] == {}
+    assert batch.skipped == {}
 
 
 def test_txt_as_captions_keeps_the_caption_and_its_nouns(tmp_path):

@@ -168,15 +168,15 @@ def test_labels_that_cannot_be_a_block_are_errors(tokenizer_dir):
 def test_web_captions_train_without_rejects(shard, tokenizer_dir, compat):
     model = model_with(tokenizer_dir, reference_compat=compat)
     dm = NXTPDataModule(train_shards=shard, val_shards=shard, batch_size=4, num_workers=0, max_labels=16)
-    dm.bind(model)
+    dm.bind(model.inputs)
     truth = {f"web_{i:03d}": extract_labels_nltk(c, compat) for i, c in enumerate(WEB_CAPTIONS)}
     named = {key for key, labels in truth.items() if labels}
     for loader, train in ((dm.train_dataloader(), True), (dm.val_dataloader(), False)):
         seen, skipped = [], Counter()
         for batch in loader:
-            skipped.update(batch["skipped"])
-            text = batch["text"]
-            for i, (key, labels) in enumerate(zip(batch["keys"], batch["labels"])):
+            skipped.update(batch.skipped)
+            text = batch.text
+            for i, (key, labels) in enumerate(zip(batch.keys, batch.labels)):
                 seen.append(key)
                 n = int(text.lengths[i])
                 ends = [int(e) for e in text.label_ends[i] if e >= 0]

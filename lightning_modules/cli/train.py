@@ -66,6 +66,8 @@ class NXTPCLI(LightningCLI):
     ``resume_point``)."""
 
     def add_arguments_to_parser(self, parser) -> None:
+        # The data module makes batches for the model: it is given the model's tokenizer, prompt and preprocessing.
+        parser.link_arguments("model.inputs", "data.inputs", apply_on="instantiate")
         parser.add_argument(
             "--test_after_fit", type=bool, default=False, help="run `test` on the best checkpoint after `fit`"
         )
