@@ -287,7 +287,7 @@ class LitNXTP(L.LightningModule):
                 self.metrics[score_name("semantic", k)].update(labels, batch.labels)
         if self.vocabulary is not None:
             self._evaluate_vocabulary(batch, predictions[max(predictions)])
-        return predictions[max(predictions)]  # for ValidationPredictions
+        return predictions[max(predictions)]  # the outputs callbacks read (ValidationPredictions)
 
     def _evaluate_vocabulary(self, batch: Batch, open_set: list[list[tuple[str, float]]]) -> None:
         """Closed-set scores over ``model.evaluation.vocabulary``: every entry scored exactly, and the open-set labels
@@ -352,8 +352,8 @@ class LitNXTP(L.LightningModule):
     def on_test_epoch_start(self):
         self._sync_buffers()
 
-    def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._evaluate(batch)
+    def test_step(self, batch: Batch, batch_idx: int):
+        return self._evaluate(batch)
 
     def on_test_epoch_end(self):
         self._log_metrics("test")
