@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import OFFICIAL, tiny_nxtp
 
+from lightning_modules.batch import Batch
 from lightning_modules.cli.label import label_main
 from lightning_modules.masking import prefix_attention
 from lightning_modules.recognizer import Recognizer
@@ -394,7 +395,7 @@ def test_validation_reports_closed_set_scores_over_the_eval_vocabulary(tmp_path,
     pixels = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         module._evaluate_vocabulary(
-            {"pixels": pixels, "labels": [["dog"], ["cat"]]}, [[("dog", 0.5), ("cat", 0.05)], [("dog", 0.3)]]
+            Batch(pixels, None, [["dog"], ["cat"]], ["a", "b"]), [[("dog", 0.5), ("cat", 0.05)], [("dog", 0.3)]]
         )
     mapped = module.metrics["vocab_mapped"].compute()
     # dog: scores 0.5 / 0.3, only image 0 has it: AP 1; cat: scores 0.05 / 0 and image 1 has it: AP 1/2.
