@@ -26,6 +26,7 @@ from .sequence import PROMPT, SequenceBuilder, TextBatch, loss_targets, pad_text
 from .vision import VisionConfig, build_vision_tower, encode_patches
 
 Attention = Literal["auto", "dense", "compact", "flex"]
+LabelAttention = Literal["masked", "causal"]
 
 
 def flex_available(device: torch.device) -> bool:
@@ -67,6 +68,11 @@ class NXTPConfig:
             taken from its last sample, and the sampler's step-limit and rounding quirks.
         reset_label_positions: give every label block the rotary positions that follow the prompt, as at
             inference (the reference does not).
+        label_attention: how labels are trained. ``masked`` (NXTP's): each label sees the image and the prompt but
+            not the other labels, and its first token is predicted from the last prompt token, where one-shot
+            sampling reads it. ``causal`` (the paper's baseline): the labels are one causal sequence after the
+            prompt, each seeing the ones before it and its first token predicted from the delimiter before it.
+            Inference is the same for both.
     """
 
     vision: VisionConfig
@@ -75,6 +81,7 @@ class NXTPConfig:
     prompt: str = PROMPT
     reference_compat: bool = False
     reset_label_positions: bool = False
+    label_attention: LabelAttention = "masked"
 
     @classmethod
     def from_dict(cls, config: dict[str, Any], source: str = "the config") -> NXTPConfig:
@@ -120,6 +127,10 @@ class NXTP(nn.Module):
         pad_to_multiple: int | None = None,
     ) -> None:
         super().__init__()
+        if config.label_attention not in LabelAttention.__args__:
+            raise ValueError(
+                f"model.nxtp.label_attention={config.label_attention!r}: choose one of {LabelAttention.__args__}"
+            )
         if attention not in Attention.__args__:
             raise ValueError(f"attention={attention!r}: choose one of {Attention.__args__}")
         if pad_to_multiple is not None and pad_to_multiple < 1:
@@ -170,13 +181,20 @@ class NXTP(nn.Module):
             )
         return self.attention
 
+    def segments(self, text: TextBatch) -> Tensor:
+        """The block of every sequence position [B, S] (``sequence.segment_ids``); with ``causal`` label attention
+        every label is in one block, so that the labels form one causal sequence (mask, loss rows and positions
+        follow from the blocks)."""
+        seg = segment_ids(text, self.n_image_tokens, self.reference_compat)
+        return seg.clamp(max=1) if self._config.label_attention == "causal" else seg
+
     def layout(self, text: TextBatch, attention: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Block ids [B, S], attention mask and rotary positions [B, S] of a training batch.
 
         The mask is in the form ``attention`` (default: this model's path) asks for: a [B, 1, S, S] boolean
         tensor (``dense``), a [B, 1, S - n_image, S] one (``compact``) or a FlexAttention ``BlockMask`` (``flex``).
         """
-        seg = segment_ids(text, self.n_image_tokens, self.reference_compat)
+        seg = self.segments(text)
         attention = attention or self.attention_path(seg.device)
         if attention == "flex":
             mask = label_block_mask(seg)

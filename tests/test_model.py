@@ -28,6 +28,40 @@ def test_permuting_labels_does_not_change_the_loss():
     assert abs(other.item() - loss.item()) > 1e-4  # the loss does depend on the labels
 
 
+@pytest.mark.parametrize("attention", ["dense", "compact"])
+def test_causal_label_attention_is_a_plain_language_model_loss_over_the_labels(attention):
+    # The paper's baseline: the labels are one causal text after the prompt. Against an independent computation:
+    # the decoder run with a hand-built mask (image rows see the whole image, every other row all rows before it)
+    # and each text token predicted from the row before it.
+    model = tiny_nxtp(label_attention="causal", attention=attention)
+    pixels = torch.randn(2, 3, 64, 64)
+    label_lists = [["dog", "frisbee", "grass"], ["traffic light", "bus"]]
+    loss, n = batch_loss(model, pixels, label_lists)
+    seqs = [model.sequences(model.prompt, labels) for labels in label_lists]
+    text = collate_text(seqs, model.sequences.pad_id)
+    k = model.n_image_tokens
+    size = k + text.ids.shape[1]
+    pos = torch.arange(size)
+    mask = (pos[None, :] <= pos[:, None]) | ((pos[:, None] < k) & (pos[None, :] < k))
+    with torch.no_grad():
+        hidden = model.hidden_states(
+            model.embed_images(pixels), text.ids, mask[None, None].expand(2, 1, size, size), pos.expand(2, size)
+        )
+        logits = model.logits(hidden[:, k:-1]).float()
+    targets = text.ids[:, 1:].clone()
+    targets[torch.arange(1, text.ids.shape[1])[None] >= text.lengths[:, None]] = -100  # padding
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    assert n == (targets >= 0).sum()
+    masked = tiny_nxtp(attention=attention)  # the same weights (same seed), labels trained apart
+    assert abs(batch_loss(masked, pixels, label_lists)[0].item() - loss.item()) > 1e-4
+
+
+def test_an_unknown_label_attention_is_an_error_naming_the_key():
+    with pytest.raises(ValueError, match="model.nxtp.label_attention='bidirectional'"):
+        tiny_nxtp(label_attention="bidirectional")
+
+
 def test_padding_and_batch_neighbours_do_not_change_a_sample():
     model = tiny_nxtp()
     pixels = torch.randn(2, 3, 64, 64)
@@ -194,6 +228,7 @@ def test_frozen_vision_blocks_run_without_autograd_and_keep_the_gradients(traina
         torch.testing.assert_close(frozen[name], full[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.e2e
 def test_compiled_decoder_keeps_parameter_names_loss_and_gradients():
     def module(compile: bool) -> LitNXTP:
         torch.manual_seed(0)
