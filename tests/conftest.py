@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing.process
 import os
 import signal
 import subprocess
@@ -48,7 +49,9 @@ def tiny_nxtp(seed: int = 0, hidden: int = 64, blocks: int = 2, **kwargs) -> NXT
             max_position_embeddings=256,
         )
     )
-    return NXTP(NXTPConfig(VisionConfig(model_name="nxtp-tiny-vit"), decoder, str(LLAMA_TOKENIZER), **kwargs)).eval()
+    speed = {k: kwargs.pop(k) for k in ("attention", "pad_to_multiple") if k in kwargs}
+    config = NXTPConfig(VisionConfig(model_name="nxtp-tiny-vit"), decoder, str(LLAMA_TOKENIZER), **kwargs)
+    return NXTP(config, **speed).eval()
 
 
 @pytest.fixture(scope="session")
@@ -169,6 +172,27 @@ def assert_resumed_to_the_end(resumed: subprocess.CompletedProcess, version: Pat
     assert torch.load(version / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == steps
     assert json.loads((version / "metrics.json").read_text())["global_step"] == steps
     assert not (version.parent / "version_1").exists()
+
+
+@pytest.fixture(autouse=True)
+def unit_tests_start_nothing(request, monkeypatch) -> None:
+    """Under ``make test-unit`` (``-m "not slow and not e2e"``), a test that starts a process or a Trainer fails
+    and says to mark it ``e2e``: the unit run stays quick, and its selection cannot drift."""
+    if "not e2e" not in (request.config.getoption("markexpr") or ""):
+        return
+
+    def refuse(what: str):
+        def call(*args, **kwargs):
+            raise AssertionError(f"{request.node.nodeid} {what}: mark it @pytest.mark.e2e (make test-unit runs none)")
+
+        return call
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse("starts a subprocess"))
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse("starts a process"))
+    import lightning.pytorch as pl
+
+    for stage in ("fit", "validate", "test", "predict"):
+        monkeypatch.setattr(pl.Trainer, stage, refuse(f"runs Trainer.{stage}"))
 
 
 def pytest_collection_modifyitems(config, items) -> None:

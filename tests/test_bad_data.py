@@ -122,6 +122,7 @@ def model():
     return tiny_nxtp()
 
 
+@pytest.mark.e2e  # its shards include a `pipe:` command
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_bad_samples_and_shards_are_counted_and_good_ones_arrive_once(tmp_path, model, num_workers):
     counter = tmp_path / "attempts"
@@ -145,6 +146,7 @@ def test_bad_samples_and_shards_are_counted_and_good_ones_arrive_once(tmp_path, 
     assert shards == {"truncated shard": urls[1], "unreachable shard": urls[2]}
 
 
+@pytest.mark.e2e
 def test_a_download_that_breaks_off_is_read_again_without_repeating_samples(tmp_path, model):
     jpeg = encode(Image.new("RGB", (40, 30), "blue"), "JPEG")
     keys = [f"k{i}" for i in range(6)]
@@ -165,6 +167,7 @@ def test_a_download_that_breaks_off_is_read_again_without_repeating_samples(tmp_
     assert attempts.read_text().count("attempt") == 3
 
 
+@pytest.mark.e2e
 def test_a_shard_drawn_again_after_it_failed_is_not_retried_again(tmp_path):
     attempts = tmp_path / "attempts"
     failing = {"url": f"pipe:echo attempt >> {attempts}; exit 1"}
@@ -174,6 +177,7 @@ def test_a_shard_drawn_again_after_it_failed_is_not_retried_again(tmp_path):
     assert attempts.read_text().count("attempt") == RETRIES + 1 + 2  # resampling draws it again: once each
 
 
+@pytest.mark.e2e
 def test_a_worker_with_nothing_but_rejects_still_reports_them(tmp_path, model):
     urls, _, _ = write_bad_shards(tmp_path, tmp_path / "attempts")
     # Worker 1's only shard is unreachable: it has no batch to carry that count, so it yields one of no samples.
@@ -221,6 +225,7 @@ def deadline(seconds: int):
         signal.signal(signal.SIGALRM, previous)
 
 
+@pytest.mark.e2e
 def test_resampled_shards_that_give_nothing_stop_the_run_instead_of_reading_for_ever(tmp_path, model):
     with wds.TarWriter(str(tmp_path / "captionless.tar")) as sink:
         for i in range(5):
@@ -302,6 +307,7 @@ def quiet_trainer(tmp_path, **kwargs) -> L.Trainer:
     )
 
 
+@pytest.mark.e2e
 def test_a_run_writes_every_reject_to_its_log_dir(tmp_path):
     urls, _, expected = write_bad_shards(tmp_path, tmp_path / "attempts")
     module = tiny_module()
@@ -342,6 +348,7 @@ def test_a_run_writes_every_reject_to_its_log_dir(tmp_path):
     assert totals == expected
 
 
+@pytest.mark.e2e
 def test_an_evaluation_of_no_sample_is_an_error_not_a_score(tmp_path):
     module = tiny_module()
     dm = NXTPDataModule(test_shards="pipe:exit 1", num_workers=0, shard_retries=0, inputs=module.inputs)
@@ -431,7 +438,7 @@ def test_samples_failing_one_after_the_other_stop_the_run(model):
         decode(sample("c"))
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("num_workers", [0, pytest.param(2, marks=pytest.mark.e2e)])
 def test_a_worker_whose_every_sample_failed_stops_the_run(tmp_path, model, num_workers):
     # Fewer samples than max_failures_in_a_row, all failing: the end of the stream says so.
     for s in range(2):

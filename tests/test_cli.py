@@ -10,6 +10,7 @@ from conftest import NXTP_CLI, run
 from lightning_modules.cli import COMMANDS, main
 
 
+@pytest.mark.e2e
 def test_help_lists_every_subcommand_and_an_unknown_one_is_refused():
     result = run(NXTP_CLI + ["--help"])  # the installed entry point, as a user runs it
     assert result.returncode == 0
@@ -19,6 +20,7 @@ def test_help_lists_every_subcommand_and_an_unknown_one_is_refused():
     assert wrong.returncode == 2 and "unknown command 'trian'" in wrong.stderr
 
 
+@pytest.mark.e2e
 def test_a_reader_that_leaves_ends_the_command_quietly():
     """`nxtp ... | head`: a closed pipe ends the command with SIGPIPE's status, not a traceback."""
     read, write = os.pipe()
@@ -30,6 +32,7 @@ def test_a_reader_that_leaves_ends_the_command_quietly():
     assert result.returncode == 141 and result.stderr == ""
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_every_subcommand_has_its_own_help(command, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["nxtp", command, "--help"])
@@ -50,6 +53,7 @@ OPTIONS = {  # some options of each command's own, and for label and serve the s
 SHARED = ["--device", "--precision", "--topk", "--min-prob", "--max-image-pixels", "--no-draft"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("command", list(OPTIONS))
 def test_help_lists_the_options_without_importing_torch(command):
     """`nxtp COMMAND --help` answers at once: nothing heavy is imported before the arguments are parsed."""

@@ -5,8 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import webdataset as wds
 from PIL import Image
+
+pytestmark = pytest.mark.e2e  # every test here starts a command
 
 ROOT = Path(__file__).parents[1]
 

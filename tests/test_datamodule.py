@@ -43,7 +43,7 @@ def model():
     return tiny_nxtp()
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("num_workers", [0, pytest.param(2, marks=pytest.mark.e2e)])
 def test_every_good_sample_once_and_bad_ones_counted(tmp_path, model, num_workers):
     good_keys = write_shards(tmp_path)
     dm = NXTPDataModule(val_shards=str(tmp_path / "shard-{000000..000001}.tar"), batch_size=4, num_workers=num_workers)
@@ -99,6 +99,7 @@ def test_shards_that_do_not_exist_name_the_key(tmp_path, model):
         dm.val_dataloader()
 
 
+@pytest.mark.e2e
 def test_two_ranks_with_two_workers_each_see_disjoint_halves(tmp_path, model, monkeypatch):
     good_keys = write_shards(tmp_path, n_shards=4, per_shard=3)
     seen = []
@@ -131,6 +132,7 @@ def training_stream(tmp_path, model, epochs=1, batches=None, seed=0, resumed_at=
     ]
 
 
+@pytest.mark.e2e
 def test_the_resampled_stream_is_the_same_in_every_run_with_its_seed(tmp_path, model):
     write_shards(tmp_path, n_shards=4, per_shard=3)
     first = training_stream(tmp_path, model, batches=12, resampled=True)
@@ -141,6 +143,7 @@ def test_the_resampled_stream_is_the_same_in_every_run_with_its_seed(tmp_path, m
     assert training_stream(tmp_path, model, batches=12, resampled=True, rank=1) != first  # each rank its own data
 
 
+@pytest.mark.e2e
 def test_epochs_are_reproducible_and_each_in_another_order(tmp_path, model):
     good_keys = write_shards(tmp_path, n_shards=4, per_shard=3)
     epochs = training_stream(tmp_path, model, epochs=3)

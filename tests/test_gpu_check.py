@@ -3,7 +3,10 @@
 import shlex
 import subprocess
 
+import pytest
 from conftest import ROOT
+
+pytestmark = pytest.mark.e2e  # every test here starts a command
 
 SCRIPT = ROOT / "experiments" / "gpu_check.sh"
 

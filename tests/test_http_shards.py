@@ -126,6 +126,7 @@ def data_module(server: Server, model, retries: int) -> NXTPDataModule:
     return dm
 
 
+@pytest.mark.e2e
 def test_http_shards_are_read_whole(serve, model):
     server = serve(drops=0)
     keys, skipped = read_all(data_module(server, model, retries=2))
@@ -133,6 +134,7 @@ def test_http_shards_are_read_whole(serve, model):
     assert server.requests == {"/a.tar": 1, "/b.tar": 1}
 
 
+@pytest.mark.e2e
 def test_a_dropped_connection_is_read_again_from_where_it_broke_off(serve, model):
     server = serve(drops=2)
     keys, skipped = read_all(data_module(server, model, retries=2))
@@ -141,6 +143,7 @@ def test_a_dropped_connection_is_read_again_from_where_it_broke_off(serve, model
     assert server.requests == {"/a.tar": 3, "/b.tar": 1}
 
 
+@pytest.mark.e2e
 def test_a_shard_that_keeps_dropping_is_skipped_and_counted(serve, model):
     server = serve(drops=100)
     keys, skipped = read_all(data_module(server, model, retries=2))

@@ -259,6 +259,7 @@ def label(checkpoint, folder) -> dict[str, list[tuple[str, float]]]:
     }
 
 
+@pytest.mark.e2e
 def test_nxtp_label_gives_odd_photos_the_labels_of_their_plain_twins(label_setup):
     odd, plain = label(label_setup / "model", label_setup / "odd"), label(label_setup / "model", label_setup / "plain")
     for name in ("exif_rotated", "transparent", "sixteen_bit"):

@@ -277,6 +277,7 @@ print(json.dumps([mapper.vocabulary.entries[i].name for i in map(mapper._by_word
 """
 
 
+@pytest.mark.e2e
 def test_puppy_maps_to_dog_through_the_packaged_wordnet_offline(tmp_path):
     # A clean environment: NLTK_DATA and NXTP_NLTK_DATA unset, a HOME without nltk_data, no network (offline hubs,
     # and NLTK never downloads), so the only WordNet there is is the packaged one.
@@ -365,6 +366,7 @@ def _garbage_nltk_data(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("nltk_env", ["unset", "garbage", "fixture"])
 def test_same_labels_from_any_folder_whatever_nltk_data_says(tmp_path, nltk_env):
     # From a temporary folder, without the repository on the path (the installed package), with a HOME that has no
@@ -390,6 +392,7 @@ def test_same_labels_from_any_folder_whatever_nltk_data_says(tmp_path, nltk_env)
     assert json.loads(done.stdout) == [extract_labels_nltk(c, compat) for c in captions for compat in (False, True)]
 
 
+@pytest.mark.e2e
 def test_a_wheel_ships_the_nltk_data(tmp_path):
     # Built from a copy of the sources, so that the build leaves nothing in the repository.
     src = tmp_path / "src"

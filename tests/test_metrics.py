@@ -202,6 +202,7 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str, data: 
         dist.destroy_process_group()
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_ddp_sync_equals_one_pass(tmp_path: Path, semantic: SemanticLabelScore, reference: dict[str, Any]) -> None:
     data = {"preds": reference["predictions"] + [["cat"]], "refs": reference["references"] + [[]]}

@@ -160,6 +160,7 @@ def test_step_limit_quirk_is_fixed_by_default(model):
     assert sum(labels.values()) <= sum(ref["first_step_topk_probs"][2]) + 1e-6
 
 
+@pytest.mark.e2e
 def test_label_command_on_imported_checkpoint(imported):
     _, folder = imported
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}

@@ -196,6 +196,7 @@ def test_readme_quick_commands_work_as_written(project):
             assert result.returncode == 0, f"{script}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
 
 
+@pytest.mark.e2e
 def test_readme_long_commands_parse(monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     commands = [c for tag, block in blocks() if tag == "long" for c in block]

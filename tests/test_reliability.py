@@ -133,6 +133,7 @@ def fit_with_nan_at(steps: list[int], max_steps: int, max_nonfinite_steps: int =
     return module, record.states
 
 
+@pytest.mark.e2e
 def test_a_nonfinite_step_is_skipped_and_leaves_the_model_as_it_was():
     module, states = fit_with_nan_at([1], max_steps=4)
     before, after, later = states[1], states[2], states[3]
@@ -144,6 +145,7 @@ def test_a_nonfinite_step_is_skipped_and_leaves_the_model_as_it_was():
     assert module.guard.skipped == 1
 
 
+@pytest.mark.e2e
 def test_too_many_nonfinite_steps_stop_the_run_naming_the_samples():
     with pytest.raises(RuntimeError, match=r"max_nonfinite_steps=1\); batch samples \['s2a', 's2b'\]"):
         fit_with_nan_at([1, 2], max_steps=4, max_nonfinite_steps=1)

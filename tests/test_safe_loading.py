@@ -96,6 +96,7 @@ def project_checkpoint(tmp_path_factory) -> tuple[pathlib.Path, LitNXTP]:
     return root / "last.ckpt", module
 
 
+@pytest.mark.e2e
 def test_the_projects_checkpoint_loads_safely_with_its_weights(project_checkpoint):
     path, module = project_checkpoint
     assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == []  # plain data only
@@ -129,6 +130,7 @@ def test_a_checkpoint_whose_hyperparameters_pickle_the_configs_loads_through_the
     assert Recognizer.from_checkpoint(tmp_path / "old.ckpt").label(list(pixels), topk=3) == want
 
 
+@pytest.mark.e2e
 def test_a_run_resumes_from_the_projects_checkpoint(project_checkpoint, tmp_path):
     path, module = project_checkpoint
     fresh = LitNXTP(**{**module.hparams})
@@ -159,6 +161,7 @@ def test_recognizer_resume_and_export_refuse_a_malicious_checkpoint(malicious, t
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.e2e
 def test_nxtp_label_refuses_a_malicious_checkpoint(malicious, tmp_path):
     path, marker = malicious
     image = tmp_path / "a.png"

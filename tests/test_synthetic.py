@@ -87,6 +87,7 @@ def test_fallback_captions_are_correct_for_every_kind_and_count():
             assert extract_labels(synthetic.captions._plain_caption([group])) == [kind]
 
 
+@pytest.mark.e2e
 def test_build_is_deterministic_whatever_the_workers(tiny, tmp_path):
     again = build_dataset(tmp_path / "shapes", workers=2, **TINY)
     build_tokenizer(again)

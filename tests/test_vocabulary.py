@@ -357,6 +357,7 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_metric_ddp_sync_with_an_idle_rank(tmp_path):
     mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
