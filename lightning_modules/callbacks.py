@@ -24,7 +24,6 @@ from .batch import Batch
 from .checkpoint import restore_rng_state, rng_state, save_rng_states
 from .masking import label_masked_attention
 from .metrics import metric_tag
-from .sequence import segment_ids
 
 
 class GlobalBatchSize(L.Callback):
@@ -91,7 +90,7 @@ class AttentionMaskImage(L.Callback):
         if self.logged or not trainer.is_global_zero or not hasattr(experiment, "add_image"):
             return
         model = pl_module.model
-        seg = segment_ids(batch.text, model.n_image_tokens, model.reference_compat)[:1]
+        seg = model.segments(batch.text)[:1]
         picture = attention_mask_image(seg[0], label_masked_attention(seg)[0, 0])
         experiment.add_image("attention/label_masked_mask", picture, trainer.global_step, dataformats="HWC")
         self.logged = True
