@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -227,3 +228,105 @@ def rank_images(
     if reference_compat:
         return [[(l, p) for l, p in rank_labels_reference(b, decode, delimiter_id) if p >= min_prob] for b in branches]
     return [rank_labels(b, decode, min_prob, delimiter) for b in branches]
+
+
+# Greedy and beam search: the paper's baselines --------------------------------------------------------------
+
+Sampler = Literal["one-shot", "greedy", "beam"]
+
+
+@torch.no_grad()
+def generate_text(model: NXTP, pixels: Tensor, beams: int = 1, max_new_tokens: int = 64) -> tuple[Tensor, Tensor]:
+    """The tokens [B, T] generated after the prompt by greedy search (``beams=1``) or beam search (the best beam),
+    with transformers' ``generate``, and each token's probability given everything before it [B, T] (padding after
+    the end token: ``pad_id``, probability 1).
+
+    The image and the prompt but its last token are run once with the model's own attention (image rows see the
+    whole image) into the key/value cache ``generate`` continues from: ``generate`` itself would lay a causal mask
+    over the image.
+    """
+    if beams < 1:
+        raise ValueError(f"beams={beams}: beam search needs at least 1 beam")
+    embeds, n_image = _prefix(model, pixels)
+    batch, length = embeds.shape[:2]
+    mask = prefix_attention(n_image, length - 1 - n_image, device=pixels.device).expand(batch, -1, -1, -1)
+    positions = torch.arange(length - 1, device=pixels.device).expand(batch, -1)
+    base = model.decoder.get_decoder()
+    cache = DynamicCache()
+    cache_name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    base(
+        inputs_embeds=embeds[:, :-1], attention_mask=mask, position_ids=positions, use_cache=True, **{cache_name: cache}
+    )
+    if beams > 1:
+        cache.batch_repeat_interleave(beams)  # generate expands its inputs for the beams, not a cache given to it
+    seqs = model.sequences
+    prompt = torch.tensor(seqs.prompt_ids(model.prompt), device=pixels.device)
+    # generate runs only the ids after the cache (the last prompt token); the image positions' ids are never read.
+    ids = torch.cat([prompt.new_full((n_image,), seqs.pad_id), prompt]).expand(batch, -1)
+    search = {"num_beams": beams, "length_penalty": 0.0} if beams > 1 else {}  # 0: the most probable list
+    out = model.decoder.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=seqs.eos_id,
+        pad_token_id=seqs.pad_id,
+        output_scores=True,
+        return_dict_in_generate=True,
+        **search,
+        **{cache_name: cache},
+    )
+    log_probs = model.decoder.compute_transition_scores(
+        out.sequences, out.scores, getattr(out, "beam_indices", None), normalize_logits=beams == 1
+    )
+    return out.sequences[:, ids.shape[1] :], log_probs.float().exp()
+
+
+def generate_labels(
+    model: NXTP, pixels: Tensor, beams: int = 1, max_new_tokens: int = 64
+) -> list[list[tuple[str, float]]]:
+    """The paper's baselines: the label list generated as text (``generate_text``), split at the delimiter. A
+    label's probability is the product of its tokens' probabilities and its closing delimiter's (or end token's),
+    each given the labels before it (for beam search, along the best beam). Repeated labels (greedy and beam search
+    repeat themselves; one-shot sampling does not) are merged, keeping the first; sorted by probability."""
+    tokens, probs = generate_text(model, pixels, beams, max_new_tokens)
+    return [_split_labels(model, t.tolist(), p.tolist()) for t, p in zip(tokens, probs)]
+
+
+def _split_labels(model: NXTP, tokens: list[int], probs: list[float]) -> list[tuple[str, float]]:
+    """``(label, probability)`` from generated text: split at the delimiter, until the end token or padding."""
+    seqs, labels, current, p = model.sequences, {}, [], 1.0
+    for token, prob in zip(tokens, probs):
+        if token == seqs.pad_id:
+            break
+        p *= prob
+        if token in (seqs.delimiter_id, seqs.eos_id):
+            label = model.tokenizer.decode(current).replace(seqs.delimiter, "").strip()
+            if label and label not in labels:
+                labels[label] = p
+            current, p = [], 1.0
+            if token == seqs.eos_id:
+                break
+        else:
+            current.append(token)
+    return sorted(labels.items(), key=lambda kv: kv[1], reverse=True)
+
+
+def label_images(
+    model: NXTP,
+    pixels: Tensor,
+    sampler: Sampler = "one-shot",
+    topk: int = 10,
+    min_prob: float = 0.0,
+    beams: int = 3,
+    max_new_tokens: int = 64,
+) -> list[list[tuple[str, float]]]:
+    """Labels with probabilities, sorted, for a batch of preprocessed pixels, by the chosen ``sampler``: one-shot
+    sampling (``recognize``, NXTP's), or the baselines ``greedy`` and ``beam`` (``generate_labels``); at most
+    ``topk`` labels, none below ``min_prob``."""
+    if sampler == "one-shot":
+        return recognize(model, pixels, topk, min_prob)
+    if sampler not in ("greedy", "beam"):
+        raise ValueError(f"sampler {sampler!r}: choose one-shot, greedy or beam")
+    labels = generate_labels(model, pixels, beams if sampler == "beam" else 1, max_new_tokens)
+    return [[(label, p) for label, p in image[:topk] if p >= min_prob] for image in labels]
