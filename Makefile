@@ -8,7 +8,7 @@ EXPERIMENT ?= configs/experiment/default.yaml
 SWEEP ?= configs/sweep/decoder_depth.yaml
 CHECKPOINT ?= logs/default/version_0/checkpoints/last.ckpt
 
-.PHONY: install data train sweep serve lint format test test-fast tensorboard clean
+.PHONY: install data train sweep serve lint format test test-unit test-fast test-lowest tensorboard clean
 
 install: $(VENV)/.installed
 
@@ -59,8 +59,26 @@ TEST_WORKERS ?= 2
 test: install
 	$(BIN)/python -m pytest -ra --durations=20 -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
+# The inner loop, after every edit: no subprocess, no process, no Trainer (a test that starts one fails here and
+# says to mark it e2e); about a minute on 2 cores.
+test-unit: install
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow and not e2e"
+
 test-fast: install
-	$(BIN)/python -m pytest -ra -m "not slow"
+	$(BIN)/python -m pytest -ra -n $(TEST_WORKERS) --dist loadscope -m "not slow"
+
+# The unit tests against the lowest version of each direct dependency that pyproject.toml allows (uv's
+# lowest-direct resolution; what those bring along comes at its newest), in a virtualenv of its own made anew each
+# time: a lower bound that claims more than is true fails here. The versions come from PyPI, not constraints.txt.
+# setuptools is the [build-system] floor: a test builds the wheel without build isolation.
+LOWEST_VENV ?= .venv-lowest
+test-lowest:
+	rm -rf $(LOWEST_VENV)
+	$(PYTHON) -m venv $(LOWEST_VENV)
+	$(LOWEST_VENV)/bin/python -m pip install --quiet "uv>=0.13,<0.14"
+	$(LOWEST_VENV)/bin/uv pip install --quiet --python $(LOWEST_VENV)/bin/python --resolution lowest-direct \
+		-e ".[dev]" "setuptools>=77"
+	$(LOWEST_VENV)/bin/python -m pytest -ra -m "not slow and not e2e"
 
 tensorboard: install
 	$(BIN)/tensorboard --logdir logs

@@ -8,6 +8,10 @@ Two forms hold a model:
   (``TOKENIZER_KEY``) and what resuming the run needs (``TrainingState``). It is read without running code from its
   pickle (``checkpoint_io.load_checkpoint``) unless the caller trusts it.
 
+Either may hold a label calibration (``nxtp calibrate``): ``CALIBRATION_FILE`` in a folder, ``CALIBRATION_KEY`` in a
+``.ckpt``, JSON naming the weights it was fitted on (``model_identity``); ``load_model`` attaches it to the model as
+``model.calibration`` (None without one) and refuses one fitted on other weights.
+
 Everything else (``Recognizer``, the CLI, ``nxtp serve``, export, resume) goes through the functions here.
 """
 
@@ -27,12 +31,14 @@ from .nxtp import NXTP, NXTPConfig
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
+CALIBRATION_FILE = "calibration.json"  # ``calibration.Calibration.to_json()``, beside the weights it was fitted on
 
 CONFIG_KEY = "nxtp_config"  # NXTPConfig.to_dict(): plain data, whatever LitNXTP's arguments are called
 TOKENIZER_KEY = "nxtp_tokenizer_files"
 RNG_KEY = "nxtp_rng_states"
 MAX_STEPS_KEY = "nxtp_max_steps"
 TRAIN_SKIPPED_KEY = "nxtp_train_skipped"
+CALIBRATION_KEY = "nxtp_calibration"  # the same JSON text as CALIBRATION_FILE (a plain string: no pickle risk)
 MODEL_PREFIX = "model."  # LitNXTP keeps the recognizer as ``self.model``
 
 # Before NXTPConfig, LitNXTP took the architecture as top-level arguments: checkpoints of that time keep these
@@ -67,6 +73,11 @@ def save_folder(model: NXTP, out_dir: str | Path) -> Path:
     model.tokenizer.save_pretrained(out / TOKENIZER_DIR)
     safetensors.torch.save_model(model, str(out / WEIGHTS_FILE))
     (out / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+    calibration = getattr(model, "calibration", None)
+    if calibration is not None and calibration.model_id == model_identity(model):  # not after the weights changed
+        write_calibration(out, calibration)
+    elif (out / CALIBRATION_FILE).exists():  # an earlier model's, in a folder written over
+        (out / CALIBRATION_FILE).unlink()
     return out
 
 
@@ -83,8 +94,9 @@ def _folder_config(path: Path) -> NXTPConfig:
     return NXTPConfig.from_dict({**config, "tokenizer": str(path / config["tokenizer"])}, source=str(file))
 
 
-def load_folder(path: str | Path) -> NXTP:
-    """Rebuild the model of a model folder, in eval mode (no pickle involved)."""
+def load_folder(path: str | Path, calibration: bool = True) -> NXTP:
+    """Rebuild the model of a model folder, in eval mode (no pickle involved), with its calibration unless not
+    ``calibration``."""
     import safetensors.torch
 
     path = Path(path)
@@ -92,7 +104,9 @@ def load_folder(path: str | Path) -> NXTP:
     missing, unexpected = safetensors.torch.load_model(model, str(path / WEIGHTS_FILE), strict=False)
     if missing or unexpected:
         raise ValueError(f"{path / WEIGHTS_FILE}: missing keys {missing}, unexpected keys {unexpected}")
-    return model.eval()
+    file = path / CALIBRATION_FILE
+    text = file.read_text() if calibration and file.is_file() else None
+    return attach_calibration(model.eval(), text, str(file))
 
 
 # .ckpt files ------------------------------------------------------------------------------------------------
@@ -126,7 +140,7 @@ def tokenizer_files(tokenizer) -> dict[str, bytes]:
         return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
 
 
-def load_checkpoint_model(path: str | Path, trust: bool = False) -> NXTP:
+def load_checkpoint_model(path: str | Path, trust: bool = False, calibration: bool = True) -> NXTP:
     """Rebuild the model of a ``.ckpt``, in eval mode. Its tokenizer is the one its config names where that
     exists, else the copy the checkpoint stores (a checkpoint copied to another machine still loads)."""
     from .checkpoint_io import load_checkpoint
@@ -141,14 +155,19 @@ def load_checkpoint_model(path: str | Path, trust: bool = False) -> NXTP:
             config.tokenizer = folder  # read into memory while building; the folder is not needed after
         model = NXTP(config)
     model.load_state_dict(model_state(checkpoint, str(path)))
-    return model.eval()
+    text = checkpoint.get(CALIBRATION_KEY) if calibration else None
+    return attach_calibration(model.eval(), text, f"{path} [{CALIBRATION_KEY}]")
 
 
-def load_model(source: str | Path, trust: bool = False) -> NXTP:
-    """The model a source holds, in eval mode: a model folder or a ``.ckpt`` (see the module's docstring)."""
+def load_model(source: str | Path, trust: bool = False, calibration: bool = True) -> NXTP:
+    """The model a source holds, in eval mode: a model folder or a ``.ckpt`` (see the module's docstring), with its
+    label calibration as ``model.calibration`` (None without one, or when not ``calibration``; ``CalibrationError``
+    for one that does not parse or was fitted on other weights)."""
     if "://" not in str(source) and not Path(source).exists():
         raise FileNotFoundError(f"{source}: no such model folder or checkpoint")
-    return load_folder(source) if is_model_folder(source) else load_checkpoint_model(source, trust)
+    if is_model_folder(source):
+        return load_folder(source, calibration)
+    return load_checkpoint_model(source, trust, calibration)
 
 
 def read_config(source: str | Path, trust: bool = False) -> NXTPConfig:
@@ -232,6 +251,75 @@ def load_weights(
     with torch.no_grad():
         model.load_state_dict(state, strict=False)
     return allowed
+
+
+# label calibrations ------------------------------------------------------------------------------------------
+
+
+def model_identity(model: nn.Module | dict[str, Tensor]) -> str:
+    """A short hash of a model's state dict (names, dtypes, shapes and bytes): the same weights give the same
+    identity whether they come from a ``.ckpt``, a model folder or an export."""
+    import hashlib
+
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def parse_calibration(text: str, source: str):
+    """A ``calibration.Calibration`` from its JSON text; ``CalibrationError`` naming ``source`` otherwise."""
+    from .calibration import Calibration
+
+    return Calibration.from_json(text, source)
+
+
+def attach_calibration(model: NXTP, text: str | None, source: str) -> NXTP:
+    """Set ``model.calibration`` from a calibration's JSON text (None: no calibration), checking that it was
+    fitted on these weights."""
+    from .calibration import CalibrationError
+
+    calibration = None if text is None else parse_calibration(text, source)
+    if calibration is not None and calibration.model_id != (identity := model_identity(model)):
+        raise CalibrationError(
+            f"{source}: this calibration was fitted on the model {calibration.model_id}, not on this one "
+            f"({identity}); run nxtp calibrate for this model"
+        )
+    model.calibration = calibration
+    return model
+
+
+def read_calibration(source: str | Path, trust: bool = False):
+    """The ``calibration.Calibration`` a model folder or ``.ckpt`` holds, or None; not checked against the weights
+    (``load_model`` does that)."""
+    from .checkpoint_io import load_checkpoint
+
+    if is_model_folder(source):
+        file = Path(source) / CALIBRATION_FILE
+        return parse_calibration(file.read_text(), str(file)) if file.is_file() else None
+    text = load_checkpoint(source, trust=trust, mmap="://" not in str(source)).get(CALIBRATION_KEY)
+    return None if text is None else parse_calibration(text, f"{source} [{CALIBRATION_KEY}]")
+
+
+def write_calibration(target: str | Path, calibration, trust: bool = False) -> Path:
+    """Store ``calibration`` with the model at ``target``: ``CALIBRATION_FILE`` in a model folder, ``CALIBRATION_KEY``
+    in a ``.ckpt`` (rewritten atomically), or a ``.json`` file of its own; return where it went."""
+    from .checkpoint_io import AtomicCheckpointIO, load_checkpoint
+
+    target = Path(target)
+    if is_model_folder(target) or target.suffix == ".json":
+        file = target / CALIBRATION_FILE if is_model_folder(target) else target
+        tmp = file.with_name(file.name + ".tmp")
+        tmp.write_text(calibration.to_json() + "\n")
+        tmp.replace(file)  # a reader never sees half a file
+        return file
+    checkpoint = load_checkpoint(target, trust=trust)
+    checkpoint[CALIBRATION_KEY] = calibration.to_json()
+    AtomicCheckpointIO().save_checkpoint(checkpoint, target)
+    return target
 
 
 # what a training run stores beside the model ----------------------------------------------------------------

@@ -37,6 +37,7 @@ PRECISIONS = {"32": None, "bf16": "bfloat16", "16": "float16"}
 TOPK = 10  # labels (first tokens branched from) per image where no topk is given, as in Recognizer.label
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CSV_HEADER = ["image", "label", "prob", "error"]
+CSV_HEADER_CALIBRATED = ["image", "label", "prob", "score", "error"]  # a calibrated model's: the raw score too
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
@@ -53,7 +54,16 @@ class InferenceOptions:
     device: str = option("cpu", "where the model runs: cpu, cuda, cuda:1, mps")
     precision: str = option("32", "autocast dtype", choices=tuple(PRECISIONS))
     topk: int | None = option(None, f"first tokens to branch from (at most this many labels; default {TOPK})", type=int)
-    min_prob: float = option(0.0, "drop labels below this probability", type=float)
+    min_prob: float = option(
+        0.0,
+        "drop labels below this probability (a calibrated model's: 0.5 keeps labels at least as likely right as not)",
+        type=float,
+    )
+    threshold: str | None = option(
+        None,
+        "auto: also drop each label below its fitted threshold (a model calibrated by nxtp calibrate)",
+        choices=("auto",),
+    )
     max_image_pixels: int = option(
         MAX_IMAGE_PIXELS,
         "refuse larger images (width x height, read from the header), as data.max_image_pixels",
@@ -174,11 +184,17 @@ class Labelled:
 
     def to_json(self) -> dict[str, Any]:
         """``{"image", "labels": [{"label", "prob"}]}`` or ``{"image", "error"}``: ``nxtp label``'s JSON line and
-        ``nxtp serve``'s answer (which leaves ``image`` out where the request named no file)."""
+        ``nxtp serve``'s answer (which leaves ``image`` out where the request named no file). A calibrated model's
+        labels also give their raw one-shot ``score``."""
         entry = {} if self.image is None else {"image": self.image}
         if self.error:
             return entry | {"error": self.error}
-        return entry | {"labels": [{"label": label, "prob": p} for label, p in self.labels]}
+        return entry | {"labels": [_label_json(x) for x in self.labels]}
+
+
+def _label_json(pair: tuple[str, float]) -> dict[str, Any]:
+    entry = {"label": pair[0], "prob": pair[1]}
+    return entry | {"score": pair.score} if hasattr(pair, "score") else entry
 
 
 def label_files(
@@ -211,7 +227,7 @@ def label_files(
         list(paths), recognizer.model.eval_transform, recognizer.max_image_pixels, recognizer.draft_input_size
     )
     loader = torch.utils.data.DataLoader(files, batch_size=options.batch_size, num_workers=workers, collate_fn=list)
-    topk, min_prob, batch_size = options.topk, options.min_prob, options.batch_size
+    topk, min_prob, batch_size, threshold = options.topk, options.min_prob, options.batch_size, options.threshold
     branches = TOPK if topk is None else topk
     for batch in loader:
         yield from (Labelled(path, error=error) for path, _, error in batch if error)
@@ -221,11 +237,13 @@ def label_files(
         pixels = [p for _, p in good]
         with autocast(recognizer.device, options.precision):
             if vocabulary is not None:
-                results = recognizer.score(pixels, vocabulary, topk, min_prob, batch_size, chunk_tokens)
+                results = recognizer.score(pixels, vocabulary, topk, min_prob, batch_size, chunk_tokens, threshold)
             elif mapper is not None:
-                results = recognizer.map_labels(pixels, mapper, branches, min_prob, keep_unmapped, batch_size)
+                results = recognizer.map_labels(
+                    pixels, mapper, branches, min_prob, keep_unmapped, batch_size, threshold
+                )
             else:
-                results = recognizer.label(pixels, topk=branches, min_prob=min_prob, batch_size=batch_size)
+                results = recognizer.label(pixels, branches, min_prob, batch_size, threshold)
         maps = [None] * len(good)
         if explain:  # the maps of the labels found, teacher-forced (outside autocast: gradient maps need autograd)
             labels = [[label for label, _ in r] for r in results]
@@ -240,9 +258,15 @@ def write_jsonl(stream: TextIO, result: Labelled) -> None:
     stream.flush()
 
 
-def write_csv(stream: TextIO, result: Labelled) -> None:
-    """Write a result as CSV rows (``CSV_HEADER``'s columns, the header is the caller's), one per label; an image
-    with no label left or with an error gets one row with an empty label. Flushed, as ``write_jsonl``."""
-    rows = [[result.image, label, p, ""] for label, p in result.labels or []]
-    csv.writer(stream).writerows(rows or [[result.image, "", "", result.error or ""]])
+def write_csv(stream: TextIO, result: Labelled, calibrated: bool = False) -> None:
+    """Write a result as CSV rows (``CSV_HEADER``'s columns, ``CSV_HEADER_CALIBRATED``'s for a ``calibrated``
+    model; the header is the caller's), one per label; an image with no label left or with an error gets one row
+    with an empty label. Flushed, as ``write_jsonl``."""
+    if calibrated:
+        rows = [[result.image, x[0], x[1], getattr(x, "score", ""), ""] for x in result.labels or []]
+        empty = [result.image, "", "", "", result.error or ""]
+    else:
+        rows = [[result.image, label, p, ""] for label, p in result.labels or []]
+        empty = [result.image, "", "", result.error or ""]
+    csv.writer(stream).writerows(rows or [empty])
     stream.flush()

@@ -16,6 +16,7 @@ from torchmetrics import MeanMetric, SumMetric
 from datamodules.webdataset import REJECT_REASONS
 
 from .batch import Batch, ModelInputs
+from .calibration import CalibrationMonitor
 from .callbacks import RandomStreams, Throughput, ValidationPredictions
 from .checkpoint import TrainingState, load_weights, read_weights, save_model_record
 from .metrics import ExactLabelScore, SemanticLabelScore, score_name
@@ -167,7 +168,7 @@ class LitNXTP(L.LightningModule):
         return self.model.inputs
 
     def configure_callbacks(self) -> list[L.Callback]:
-        return [RandomStreams(), ValidationPredictions(self.evaluation.log_images), Throughput()]
+        return [RandomStreams(), ValidationPredictions(self.evaluation.log_images), Throughput(), CalibrationMonitor()]
 
     def setup(self, stage: str) -> None:
         """Load ``optimization.init_from`` once, when a Trainer first sets the module up (not in ``__init__``, which

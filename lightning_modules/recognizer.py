@@ -6,6 +6,10 @@ recognizer.label(["cat.jpg", pil_image], topk=10, min_prob=0.1)
 # [[("cat", 0.71), ("sofa", 0.12)], [...]]
 recognizer.score(["cat.jpg"], ["cat", "dog", ["sofa", "couch"]], topk=2)  # exact, over a closed vocabulary
 recognizer.map_labels(["cat.jpg"], "classes.txt")  # open-set labels mapped onto a vocabulary
+
+With a calibration (``nxtp calibrate``), every ``prob`` is the calibrated probability that the label is right, and
+each pair is a ``calibration.Scored`` that also carries the raw one-shot ``score``; ``threshold="auto"`` keeps each
+label at its fitted threshold.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from torch import Tensor
 from datamodules.images import MAX_IMAGE_PIXELS, decode_image
 
 from .attention_maps import DEFAULT_METHOD, LabelMap, explain
+from .calibration import Calibration, CalibrationError, Scored
 from .nxtp import NXTP
 from .sampling import recognize
 from .vocabulary import Candidates, LabelMapper, Vocabulary, ranked, score_vocabulary, tokenize
@@ -44,6 +49,18 @@ class Recognizer:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.max_image_pixels, self.draft = max_image_pixels, draft
+
+    @property
+    def calibration(self) -> Calibration | None:
+        """The model's label calibration (``checkpoint.load_model`` attaches it), or None."""
+        return getattr(self.model, "calibration", None)
+
+    def _calibration_for(self, threshold: str | None) -> Calibration | None:
+        if threshold not in (None, "auto"):
+            raise ValueError(f"threshold: 'auto' or None, got {threshold!r}")
+        if threshold == "auto" and self.calibration is None:
+            raise CalibrationError("threshold 'auto' needs a calibrated model: run nxtp calibrate on it first")
+        return self.calibration
 
     @property
     def draft_input_size(self) -> tuple[int, int] | None:
@@ -81,15 +98,28 @@ class Recognizer:
 
     @torch.no_grad()
     def label(
-        self, images: ImageInput | list[ImageInput], topk: int = 10, min_prob: float = 0.0, batch_size: int = 32
+        self,
+        images: ImageInput | list[ImageInput],
+        topk: int = 10,
+        min_prob: float = 0.0,
+        batch_size: int = 32,
+        threshold: str | None = None,
     ) -> list[list[tuple[str, float]]]:
-        """``(label, probability)`` pairs sorted by probability, one list per image."""
+        """``(label, probability)`` pairs sorted by probability, one list per image, none below ``min_prob``.
+
+        With a calibration, the probability is calibrated (``Scored`` pairs, with the raw ``score``) and
+        ``threshold="auto"`` also drops each label below its fitted threshold."""
+        calibration = self._calibration_for(threshold)
         if not isinstance(images, list):
             images = [images]
         results: list[list[tuple[str, float]]] = []
         for start in range(0, len(images), batch_size):
             pixels = torch.stack([self.preprocess(x) for x in images[start : start + batch_size]]).to(self.device)
-            results += recognize(self.model, pixels, topk=topk, min_prob=min_prob)
+            if calibration is None:
+                results += recognize(self.model, pixels, topk=topk, min_prob=min_prob)
+            else:  # the whole top-k list: a label is calibrated against the others
+                raw = recognize(self.model, pixels, topk=topk)
+                results += [calibration.apply(labels, min_prob, threshold) for labels in raw]
         return results
 
     def _pixels(self, images: ImageInput | list[ImageInput], batch_size: int):
@@ -127,16 +157,29 @@ class Recognizer:
         min_prob: float = 0.0,
         batch_size: int = 32,
         chunk_tokens: int = 2048,
+        threshold: str | None = None,
     ) -> list[list[tuple[str, float]]]:
         """``(entry name, probability)`` for every entry of a closed ``vocabulary``, sorted, one list per image: at
         most ``topk`` (None: all) and none below ``min_prob``. ``vocabulary`` is a ``Vocabulary``, a file (text, JSON
         or JSON lines), a list of names and name lists (synonyms, whose probabilities add up), or what
         :meth:`tokenize` returns (to tokenize once for many calls). The image and prompt run once per batch; the
-        names, ``chunk_tokens`` tokens per forward, share their KV cache."""
+        names, ``chunk_tokens`` tokens per forward, share their KV cache.
+
+        With a calibration, an entry's probability is the calibrated probability that it is present (a ``Scored``
+        pair with the raw ``score``); ``threshold="auto"`` drops entries below their fitted threshold."""
+        calibration = self._calibration_for(threshold)
         if not (isinstance(vocabulary, tuple) and isinstance(vocabulary[1], Candidates)):
             vocabulary = self.tokenize(vocabulary)
         scores = self.score_tensor(images, vocabulary, batch_size, chunk_tokens)
-        return ranked(scores, vocabulary[0].names, topk, min_prob)
+        names = vocabulary[0].names
+        if calibration is None:
+            return ranked(scores, names, topk, min_prob)
+        results = []
+        for row, raw in zip(calibration.presence(scores.numpy()).tolist(), scores.tolist()):
+            pairs = sorted(zip(names, row, raw), key=lambda x: x[1], reverse=True)[:topk]
+            keep = [p >= min_prob and (threshold != "auto" or p >= calibration.threshold_for(n)) for n, p, _ in pairs]
+            results.append([Scored(n, p, s) for (n, p, s), k in zip(pairs, keep) if k])
+        return results
 
     def map_labels(
         self,
@@ -146,16 +189,42 @@ class Recognizer:
         min_prob: float = 0.0,
         keep_unmapped: bool = False,
         batch_size: int = 32,
+        threshold: str | None = None,
     ) -> list[list[tuple[str, float]]]:
         """Open-set labels (``topk`` branches, as :meth:`label`) mapped onto ``vocabulary`` by a ``LabelMapper``
         (give one to choose its threshold and methods), probabilities that land on one entry summed, sorted, none
-        below ``min_prob``; labels that map nowhere dropped unless ``keep_unmapped``."""
+        below ``min_prob``; labels that map nowhere dropped unless ``keep_unmapped``.
+
+        With a calibration, an entry's probability is that at least one of the labels mapped to it is right
+        (``1 - prod(1 - p)`` over their calibrated probabilities), its ``score`` their summed raw scores;
+        ``threshold="auto"`` drops entries below their fitted threshold."""
+        calibration = self._calibration_for(threshold)
         mapper = (
             vocabulary
             if isinstance(vocabulary, LabelMapper)
             else LabelMapper(Vocabulary.coerce(vocabulary), device=self.device)
         )
-        return [mapper.map(labels, keep_unmapped, min_prob) for labels in self.label(images, topk, 0.0, batch_size)]
+        found = self.label(images, topk, 0.0, batch_size)
+        if calibration is None:
+            return [mapper.map(labels, keep_unmapped, min_prob) for labels in found]
+        results = []
+        for labels in found:
+            missed: dict[str, float] = {}  # entry -> probability that none of its labels is right
+            raw: dict[str, float] = {}
+            for pair, (hit, _) in zip(labels, mapper.map_labels([l for l, _ in labels])):
+                if hit is not None or keep_unmapped:
+                    key = mapper.vocabulary.entries[hit].name if hit is not None else pair.label
+                    missed[key] = missed.get(key, 1.0) * (1 - pair.prob)
+                    raw[key] = raw.get(key, 0.0) + pair.score
+            pairs = sorted(((k, 1 - m, raw[k]) for k, m in missed.items()), key=lambda x: x[1], reverse=True)
+            results.append(
+                [
+                    Scored(k, p, s)
+                    for k, p, s in pairs
+                    if p >= min_prob and (threshold != "auto" or p >= calibration.threshold_for(k))
+                ]
+            )
+        return results
 
     def explain(
         self,

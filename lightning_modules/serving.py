@@ -14,6 +14,9 @@ Request (options in the query string, or as fields of a JSON or multipart body; 
 * ``multipart/form-data``: the file in field ``image`` (``curl -F image=@cat.jpg -F topk=5``);
 * ``application/json``: ``{"image": "<base64>", "filename": "cat.jpg", "topk": 5, "min_prob": 0.1}``.
 
+``threshold=auto`` keeps each label at its fitted threshold (a calibrated model only; 400 otherwise). A calibrated
+model's ``prob`` is the calibrated probability, and each label also gives its raw one-shot ``score``.
+
 Fields are looked up in ``FIELDS``, one parser each, so that a later field (``vocabulary``: a list of strings in
 JSON, repeated in a form) is one entry more. Answer: ``{"image": FILENAME, "labels": [{"label", "prob"}]}``,
 ``image`` only where the request named one (the multipart file name or ``filename``). Errors:
@@ -81,6 +84,12 @@ def _min_prob(value: Any, text: bool) -> float:
     return float(value)
 
 
+def _threshold(value: Any, text: bool) -> str | None:
+    if value in (None, "auto") or (text and value == ""):
+        return value or None
+    raise RequestError(400, f"threshold: 'auto' (each label's fitted threshold) or absent, got {value!r}", "threshold")
+
+
 def _filename(value: Any, text: bool) -> str:
     if not isinstance(value, str) or len(value) > 1024:
         raise RequestError(400, "filename: a string of at most 1024 characters", "filename")
@@ -105,6 +114,7 @@ FIELDS: dict[str, Callable[[Any, bool], Any]] = {
     "filename": _filename,
     "topk": _topk,
     "min_prob": _min_prob,
+    "threshold": _threshold,
 }
 
 
@@ -272,6 +282,7 @@ class Prepared:
     topk: int
     min_prob: float
     filename: str | None
+    threshold: str | None = None
 
 
 class RecognizerAPI(ls.LitAPI):
@@ -306,6 +317,13 @@ class RecognizerAPI(ls.LitAPI):
         self.recognizer = self.options.load(self.checkpoint, trust=self.trust, device=device)
         self.label([self.recognizer.preprocess(Image.new("RGB", (64, 64)))], topk=1)  # warm up before /health
 
+    def keep(self, pair: tuple[str, float], item: Prepared) -> bool:
+        """Whether a ranked label passes the request's ``min_prob`` and ``threshold``."""
+        label, p = pair
+        if item.threshold == "auto" and p < self.recognizer.calibration.threshold_for(label):
+            return False
+        return p >= item.min_prob
+
     def label(self, pixels: list, topk: int) -> list[list[tuple[str, float]]]:
         with autocast(self.recognizer.device, self.options.precision):
             return self.recognizer.label(pixels, topk=topk, batch_size=len(pixels))
@@ -323,7 +341,10 @@ class RecognizerAPI(ls.LitAPI):
             return RequestError(422, f"image: {e}", "image")
         except Exception as e:  # never let a request's data stop the worker
             return RequestError(422, f"image: cannot be read ({type(e).__name__}: {e})", "image")
-        return Prepared(pixels, request["topk"], request["min_prob"], request.get("filename"))
+        threshold = request.get("threshold")
+        if threshold == "auto" and self.recognizer.calibration is None:
+            return RequestError(400, "threshold: 'auto' needs a calibrated model (nxtp calibrate)", "threshold")
+        return Prepared(pixels, request["topk"], request["min_prob"], request.get("filename"), threshold)
 
     def predict(self, batch: list[Prepared | RequestError] | Prepared | RequestError) -> list | Any:
         single = not isinstance(batch, list)  # LitServe's loop without batching (max_batch_size 1) passes one
@@ -335,7 +356,7 @@ class RecognizerAPI(ls.LitAPI):
                 groups[item.topk].append(i)
         for topk, indices in groups.items():
             for i, found in zip(indices, self.label([items[i].pixels for i in indices], topk)):
-                labels[i] = [(label, p) for label, p in found if p >= items[i].min_prob]
+                labels[i] = [x for x in found if self.keep(x, items[i])]
         outputs = [(item, labels.get(i), len(items)) for i, item in enumerate(items)]
         return outputs[0] if single else outputs
 
@@ -348,10 +369,11 @@ class RecognizerAPI(ls.LitAPI):
 
 
 def describe(checkpoint: str | Path, trust: bool = False) -> dict[str, Any]:
-    """What ``/info`` names: the checkpoint, the vision tower, the decoder and the tokenizer, read from the
+    """What ``/info`` names: the checkpoint, the vision tower, the decoder, the tokenizer and the identity of the
+    weights its label calibration was fitted on (None: uncalibrated), read from the
     model's config alone (``checkpoint.read_config``: a ``.ckpt`` is read as ``Recognizer.from_checkpoint``
     reads it, so an untrusted one is refused here, before any worker starts)."""
-    from .checkpoint import read_config
+    from .checkpoint import read_calibration, read_config
 
     path = Path(checkpoint)
     config = read_config(path, trust=trust)
@@ -359,6 +381,7 @@ def describe(checkpoint: str | Path, trust: bool = False) -> dict[str, Any]:
     if not path.is_dir() and not Path(config.tokenizer).exists():  # the checkpoint's own copy is used instead
         tokenizer += " (not on this machine: the copy stored in the checkpoint is used)"
     layers = config.decoder.config or {}
+    calibration = read_calibration(path, trust=trust)  # checked against the weights when a worker loads them
     return {
         "checkpoint": str(path.resolve()),
         "model": "NXTP",
@@ -367,4 +390,5 @@ def describe(checkpoint: str | Path, trust: bool = False) -> dict[str, Any]:
         "decoder_layers": config.decoder.num_blocks or layers.get("num_hidden_layers"),
         "decoder_hidden_size": layers.get("hidden_size"),
         "tokenizer": tokenizer,
+        "calibration": None if calibration is None else calibration.model_id,
     }

@@ -32,6 +32,7 @@ COMMANDS = {
     ),
     "serve": (".serve", "serve_main", "an HTTP server that labels images, with dynamic batching (LitServe)"),
     "shards": (".shards", "shards_main", "write your images with captions or labels as training shards"),
+    "calibrate": (".calibrate", "calibrate_main", "fit calibrated label probabilities and per-label thresholds"),
 }
 
 

@@ -7,9 +7,18 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
+from functools import partial
 from pathlib import Path
 
-from ..inference import CSV_HEADER, InferenceOptions, image_paths, label_files, write_csv, write_jsonl
+from ..inference import (
+    CSV_HEADER,
+    CSV_HEADER_CALIBRATED,
+    InferenceOptions,
+    image_paths,
+    label_files,
+    write_csv,
+    write_jsonl,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def label_main(argv: list[str]) -> int:
     """``nxtp label``: labels sorted by probability for every image, as JSON lines (default) or CSV; 1 if an image
-    could not be read, 2 if the checkpoint or vocabulary was refused."""
+    could not be read, 2 if the checkpoint, its calibration or the vocabulary was refused."""
     parser = build_parser()
     args = parser.parse_args(argv)
     options = InferenceOptions.from_args(args)
@@ -109,6 +118,7 @@ def label_main(argv: list[str]) -> int:
     from datamodules.labels import NLTKDataError
 
     from ..attention_maps import DEFAULT_METHOD, METHODS, pixels_to_image, write_maps
+    from ..calibration import CalibrationError
     from ..checkpoint_io import UntrustedCheckpointError
     from ..vocabulary import LabelMapper, Vocabulary, VocabularyError
 
@@ -119,12 +129,17 @@ def label_main(argv: list[str]) -> int:
     try:  # a bad vocabulary fails before the model loads, naming its file and line
         closed = Vocabulary.from_file(args.vocabulary or args.map_to) if args.vocabulary or args.map_to else None
         recognizer = options.load(args.checkpoint, trust=args.trust_checkpoint)
+        if options.threshold == "auto" and recognizer.calibration is None:
+            raise CalibrationError(
+                f"--threshold auto: {args.checkpoint} has no calibration; fit one with "
+                f"`nxtp calibrate --checkpoint {args.checkpoint} --shards LABELLED_SHARDS`"
+            )
         if args.vocabulary:
             vocabulary = recognizer.tokenize(closed)
         elif args.map_to:
             mapper = LabelMapper(closed, args.map_threshold, args.map_by, device=options.device)
             mapper.prepare()
-    except (UntrustedCheckpointError, VocabularyError, NLTKDataError) as e:
+    except (UntrustedCheckpointError, VocabularyError, NLTKDataError, CalibrationError) as e:
         print(f"nxtp label: {e}", file=sys.stderr)
         return 2
     results = label_files(
@@ -141,9 +156,10 @@ def label_main(argv: list[str]) -> int:
         workers=args.workers,
     )
     stream = open(args.output, "w", newline="") if args.output else sys.stdout
-    write = write_csv if args.format == "csv" else write_jsonl
+    calibrated = recognizer.calibration is not None
+    write = partial(write_csv, calibrated=calibrated) if args.format == "csv" else write_jsonl
     if args.format == "csv":
-        csv.writer(stream).writerow(CSV_HEADER)
+        csv.writer(stream).writerow(CSV_HEADER_CALIBRATED if calibrated else CSV_HEADER)
     failed = 0
     progress = tqdm(total=len(paths), desc="labelling", unit="image", file=sys.stderr, disable=not sys.stderr.isatty())
     for result in results:

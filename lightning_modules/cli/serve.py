@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
             "device": "here cuda is every GPU, and cuda:0,1 (these GPUs) or auto work too",
             "topk": "the default of the request option topk",
             "min_prob": "the default of the request option min_prob",
+            "threshold": "the default of the request option threshold",
             "max_image_pixels": "answered 422",
         },
         exclude=["batch_size"],  # LitServe batches requests: --max-batch-size
@@ -91,7 +92,11 @@ def serve_main(argv: list[str]) -> int:
     options = InferenceOptions.from_args(args, batch_size=args.max_batch_size)
     from ..serving import FIELDS, MAX_TOPK
 
-    defaults = {"topk": TOPK if options.topk is None else options.topk, "min_prob": options.min_prob}
+    defaults = {
+        "topk": TOPK if options.topk is None else options.topk,
+        "min_prob": options.min_prob,
+        "threshold": options.threshold,
+    }
     for name, value in defaults.items():  # the defaults obey the rules of the request options they stand for
         try:
             FIELDS[name](value, False)
@@ -115,12 +120,16 @@ def serve_main(argv: list[str]) -> int:
     from fastapi import HTTPException
     from fastapi.responses import JSONResponse
 
+    from ..calibration import CalibrationError
     from ..serving import RecognizerAPI, RequestReader, describe
 
     try:
         info = describe(args.checkpoint, trust=args.trust_checkpoint)
-    except pickle.UnpicklingError as e:  # checkpoint_io.UntrustedCheckpointError, or a corrupt file
+    except (pickle.UnpicklingError, CalibrationError) as e:  # UntrustedCheckpointError, a corrupt file
         print(f"nxtp serve: {e}", file=sys.stderr)
+        return 2
+    if options.threshold == "auto" and info["calibration"] is None:
+        print(f"nxtp serve: --threshold auto: {args.checkpoint} has no calibration (nxtp calibrate)", file=sys.stderr)
         return 2
     accelerator, devices = accelerator_devices(options.device)
     threads = args.threads
