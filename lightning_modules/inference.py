@@ -64,6 +64,13 @@ class InferenceOptions:
         "auto: also drop each label below its fitted threshold (a model calibrated by nxtp calibrate)",
         choices=("auto",),
     )
+    sampler: str = option(
+        "one-shot",
+        "one-shot (NXTP's: every label decoded in parallel) or the paper's baselines greedy and beam (the label list "
+        "generated as text)",
+        choices=("one-shot", "greedy", "beam"),
+    )
+    beams: int = option(3, "beams of --sampler beam", type=int)
     max_image_pixels: int = option(
         MAX_IMAGE_PIXELS,
         "refuse larger images (width x height, read from the header), as data.max_image_pixels",
@@ -75,6 +82,12 @@ class InferenceOptions:
         "the tower's input)",
     )
     batch_size: int = option(32, "images the model runs at once", type=int)
+
+    def __post_init__(self) -> None:
+        if self.beams < 1:
+            raise ValueError(f"--beams {self.beams}: beam search needs at least 1 beam")
+        if self.sampler != "one-shot" and self.threshold is not None:
+            raise ValueError(f"--threshold {self.threshold} needs --sampler one-shot, whose scores are calibrated")
 
     @classmethod
     def add_arguments(
@@ -243,7 +256,9 @@ def label_files(
                     pixels, mapper, branches, min_prob, keep_unmapped, batch_size, threshold
                 )
             else:
-                results = recognizer.label(pixels, branches, min_prob, batch_size, threshold)
+                results = recognizer.label(
+                    pixels, branches, min_prob, batch_size, threshold, options.sampler, options.beams
+                )
         maps = [None] * len(good)
         if explain:  # the maps of the labels found, teacher-forced (outside autocast: gradient maps need autograd)
             labels = [[label for label, _ in r] for r in results]

@@ -23,7 +23,7 @@ from .metrics import ExactLabelScore, SemanticLabelScore, score_name
 from .nonfinite import NonFiniteGuard, running_stats
 from .nxtp import NXTP, Attention, NXTPConfig
 from .optimization import OptimizationConfig, build_optimizer, set_trainable, train_rows
-from .sampling import recognize
+from .sampling import Sampler, label_images, recognize
 from .vocabulary import LabelMapper, Vocabulary, VocabularyScore, score_vocabulary, tokenize, vocabulary_targets
 
 
@@ -41,6 +41,9 @@ class EvaluationConfig:
         semantic_metric: also report the paper's semantic scores (sentence-embedding similarity).
         embedder: sentence embedder for the semantic scores; None uses the offline all-MiniLM-L6-v2 copy.
         log_images: how many validation images to log with their predicted labels (``val/predictions``).
+        sampler: how labels are read from the model: ``one-shot`` (NXTP's; the top-k labels come from a sampling
+            with exactly k branches), or the paper's baselines ``greedy`` and ``beam`` (``beams`` beams: the label
+            list generated as text, its k most probable labels scored at top-k).
     """
 
     topk: list[int] = field(default_factory=lambda: [5, 10])
@@ -50,6 +53,14 @@ class EvaluationConfig:
     semantic_metric: bool = True
     embedder: str | None = None
     log_images: int = 8
+    sampler: Sampler = "one-shot"
+    beams: int = 3
+
+    def __post_init__(self) -> None:
+        if self.sampler not in Sampler.__args__:
+            raise ValueError(f"model.evaluation.sampler={self.sampler!r}: choose one of {Sampler.__args__}")
+        if self.beams < 1:
+            raise ValueError(f"model.evaluation.beams={self.beams}: beam search needs at least 1 beam")
 
 
 @dataclass(frozen=True)
@@ -277,10 +288,21 @@ class LitNXTP(L.LightningModule):
         self.eval_images.update(len(batch.keys))
         # The paper's protocol: the top-k labels come from a sampling with exactly k branches (cutting a top-10
         # sampling would let branches 6-10 merge into and outrank the top-5 labels).
-        predictions = {
-            k: recognize(self.model, batch.pixels, topk=k, min_prob=self.evaluation.min_prob)
-            for k in self.evaluation.topk
-        }
+        evaluation = self.evaluation
+        if evaluation.sampler == "one-shot":
+            predictions = {
+                k: recognize(self.model, batch.pixels, topk=k, min_prob=evaluation.min_prob) for k in evaluation.topk
+            }
+        else:  # one generated list per image, cut at each k
+            generated = label_images(
+                self.model,
+                batch.pixels,
+                evaluation.sampler,
+                max(evaluation.topk),
+                evaluation.min_prob,
+                evaluation.beams,
+            )
+            predictions = {k: [labels[:k] for labels in generated] for k in evaluation.topk}
         for k, labels in predictions.items():
             labels = [[label for label, _ in p] for p in labels]
             self.metrics[score_name("exact", k)].update(labels, batch.labels)
@@ -362,5 +384,6 @@ class LitNXTP(L.LightningModule):
     def predict_step(self, batch: Batch, batch_idx: int) -> list[dict]:
         if not batch.keys:
             return []
-        preds = recognize(self.model, batch.pixels, topk=max(self.evaluation.topk), min_prob=self.evaluation.min_prob)
+        ev = self.evaluation
+        preds = label_images(self.model, batch.pixels, ev.sampler, max(ev.topk), ev.min_prob, ev.beams)
         return [{"key": k, "labels": p} for k, p in zip(batch.keys, preds)]

@@ -25,7 +25,7 @@ from datamodules.images import MAX_IMAGE_PIXELS, decode_image
 from .attention_maps import DEFAULT_METHOD, LabelMap, explain
 from .calibration import Calibration, CalibrationError, Scored
 from .nxtp import NXTP
-from .sampling import recognize
+from .sampling import Sampler, label_images, recognize
 from .vocabulary import Candidates, LabelMapper, Vocabulary, ranked, score_vocabulary, tokenize
 
 ImageInput = str | Path | bytes | Image.Image | Tensor
@@ -104,11 +104,24 @@ class Recognizer:
         min_prob: float = 0.0,
         batch_size: int = 32,
         threshold: str | None = None,
+        sampler: Sampler = "one-shot",
+        beams: int = 3,
     ) -> list[list[tuple[str, float]]]:
         """``(label, probability)`` pairs sorted by probability, one list per image, none below ``min_prob``.
 
-        With a calibration, the probability is calibrated (``Scored`` pairs, with the raw ``score``) and
-        ``threshold="auto"`` also drops each label below its fitted threshold."""
+        ``sampler``: ``one-shot`` (NXTP's: ``topk`` labels decoded in parallel), or the paper's baselines
+        ``greedy`` and ``beam`` (``beams`` beams), which generate the list as text (``sampling.generate_labels``)
+        and keep its ``topk`` most probable labels. With a calibration (fitted on one-shot scores, so one-shot
+        only), the probability is calibrated (``Scored`` pairs, with the raw ``score``) and ``threshold="auto"``
+        also drops each label below its fitted threshold."""
+        if sampler != "one-shot":
+            if threshold is not None:
+                raise ValueError(f"threshold={threshold!r} needs the one-shot sampler, whose scores were calibrated")
+            return [
+                labels
+                for pixels in self._pixels(images, batch_size)
+                for labels in label_images(self.model, pixels, sampler, topk, min_prob, beams)
+            ]
         calibration = self._calibration_for(threshold)
         if not isinstance(images, list):
             images = [images]

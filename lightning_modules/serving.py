@@ -326,7 +326,9 @@ class RecognizerAPI(ls.LitAPI):
 
     def label(self, pixels: list, topk: int) -> list[list[tuple[str, float]]]:
         with autocast(self.recognizer.device, self.options.precision):
-            return self.recognizer.label(pixels, topk=topk, batch_size=len(pixels))
+            return self.recognizer.label(
+                pixels, topk=topk, batch_size=len(pixels), sampler=self.options.sampler, beams=self.options.beams
+            )
 
     # No annotation on ``request`` nor on encode_response's result: LitServe builds the FastAPI endpoint from them
     # (unannotated: the body arrives as the JSON dict that ``RequestReader`` wrote).

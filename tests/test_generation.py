@@ -1,11 +1,14 @@
 """Greedy and beam search (the paper's baselines, ``sampling.generate_text``) against decoding by hand: the whole
 sequence run again at every step with a hand-built mask (image rows see the whole image, text rows all before)."""
 
+import json
+
 import pytest
 import torch
 from conftest import tiny_nxtp
 
 from lightning_modules.sampling import generate_labels, generate_text, label_images, recognize
+from lightning_modules.sequence import collate_text
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +96,44 @@ def test_the_sampler_is_chosen_by_name(model):
         label_images(model, pixels, "nucleus")
     with pytest.raises(ValueError, match="beams=0"):
         generate_text(model, pixels, beams=0)
+
+
+def test_nxtp_label_with_the_baseline_samplers(tmp_path, model, capsys):
+    from PIL import Image
+
+    from lightning_modules.cli.label import label_main
+    from lightning_modules.recognizer import Recognizer
+
+    model.save_pretrained(tmp_path / "model")
+    Image.new("RGB", (80, 60), (200, 30, 30)).save(tmp_path / "red.png")
+    for sampler, beams in (("greedy", 1), ("beam", 2)):
+        args = ["--checkpoint", str(tmp_path / "model"), "--sampler", sampler, "--beams", str(beams), "--topk", "3"]
+        assert label_main([*args, str(tmp_path / "red.png")]) == 0
+        (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+        expected = Recognizer(model).label([tmp_path / "red.png"], topk=3, sampler=sampler, beams=beams)[0]
+        assert [(x["label"], x["prob"]) for x in line["labels"]] == [(label, pytest.approx(p)) for label, p in expected]
+    for bad, words in ((["--beams", "0"], "--beams 0"), (["--sampler", "greedy", "--threshold", "auto"], "one-shot")):
+        with pytest.raises(SystemExit):
+            label_main(["--checkpoint", str(tmp_path / "model"), *bad, str(tmp_path / "red.png")])
+        assert words in capsys.readouterr().err
+
+
+def test_evaluation_scores_the_sampler_it_is_given(model):
+    from lightning_modules.batch import Batch
+    from lightning_modules.lit_nxtp import EvaluationConfig, LitNXTP
+
+    module = LitNXTP(
+        model.config, evaluation=EvaluationConfig(topk=[1, 2], semantic_metric=False, sampler="greedy", log_images=0)
+    )
+    module.model.load_state_dict(model.state_dict())
+    pixels = torch.randn(2, 3, 64, 64)
+    generated = generate_labels(module.model.eval(), pixels)
+    references = [[labels[0][0]] if labels else ["nothing"] for labels in generated]  # each image's best label
+    text = collate_text([module.model.sequences(model.prompt, r) for r in references], model.sequences.pad_id)
+    with torch.no_grad():
+        scored = module._evaluate(Batch(pixels, text, references, ["a", "b"]))
+    assert scored == [labels[:2] for labels in generated]
+    top1 = module.metrics["exact_top1"].compute()
+    assert top1["recall"] == pytest.approx(1.0)  # the best generated label of each image is its reference
+    with pytest.raises(ValueError, match="model.evaluation.beams=0"):
+        EvaluationConfig(sampler="beam", beams=0)

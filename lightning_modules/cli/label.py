@@ -104,7 +104,10 @@ def label_main(argv: list[str]) -> int:
     could not be read, 2 if the checkpoint, its calibration or the vocabulary was refused."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    options = InferenceOptions.from_args(args)
+    try:
+        options = InferenceOptions.from_args(args)
+    except ValueError as e:  # options that contradict each other
+        parser.error(str(e))
     paths = image_paths(args.paths, args.files_from)
     if not paths:
         parser.error("no images: give files, directories, glob patterns or --files-from")

@@ -89,7 +89,10 @@ def serve_main(argv: list[str]) -> int:
     """``nxtp serve``: runs until SIGTERM or Ctrl-C, then stops its workers and returns 0."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    options = InferenceOptions.from_args(args, batch_size=args.max_batch_size)
+    try:
+        options = InferenceOptions.from_args(args, batch_size=args.max_batch_size)
+    except ValueError as e:  # options that contradict each other
+        parser.error(str(e))
     from ..serving import FIELDS, MAX_TOPK
 
     defaults = {
