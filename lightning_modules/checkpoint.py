@@ -18,14 +18,21 @@ Everything else (``Recognizer``, the CLI, ``nxtp serve``, export, resume) goes t
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import random
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import safetensors.torch
 import torch
+import yaml
 from torch import Tensor, nn
 
+from .calibration import Calibration, CalibrationError
+from .checkpoint_io import AtomicCheckpointIO, load_checkpoint
 from .nxtp import NXTP, NXTPConfig
 
 CONFIG_FILE = "config.yaml"
@@ -55,8 +62,6 @@ def is_model_folder(path: str | Path) -> bool:
 
 def save_folder(model: NXTP, out_dir: str | Path) -> Path:
     """Write ``model`` as a model folder (``config.yaml``, ``model.safetensors``, ``tokenizer/``); return it."""
-    import safetensors.torch
-    import yaml
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -82,7 +87,6 @@ def save_folder(model: NXTP, out_dir: str | Path) -> Path:
 
 
 def _folder_config(path: Path) -> NXTPConfig:
-    import yaml
 
     file = path / CONFIG_FILE
     if not file.is_file():
@@ -97,7 +101,6 @@ def _folder_config(path: Path) -> NXTPConfig:
 def load_folder(path: str | Path, calibration: bool = True) -> NXTP:
     """Rebuild the model of a model folder, in eval mode (no pickle involved), with its calibration unless not
     ``calibration``."""
-    import safetensors.torch
 
     path = Path(path)
     model = NXTP(_folder_config(path))
@@ -143,7 +146,6 @@ def tokenizer_files(tokenizer) -> dict[str, bytes]:
 def load_checkpoint_model(path: str | Path, trust: bool = False, calibration: bool = True) -> NXTP:
     """Rebuild the model of a ``.ckpt``, in eval mode. Its tokenizer is the one its config names where that
     exists, else the copy the checkpoint stores (a checkpoint copied to another machine still loads)."""
-    from .checkpoint_io import load_checkpoint
 
     checkpoint = load_checkpoint(path, trust=trust)
     config = checkpoint_config(checkpoint, str(path))
@@ -172,7 +174,6 @@ def load_model(source: str | Path, trust: bool = False, calibration: bool = True
 
 def read_config(source: str | Path, trust: bool = False) -> NXTPConfig:
     """The config alone of a model folder or ``.ckpt`` (tensors memory-mapped, not read)."""
-    from .checkpoint_io import load_checkpoint
 
     if is_model_folder(source):
         return _folder_config(Path(source))
@@ -185,9 +186,6 @@ def read_weights(path: str | Path) -> dict[str, Tensor]:
     ``path`` is a model folder, a ``.safetensors`` file, or a Lightning ``.ckpt`` written by ``nxtp fit`` (read
     with the allow-list of ``checkpoint_io.load_checkpoint``; only its ``model.*`` tensors are kept).
     """
-    import safetensors.torch
-
-    from .checkpoint_io import load_checkpoint
 
     path = Path(path) if "://" not in str(path) else path
     if isinstance(path, Path) and not path.exists():
@@ -259,7 +257,6 @@ def load_weights(
 def model_identity(model: nn.Module | dict[str, Tensor]) -> str:
     """A short hash of a model's state dict (names, dtypes, shapes and bytes): the same weights give the same
     identity whether they come from a ``.ckpt``, a model folder or an export."""
-    import hashlib
 
     state = model.state_dict() if isinstance(model, nn.Module) else model
     digest = hashlib.sha256()
@@ -272,7 +269,6 @@ def model_identity(model: nn.Module | dict[str, Tensor]) -> str:
 
 def parse_calibration(text: str, source: str):
     """A ``calibration.Calibration`` from its JSON text; ``CalibrationError`` naming ``source`` otherwise."""
-    from .calibration import Calibration
 
     return Calibration.from_json(text, source)
 
@@ -280,7 +276,6 @@ def parse_calibration(text: str, source: str):
 def attach_calibration(model: NXTP, text: str | None, source: str) -> NXTP:
     """Set ``model.calibration`` from a calibration's JSON text (None: no calibration), checking that it was
     fitted on these weights."""
-    from .calibration import CalibrationError
 
     calibration = None if text is None else parse_calibration(text, source)
     if calibration is not None and calibration.model_id != (identity := model_identity(model)):
@@ -295,7 +290,6 @@ def attach_calibration(model: NXTP, text: str | None, source: str) -> NXTP:
 def read_calibration(source: str | Path, trust: bool = False):
     """The ``calibration.Calibration`` a model folder or ``.ckpt`` holds, or None; not checked against the weights
     (``load_model`` does that)."""
-    from .checkpoint_io import load_checkpoint
 
     if is_model_folder(source):
         file = Path(source) / CALIBRATION_FILE
@@ -307,7 +301,6 @@ def read_calibration(source: str | Path, trust: bool = False):
 def write_calibration(target: str | Path, calibration, trust: bool = False) -> Path:
     """Store ``calibration`` with the model at ``target``: ``CALIBRATION_FILE`` in a model folder, ``CALIBRATION_KEY``
     in a ``.ckpt`` (rewritten atomically), or a ``.json`` file of its own; return where it went."""
-    from .checkpoint_io import AtomicCheckpointIO, load_checkpoint
 
     target = Path(target)
     if is_model_folder(target) or target.suffix == ".json":
@@ -353,9 +346,6 @@ def save_model_record(checkpoint: dict[str, Any], model: NXTP) -> None:
 
 def rng_state() -> dict[str, Any]:
     """This process's random streams (torch CPU, numpy, Python), as plain data a weights-only load accepts."""
-    import random
-
-    import numpy as np
 
     _, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
@@ -375,9 +365,6 @@ def restore_rng_state(checkpoint: dict[str, Any], rank: int) -> bool:
     (a run resumed on more ranks than it was saved from: those ranks keep their seeded streams).
 
     Checkpoints written before states were kept per rank hold rank 0's alone, which every rank then takes."""
-    import random
-
-    import numpy as np
 
     stored = checkpoint.get(RNG_KEY)
     if isinstance(stored, dict):
