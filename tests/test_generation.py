@@ -108,6 +108,7 @@ def test_nxtp_label_with_the_baseline_samplers(tmp_path, model, capsys):
     Image.new("RGB", (80, 60), (200, 30, 30)).save(tmp_path / "red.png")
     for sampler, beams in (("greedy", 1), ("beam", 2)):
         args = ["--checkpoint", str(tmp_path / "model"), "--sampler", sampler, "--beams", str(beams), "--topk", "3"]
+        args += ["--workers", "0"]
         assert label_main([*args, str(tmp_path / "red.png")]) == 0
         (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
         expected = Recognizer(model).label([tmp_path / "red.png"], topk=3, sampler=sampler, beams=beams)[0]

@@ -59,6 +59,7 @@ def test_jsonl_over_folder_glob_and_list(setup, capsys):
     assert [x["label"] for x in by_name["a.png"]["labels"]] == [label for label, _ in expected]
 
 
+@pytest.mark.e2e  # data workers
 def test_csv_output_file_with_min_prob(setup, tmp_path):
     root, folder, _ = setup
     out = tmp_path / "labels.csv"
@@ -138,9 +139,11 @@ def test_attention_maps_are_written_for_every_label_and_equal_recognizer_explain
 
 def test_options_are_declared_once_for_the_command_line_and_the_library(setup):
     root, folder, _ = setup
-    args = build_parser().parse_args(["--checkpoint", "x", "--precision", "bf16", "--no-draft", "--topk", "2"])
+    args = build_parser().parse_args(["--checkpoint", "x", "--precision", "bf16", "--decode", "draft", "--topk", "2"])
     options = InferenceOptions.from_args(args)
-    assert options == InferenceOptions(precision="bf16", draft=False, topk=2)
+    assert options == InferenceOptions(precision="bf16", decode="draft", topk=2)
+    assert InferenceOptions.from_args(build_parser().parse_args(["--checkpoint", "x"])).decode is None  # the model's
+    assert InferenceOptions.from_args(build_parser().parse_args(["--checkpoint", "x", "--no-draft"])).decode == "full"
     assert (dtype("32"), dtype("bf16"), dtype("16")) == (None, torch.bfloat16, torch.float16)
     with autocast("cpu", "bf16"):
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
