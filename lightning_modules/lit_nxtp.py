@@ -1,4 +1,4 @@
-"""The LightningModule: NXTP training, evaluation with one-shot sampling, and logging."""
+"""The LightningModule: NXTP training, evaluation (one-shot sampling, or the paper's baselines), and logging."""
 
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ class LitNXTP(L.LightningModule):
         speed: SpeedConfig = SpeedConfig(),  # noqa: B008
     ) -> None:
         super().__init__()
-        # LitNXTP.load_from_checkpoint passes back the plain data saved below
+        # LitNXTP.load_from_checkpoint (and from_config) pass plain data: the form saved below
         nxtp = nxtp if isinstance(nxtp, NXTPConfig) else NXTPConfig.from_dict(nxtp, "model.nxtp")
         optimization, evaluation, speed = (
             value if isinstance(value, kind) else kind(**value)
@@ -165,13 +165,7 @@ class LitNXTP(L.LightningModule):
         unknown = sorted(set(config) - {"nxtp", "optimization", "evaluation", "speed"})
         if unknown:
             raise ValueError(f"model: unknown sections {unknown}; LitNXTP takes nxtp, optimization, evaluation, speed")
-        nxtp = config["nxtp"]
-        return cls(
-            nxtp if isinstance(nxtp, NXTPConfig) else NXTPConfig.from_dict(nxtp, "model.nxtp"),
-            OptimizationConfig(**config.get("optimization", {})),
-            EvaluationConfig(**config.get("evaluation", {})),
-            SpeedConfig(**config.get("speed", {})),
-        )
+        return cls(**config)  # each section as a dict or its config class: __init__ takes either
 
     @property
     def inputs(self) -> ModelInputs:
