@@ -78,7 +78,7 @@ test-lowest:
 	$(LOWEST_VENV)/bin/python -m pip install --quiet "uv>=0.13,<0.14"
 	$(LOWEST_VENV)/bin/uv pip install --quiet --python $(LOWEST_VENV)/bin/python --resolution lowest-direct \
 		-e ".[dev]" "setuptools>=77"
-	$(LOWEST_VENV)/bin/python -m pytest -ra -m "not slow and not e2e"
+	$(LOWEST_VENV)/bin/python -m pytest -ra -n $(TEST_WORKERS) -m "not slow and not e2e"
 
 tensorboard: install
 	$(BIN)/tensorboard --logdir logs

@@ -24,6 +24,8 @@ TEST_PROCESSES = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if TEST_PROCESSES > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // TEST_PROCESSES)))
 
+# numpy 1.26 runs `lscpu` in a subprocess when numpy.testing is first imported: here, not inside a unit test
+import numpy.testing  # noqa: E402, F401
 import torch  # noqa: E402
 
 from datamodules.synthetic import build_dataset  # noqa: E402
