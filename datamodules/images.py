@@ -5,8 +5,9 @@ so that a picture gives the model the same pixels whichever way it arrives and h
 * transparency is composited over white, 16-bit images are scaled to 8 bits, palette, CMYK, grayscale and
   other modes are converted to RGB (``to_rgb``);
 * images of more than ``max_pixels`` pixels are refused from their header, before anything is decoded;
-* a JPEG much larger than the vision tower's input is decoded at 1/2, 1/4 or 1/8 scale (``draft_size``), which
-  is several times faster and leaves what the model sees nearly unchanged (see ``DRAFT_FACTOR``).
+* every pixel is decoded, unless the caller asks for draft decoding (a model whose ``Preprocessing`` says
+  ``decode: draft``): then a JPEG much larger than the vision tower's input is decoded at 1/2, 1/4 or 1/8 scale
+  (``draft_size``), several times faster, with a slightly different model input (see ``DRAFT_FACTOR``).
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from PIL import Image, ImageOps
 # The default of ``data.max_image_pixels``: PIL's own Image.MAX_IMAGE_PIXELS (about 9500 x 9500).
 MAX_IMAGE_PIXELS = 89_478_485
 # Draft decoding keeps the short side at least this many times the tower's input: the final (antialiased)
-# resize still averages 2 or more decoded pixels per input pixel, so the JPEG's own downscaling leaves only
-# rounding-level differences in the model input (tests/test_images.py measures them).
+# resize still averages 2 or more decoded pixels per input pixel, so the JPEG's own downscaling changes the model
+# input by less than one level of 255 on average (tests/test_images.py measures it; the README, what it does to labels).
 DRAFT_FACTOR = 2
+ORIENTATION = 0x0112  # the EXIF tag
 
 ImageSource = str | Path | bytes | IO[bytes] | Image.Image
 
@@ -42,7 +44,7 @@ class ImageError(ValueError):
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """An RGB copy of a decoded image of any mode.
+    """A decoded image of any mode as RGB (an RGB image is returned as it is).
 
     Transparent parts become white (dropping the alpha channel would leave whatever colour hides under it, often
     black), and 16-bit images are scaled to 8 bits (PIL's own conversion clips them, which turns them white).
@@ -52,7 +54,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.has_transparency_data:
         background = Image.new("RGBA", image.size, "white")
         return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # convert would copy an RGB image
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` turned as its EXIF orientation tag says; the image itself where it needs no turn (where
+    ``ImageOps.exif_transpose`` copies it: tens of milliseconds on a photo)."""
+    return ImageOps.exif_transpose(image) if image.getexif().get(ORIENTATION, 1) != 1 else image
 
 
 def draft_size(size: tuple[int, int], input_size: int | tuple[int, int] | None) -> tuple[int, int] | None:
@@ -78,8 +86,9 @@ def decode_image(
         source: encoded bytes, a file path or object, or an already opened PIL image (then only orientation and
             mode are handled: it is in memory already).
         max_pixels: refuse images with more pixels (width x height, from the header) before decoding them.
-        input_size: the vision tower's input size; a JPEG at least ``2 * DRAFT_FACTOR`` times larger on its short
-            side is decoded at reduced scale (``draft_size``). None decodes at full size.
+        input_size: draft decoding, for a vision tower of this input size: a JPEG at least ``2 * DRAFT_FACTOR``
+            times larger on its short side is decoded at reduced scale (``draft_size``). None (the reference's
+            preprocessing) decodes every pixel.
 
     Raises:
         ImageError: ``empty image``, ``image too large`` (naming the size and the limit) or ``corrupt image``.
@@ -112,6 +121,6 @@ def decode_image(
         try:
             image.load()
             # After decoding: the orientation tag may sit in EXIF that follows the image data.
-            return to_rgb(ImageOps.exif_transpose(image))
+            return to_rgb(upright(image))
         except Exception as e:  # truncated or corrupt data shows only while decoding
             raise ImageError("corrupt image", f"{type(e).__name__}: {e}") from e

@@ -211,7 +211,7 @@ class SampleDecoder:
         self.shuffle_labels, self.hflip, self.max_labels = shuffle_labels, hflip, max_labels
         self.seed, self.rejects, self.max_image_pixels = seed, rejects, max_image_pixels
         self.full_references, self.reference_compat, self.nltk_data = full_references, reference_compat, nltk_data
-        self.input_size = input_size  # the tower's: large JPEGs are decoded at reduced scale (images.draft_size)
+        self.input_size = input_size  # draft decoding's (images.draft_size); None: every image in full
         self.labels_from = labels_from
         # What a given label may not hold (a plain callable as ``sequences``, in tests, has no tokenizer).
         self.delimiter = getattr(sequences, "delimiter", ",")
@@ -536,8 +536,8 @@ class NXTPDataModule(L.LightningDataModule):
             full_references=not train,
             reference_compat=compat,
             nltk_data=hp.nltk_data,
-            # random crops may keep a small part of the image: decode those at full size
-            input_size=None if train and hp.augment else self.inputs.image_size,
+            # decoded as the model's preprocessing says; random crops may keep a small part of the image: in full
+            input_size=None if train and hp.augment else self.inputs.draft_size,
             labels_from=hp.labels_from,
         )
         resampled = train and hp.resampled

@@ -74,7 +74,7 @@ def default_model(tokenizer: str | None, folder: Path) -> NXTP:
     if tokenizer is None:
         tokenizer = str(folder / "tokenizer")
         train_caption_tokenizer([f"a {kind} next to a {kind}" for kind in KINDS], tokenizer, required_words=KINDS)
-    config = yaml.safe_load((ROOT / "configs/model/nxtp_tiny.yaml").read_text())
+    config = yaml.safe_load((ROOT / "configs/model/nxtp_tiny.yaml").read_text())["nxtp"]
     torch.manual_seed(0)
     vision, decoder = VisionConfig(**config["vision"]), DecoderConfig(**config["decoder"])
     model = NXTP(NXTPConfig(vision, decoder, tokenizer)).eval()
@@ -133,7 +133,7 @@ def main() -> None:
         took = time.perf_counter() - start
         print(f"{len(paths)} JPEGs of {size[0]}x{size[1]} (half progressive) ready in {took:.0f} s")
         model = default_model(args.tokenizer, Path(tmp))
-        recognizers = {"plain": Recognizer(model, draft=False), "draft": Recognizer(model, draft=True)}
+        recognizers = {"plain": Recognizer(model, decode="full"), "draft": Recognizer(model, decode="draft")}
         label_folder(recognizers["draft"], paths[:2], 0, args.batch_size)  # warm-up, outside the timings
         pixels = [torch.randn(3, *model.visual.image_size) for _ in range(args.batch_size)]
         start = time.perf_counter()

@@ -5,24 +5,35 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from .sequence import SequenceBuilder, TextBatch
 
+if TYPE_CHECKING:
+    from .nxtp import Preprocessing
+
 
 @dataclass(frozen=True)
 class ModelInputs:
     """What the data pipeline needs from a model to make its batches: how text is laid out (the tokenizer, its
-    delimiter and the reference's quirks, in ``sequences``), the prompt, and the image preprocessing."""
+    delimiter and the reference's quirks, in ``sequences``), the prompt, and the image preprocessing: the
+    transforms, and how image files are decoded (``preprocessing``, the model's ``Preprocessing``)."""
 
     sequences: SequenceBuilder
     prompt: str
     train_transform: Callable
     eval_transform: Callable
     image_size: tuple[int, int]
+    preprocessing: Preprocessing
+
+    @property
+    def draft_size(self) -> tuple[int, int] | None:
+        """The input size that large JPEGs are decoded at reduced scale for (``decode_image``'s ``input_size``);
+        None: decoded in full, as the model's ``preprocessing`` says."""
+        return self.image_size if self.preprocessing.decode == "draft" else None
 
     @property
     def reference_compat(self) -> bool:

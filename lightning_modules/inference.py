@@ -48,8 +48,8 @@ def option(default: Any, help: str, **kwargs: Any) -> Any:
 
 @dataclass
 class InferenceOptions:
-    """How a recognizer is loaded and run: each field is a command-line option (``--min-prob`` for ``min_prob``,
-    ``--no-draft`` for ``draft``) whose help is the field's ``help``."""
+    """How a recognizer is loaded and run: each field is a command-line option (``--min-prob`` for ``min_prob``)
+    whose help is the field's ``help``."""
 
     device: str = option("cpu", "where the model runs: cpu, cuda, cuda:1, mps")
     precision: str = option("32", "autocast dtype", choices=tuple(PRECISIONS))
@@ -76,10 +76,12 @@ class InferenceOptions:
         "refuse larger images (width x height, read from the header), as data.max_image_pixels",
         type=int,
     )
-    draft: bool = option(
-        True,
-        "decode large JPEGs at full scale (slower; by default they are decoded at 1/2-1/8 scale, never below twice "
-        "the tower's input)",
+    decode: str | None = option(
+        None,
+        "how image files are decoded, which changes the model's inputs: full (every pixel, as the reference "
+        "preprocesses) or draft (JPEGs at least 4x the input on the short side at 1/2-1/8 scale: about twice as "
+        "fast on photos, slightly different probabilities); default: what the model records (preprocessing.decode)",
+        choices=("full", "draft"),
     )
     batch_size: int = option(32, "images the model runs at once", type=int)
 
@@ -105,6 +107,10 @@ class InferenceOptions:
             if isinstance(f.default, bool):  # a switch that turns the default around
                 flag, kwargs["action"] = ("no-" + flag, "store_false") if f.default else (flag, "store_true")
             parser.add_argument(f"--{flag}", dest=f.name, default=f.default, **kwargs)
+        if "decode" not in exclude:  # the flag of the versions that draft-decoded by default
+            parser.add_argument(
+                "--no-draft", dest="decode", action="store_const", const="full", help="the same as --decode full"
+            )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides: Any) -> InferenceOptions:
@@ -121,7 +127,7 @@ class InferenceOptions:
             device=device or self.device,
             trust=trust,
             max_image_pixels=self.max_image_pixels,
-            draft=self.draft,
+            decode=self.decode,
         )
 
 
@@ -159,8 +165,8 @@ def image_paths(inputs: Iterable[str], files_from: str | Path | None = None) -> 
 
 class ImageFiles:
     """Preprocessed images, a map-style dataset for a DataLoader: read as in training (``decode_image``: upright
-    RGB, at most ``max_image_pixels``, large JPEGs decoded at reduced scale for a tower of ``input_size``, None:
-    full scale); an unreadable file yields its error instead of pixels."""
+    RGB, at most ``max_image_pixels``, large JPEGs draft-decoded for a tower of ``input_size``, None: every pixel
+    decoded); an unreadable file yields its error instead of pixels."""
 
     def __init__(
         self,

@@ -10,10 +10,11 @@ the last prompt token and decodes every label from it in parallel (``sampling``)
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import open_clip
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -27,6 +28,9 @@ from .vision import VisionConfig, build_vision_tower, encode_patches
 
 Attention = Literal["auto", "dense", "compact", "flex"]
 LabelAttention = Literal["masked", "causal"]
+Decode = Literal["full", "draft"]
+Interpolation = Literal["bicubic", "bilinear"]
+ResizeMode = Literal["shortest", "longest", "squash"]
 
 
 def flex_available(device: torch.device) -> bool:
@@ -55,6 +59,59 @@ def load_tokenizer(name_or_path: str):
 
 
 @dataclass
+class Preprocessing:
+    """How an image file becomes the vision tower's input. It is part of the model: the weights learnt from pixels
+    made this way, and the same photo gives the same labels only when it is read the same way.
+
+    Args:
+        decode: ``full`` decodes every pixel of the stored image, as the reference did in training and evaluation
+            (OpenAI CLIP's preprocessing). ``draft`` decodes a JPEG at least four times the input on its short side
+            at 1/2, 1/4 or 1/8 scale in the DCT domain (``datamodules.images.draft_size``): several times faster on
+            photos, with slightly different inputs, so that a JPEG and a PNG of the same pixels can get different
+            probabilities (the README measures both).
+        interpolation: of the resize to the input size. None: the tower's own (open_clip's; CLIP's is bicubic).
+        resize_mode: ``shortest`` (short side to the input size, then the centre crop: CLIP's), ``longest`` (long
+            side, padded) or ``squash``. None: the tower's own.
+        mean / std: per-channel normalisation. None: the tower's own (open_clip's for its pretrained weights).
+
+    A built model records every value it uses (``NXTP.config``), so a saved model states them all.
+    """
+
+    decode: Decode = "full"
+    interpolation: Interpolation | None = None
+    resize_mode: ResizeMode | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        for name, kind in (("decode", Decode), ("interpolation", Interpolation), ("resize_mode", ResizeMode)):
+            value = getattr(self, name)
+            if value is not None and value not in kind.__args__:
+                raise ValueError(f"model.nxtp.preprocessing.{name}={value!r}: choose one of {kind.__args__}")
+
+    def resolved(self, tower: dict[str, Any]) -> Preprocessing:
+        """Every value that is None taken from the tower's own preprocessing (open_clip's ``PreprocessCfg``)."""
+        own = {k: getattr(self, k) or tower[k] for k in ("interpolation", "resize_mode")}
+        own |= {k: [float(v) for v in getattr(self, k) or tower[k]] for k in ("mean", "std")}  # lists: YAML
+        return replace(self, **own)
+
+    def transforms(self, size: tuple[int, int]) -> tuple[Any, Any]:
+        """open_clip's (train, eval) transforms of a resolved ``Preprocessing`` for a tower of input ``size``."""
+        train, eval_ = (
+            open_clip.image_transform(
+                size[0] if size[0] == size[1] else size,
+                is_train=is_train,
+                mean=tuple(self.mean),
+                std=tuple(self.std),
+                resize_mode=self.resize_mode,
+                interpolation=self.interpolation,
+            )
+            for is_train in (True, False)
+        )
+        return train, eval_
+
+
+@dataclass
 class NXTPConfig:
     """What gives a model's weights their shapes and meaning: all that a saved model records beside its weights.
 
@@ -73,6 +130,8 @@ class NXTPConfig:
             sampling reads it. ``causal`` (the paper's baseline): the labels are one causal sequence after the
             prompt, each seeing the ones before it and its first token predicted from the delimiter before it.
             Inference is the same for both.
+        preprocessing: how images become the tower's input (``Preprocessing``); the default reproduces the
+            reference's, and is what a saved model without this entry (of an earlier version) was made for.
     """
 
     vision: VisionConfig
@@ -82,6 +141,7 @@ class NXTPConfig:
     reference_compat: bool = False
     reset_label_positions: bool = False
     label_attention: LabelAttention = "masked"
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
 
     @classmethod
     def from_dict(cls, config: dict[str, Any], source: str = "the config") -> NXTPConfig:
@@ -90,12 +150,16 @@ class NXTPConfig:
         if unknown:
             raise ValueError(f"{source}: unknown model config keys {unknown}")
         vision, decoder = config.get("vision"), config.get("decoder")
+        preprocessing = config.get("preprocessing")
         return cls(
             **{
                 **config,
                 "vision": vision if isinstance(vision, VisionConfig) else VisionConfig(**(vision or {})),
                 "decoder": decoder if isinstance(decoder, DecoderConfig) else DecoderConfig(**(decoder or {})),
                 "tokenizer": str(config["tokenizer"]),
+                "preprocessing": preprocessing
+                if isinstance(preprocessing, Preprocessing)
+                else Preprocessing(**(preprocessing or {})),
             }
         )
 
@@ -143,7 +207,11 @@ class NXTP(nn.Module):
         # Speed settings, not part of the model: ``save_pretrained`` leaves them out of the config.
         self.attention = attention
         self.pad_to_multiple = pad_to_multiple
-        self.visual, self.train_transform, self.eval_transform = build_vision_tower(config.vision)
+        self.visual, _, _ = build_vision_tower(config.vision)
+        # open_clip's transforms for the tower, with what the config sets in place of the tower's own
+        tower = getattr(self.visual, "preprocess_cfg", None) or asdict(open_clip.transform.PreprocessCfg())
+        self.preprocessing = config.preprocessing.resolved(tower)
+        self.train_transform, self.eval_transform = self.preprocessing.transforms(self.image_size)
         self.decoder = build_decoder(config.decoder, vocab_size=len(self.tokenizer))
         width = self.visual.ln_post.normalized_shape[0]
         self.projection = nn.Linear(width, self.decoder.config.hidden_size, bias=False)
@@ -213,16 +281,23 @@ class NXTP(nn.Module):
         return pad_text(text, total - self.n_image_tokens, self.sequences.pad_id)
 
     @property
+    def image_size(self) -> tuple[int, int]:
+        """The tower's input size (height, width)."""
+        size = self.visual.image_size
+        return (size, size) if isinstance(size, int) else tuple(size)
+
+    @property
     def inputs(self) -> ModelInputs:
         """What the data pipeline needs from this model (``NXTPDataModule(inputs=...)``)."""
-        size = self.visual.image_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        return ModelInputs(self.sequences, self.prompt, self.train_transform, self.eval_transform, size)
+        return ModelInputs(
+            self.sequences, self.prompt, self.train_transform, self.eval_transform, self.image_size, self.preprocessing
+        )
 
     @property
     def config(self) -> NXTPConfig:
-        """This model's config, as built (``reference_compat`` as it is now: it may be switched after building)."""
-        return replace(self._config, reference_compat=self.reference_compat)
+        """This model's config, as built: its preprocessing with every value it uses, and ``reference_compat`` as it
+        is now (it may be switched after building)."""
+        return replace(self._config, reference_compat=self.reference_compat, preprocessing=self.preprocessing)
 
     @property
     def reference_compat(self) -> bool:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .decoder import DecoderConfig
-from .nxtp import NXTP, NXTPConfig
+from .nxtp import NXTP, NXTPConfig, Preprocessing
 from .vision import VisionConfig
 
 DECODER_KEYS = {  # Meta LLaMA name -> transformers LlamaForCausalLM name
@@ -36,6 +36,17 @@ DECODER_KEYS = {  # Meta LLaMA name -> transformers LlamaForCausalLM name
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
 }
+
+
+# The reference's preprocessing, in training and evaluation alike (OpenAI CLIP's ``_transform``): every pixel decoded,
+# the short side resized to the input size (bicubic, antialiased), the centre crop, OpenAI's normalisation.
+REFERENCE_PREPROCESSING = Preprocessing(
+    decode="full",
+    interpolation="bicubic",
+    resize_mode="shortest",
+    mean=[0.48145466, 0.4578275, 0.40821073],
+    std=[0.26862954, 0.26130258, 0.27577711],
+)
 
 
 def meta_to_hf_rotary(weight: Tensor, n_heads: int) -> Tensor:
@@ -188,7 +199,10 @@ def import_official(
     vision_cfg, decoder_cfg, state = convert(
         ckpt["model"], load_clip_visual(clip), vision_heads, decoder_heads, norm_eps
     )
-    model = NXTP(NXTPConfig(vision_cfg, decoder_cfg, tokenizer, reference_compat=reference_compat))
+    config = NXTPConfig(
+        vision_cfg, decoder_cfg, tokenizer, reference_compat=reference_compat, preprocessing=REFERENCE_PREPROCESSING
+    )
+    model = NXTP(config)
     rows = state["decoder.model.embed_tokens.weight"].shape[0]
     if len(model.tokenizer) != rows:
         raise ValueError(

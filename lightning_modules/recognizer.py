@@ -24,7 +24,7 @@ from datamodules.images import MAX_IMAGE_PIXELS, decode_image
 
 from .attention_maps import DEFAULT_METHOD, LabelMap, explain
 from .calibration import Calibration, CalibrationError, Scored
-from .nxtp import NXTP
+from .nxtp import NXTP, Decode
 from .sampling import Sampler, label_images, recognize
 from .vocabulary import Candidates, LabelMapper, Vocabulary, ranked, score_vocabulary, tokenize
 
@@ -35,8 +35,10 @@ class Recognizer:
     """An ``NXTP`` model in eval mode with its preprocessing, for labelling images.
 
     Images are read as in training (``datamodules.images.decode_image``): EXIF orientation applied, transparency
-    over white, any mode to RGB, images of more than ``max_image_pixels`` refused, and large JPEGs decoded at
-    reduced scale unless ``draft`` is off.
+    over white, any mode to RGB, images of more than ``max_image_pixels`` refused, and decoded as the model's
+    preprocessing says (``model.preprocessing``). ``decode`` overrides how, and so changes the model's inputs:
+    ``full`` decodes every pixel (the reference's way), ``draft`` decodes large JPEGs at reduced scale (faster; a
+    JPEG and a PNG of the same pixels may then get different probabilities); None: the model's.
     """
 
     def __init__(
@@ -44,11 +46,14 @@ class Recognizer:
         model: NXTP,
         device: str | torch.device = "cpu",
         max_image_pixels: int = MAX_IMAGE_PIXELS,
-        draft: bool = True,
+        decode: Decode | None = None,
     ) -> None:
+        if decode not in (None, *Decode.__args__):
+            raise ValueError(f"decode={decode!r}: choose one of {Decode.__args__} or None (the model's)")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        self.max_image_pixels, self.draft = max_image_pixels, draft
+        self.max_image_pixels = max_image_pixels
+        self.decode: Decode = decode or model.preprocessing.decode
 
     @property
     def calibration(self) -> Calibration | None:
@@ -64,8 +69,8 @@ class Recognizer:
 
     @property
     def draft_input_size(self) -> tuple[int, int] | None:
-        """The input size that large JPEGs are draft-decoded for (``decode_image``'s ``input_size``)."""
-        return self.model.visual.image_size if self.draft else None
+        """The input size that large JPEGs are draft-decoded for (``decode_image``'s ``input_size``); None: full."""
+        return self.model.image_size if self.decode == "draft" else None
 
     def read(self, image: str | Path | bytes | Image.Image) -> Image.Image:
         """An image as the model is given it before resizing: upright RGB (see ``decode_image``)."""
@@ -78,17 +83,17 @@ class Recognizer:
         device: str | torch.device = "cpu",
         trust: bool = False,
         max_image_pixels: int = MAX_IMAGE_PIXELS,
-        draft: bool = True,
+        decode: Decode | None = None,
     ) -> Recognizer:
         """Load a Lightning ``.ckpt`` written by ``nxtp fit`` or a folder written by ``save_pretrained`` /
-        ``nxtp import-official``; ``max_image_pixels`` and ``draft`` as for ``Recognizer``.
+        ``nxtp import-official``; ``max_image_pixels`` and ``decode`` as for ``Recognizer``.
 
         A ``.ckpt`` is read without running code from its pickle (see ``checkpoint_io.load_checkpoint``) unless
         ``trust`` is set; a folder holds safetensors and JSON only.
         """
         from .checkpoint import load_model
 
-        return cls(load_model(path, trust), device, max_image_pixels, draft)
+        return cls(load_model(path, trust), device, max_image_pixels, decode)
 
     def preprocess(self, image: ImageInput) -> Tensor:
         """Pixels [3, H, W] for one image: a path, encoded bytes, a PIL image, or an already preprocessed tensor."""

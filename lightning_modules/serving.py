@@ -33,7 +33,7 @@ import json
 import math
 from collections import defaultdict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
@@ -370,8 +370,9 @@ class RecognizerAPI(ls.LitAPI):
         return JSONResponse(entry, headers={"X-Batch-Size": str(batch_size)})
 
 
-def describe(checkpoint: str | Path, trust: bool = False) -> dict[str, Any]:
-    """What ``/info`` names: the checkpoint, the vision tower, the decoder, the tokenizer and the identity of the
+def describe(checkpoint: str | Path, trust: bool = False, decode: str | None = None) -> dict[str, Any]:
+    """What ``/info`` names: the checkpoint, the vision tower, the decoder, the tokenizer, the image preprocessing
+    (the model's, with ``decode`` where ``--decode`` overrides it) and the identity of the
     weights its label calibration was fitted on (None: uncalibrated), read from the
     model's config alone (``checkpoint.read_config``: a ``.ckpt`` is read as ``Recognizer.from_checkpoint``
     reads it, so an untrusted one is refused here, before any worker starts)."""
@@ -392,5 +393,6 @@ def describe(checkpoint: str | Path, trust: bool = False) -> dict[str, Any]:
         "decoder_layers": config.decoder.num_blocks or layers.get("num_hidden_layers"),
         "decoder_hidden_size": layers.get("hidden_size"),
         "tokenizer": tokenizer,
+        "preprocessing": asdict(config.preprocessing) | ({"decode": decode} if decode else {}),
         "calibration": None if calibration is None else calibration.model_id,
     }

@@ -1,13 +1,18 @@
-"""``nxtp import-official --clip PATH`` with OpenAI's file format: a TorchScript archive, as OpenAI ships ViT-*.pt."""
+"""``nxtp import-official --clip PATH`` with OpenAI's file format: a TorchScript archive, as OpenAI ships ViT-*.pt;
+the imported model records the reference's preprocessing."""
+
+import json
+from dataclasses import asdict
 
 import pytest
 import torch
+import yaml
 from conftest import LLAMA_TOKENIZER, OFFICIAL
 from torch import nn
 
 from lightning_modules.cli.import_official import import_main
 from lightning_modules.nxtp import NXTP
-from lightning_modules.official import is_torchscript
+from lightning_modules.official import REFERENCE_PREPROCESSING, is_torchscript
 
 
 def torchscript_archive(state: dict[str, torch.Tensor], path) -> None:
@@ -67,6 +72,16 @@ def test_torchscript_clip_file_imports_with_its_weights(clip_state, tmp_path):
     for name, value in visual.items():
         source = trained[name] if name in trained else clip_state[f"visual.{name}"]
         assert torch.equal(value, source.float()), name
+
+
+def test_an_imported_release_records_the_reference_preprocessing(clip_state, tmp_path):
+    assert run_import(OFFICIAL / "clip_frozen.pt", tmp_path / "out") == 0
+    recorded = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["preprocessing"]
+    assert recorded == asdict(REFERENCE_PREPROCESSING) and recorded["decode"] == "full"
+    # the transform the reference ran (its torchvision repr, saved with the fixtures), step by step
+    reference = json.loads((OFFICIAL / "preprocess_env.json").read_text())["transform"].splitlines()
+    ours = str(NXTP.from_pretrained(tmp_path / "out").eval_transform).splitlines()
+    assert [ours[i] for i in (1, 2, 5)] == [reference[i] for i in (1, 2, 5)]  # Resize, CenterCrop, Normalize
 
 
 def test_clip_file_without_vision_weights_names_the_option(clip_state, tmp_path):

@@ -354,6 +354,7 @@ def test_info_names_the_model_tokenizer_and_checkpoint(setup):
     assert status == 200 and model["checkpoint"] == str((root / "model").resolve())
     assert model["vision"] == "nxtp-tiny-vit" and model["tokenizer"] == str((root / "model" / "tokenizer").resolve())
     assert model["max_batch_size"] == 8 and model["defaults"]["topk"] == 4
+    assert model["preprocessing"]["decode"] == "full"  # the model's (the reference's): no --decode given
 
 
 @pytest.mark.slow

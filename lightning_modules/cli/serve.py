@@ -127,7 +127,7 @@ def serve_main(argv: list[str]) -> int:
     from ..serving import RecognizerAPI, RequestReader, describe
 
     try:
-        info = describe(args.checkpoint, trust=args.trust_checkpoint)
+        info = describe(args.checkpoint, trust=args.trust_checkpoint, decode=options.decode)
     except (pickle.UnpicklingError, CalibrationError) as e:  # UntrustedCheckpointError, a corrupt file
         print(f"nxtp serve: {e}", file=sys.stderr)
         return 2
