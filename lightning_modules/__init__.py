@@ -1,6 +1,6 @@
 """NXTP model code: the recognizer, its attention mask, one-shot sampling, metrics and the LightningModule.
 
-The names below are imported on first use, so that light commands (``nxtp --help``, ``nxtp sweep --dry-run``) do
+The names below are imported on first use, so that light commands (``nxtp --help``, every ``nxtp COMMAND --help``) do
 not pay for importing Lightning and transformers.
 """
 
