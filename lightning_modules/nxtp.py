@@ -318,8 +318,11 @@ class NXTP(nn.Module):
         hidden = self.hidden_states(self.embed_images(pixels), text.ids, mask, positions)
         rows, targets = loss_targets(text, seg, self.n_image_tokens, self.reference_compat)
         keep = targets >= 0
-        batch_index = torch.arange(len(rows), device=rows.device)[:, None].expand_as(rows)
-        logits = self.logits(hidden[batch_index[keep], rows[keep]])
+        # The anchor row predicts the first token of every label, so rows repeat. index_select's backward adds the
+        # repeated rows' gradients in a fixed order (index_add_); advanced indexing's (index_put_ with accumulate)
+        # adds them in whatever order the CPU threads finish, which made two runs of one command drift apart.
+        flat = (torch.arange(len(rows), device=rows.device)[:, None] * hidden.shape[1] + rows)[keep]
+        logits = self.logits(hidden.flatten(0, 1).index_select(0, flat))
         return F.cross_entropy(logits.float(), targets[keep]), keep.sum()
 
     # pickle-free model folders (the format: ``checkpoint``) ------------------------------------------------
