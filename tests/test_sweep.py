@@ -231,6 +231,7 @@ def test_the_summary_gives_the_importance_of_each_swept_key_when_it_can(tmp_path
     assert set(importance) == set(keys) and float(importance["model.optimization.lr"]) > 0.5
 
 
+@pytest.mark.e2e  # runs a stand-in sbatch
 def test_the_slurm_launcher_submits_an_array_and_a_table_job(tmp_path):
     calls = tmp_path / "calls.txt"
     fake = tmp_path / "bin" / "sbatch"
