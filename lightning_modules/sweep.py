@@ -39,6 +39,7 @@ import io
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -311,7 +312,8 @@ def identify(sweep: Sweep, params: dict[str, Any]) -> str:
     try:
         return digest(canonical(yaml.safe_load(resolve(fit_args(sweep, params)))))
     except ValueError as e:
-        unknown = str(e).split("unrecognized arguments: --", 1)[-1].split("=", 1)[0] if "unrecognized" in str(e) else ""
+        found = re.search(r"unrecognized arguments: --([\w.]+)=", str(e), re.IGNORECASE)  # jsonargparse's case varies
+        unknown = found[1] if found else ""
         where = "parameters" if unknown in sweep.parameters else "fixed" if unknown in sweep.fixed else ""
         what = f"{where}.{unknown}: `nxtp fit` has no such key" if where else f"run {params}"
         raise ValueError(f"sweep {sweep.name}: {what} (`nxtp fit` says: {e})") from None
