@@ -20,7 +20,7 @@ from .calibration import CalibrationMonitor
 from .callbacks import RandomStreams, Throughput, ValidationPredictions
 from .checkpoint import TrainingState, load_weights, read_weights, save_model_record
 from .metrics import ExactLabelScore, SemanticLabelScore, score_name
-from .nonfinite import NonFiniteGuard, running_stats
+from .nonfinite import NonFiniteGuard, restore_stats, save_stats
 from .nxtp import NXTP, Attention, NXTPConfig
 from .optimization import OptimizationConfig, build_optimizer, set_trainable, train_rows
 from .sampling import Sampler, label_images, recognize
@@ -247,13 +247,11 @@ class LitNXTP(L.LightningModule):
     def measure_flops(self, batch: Batch) -> float:
         """FLOPs of one training step (forward and backward) on ``batch``, counted by torch's FlopCounterMode; the
         model, its gradients and the random streams are left as they were."""
-        stats = [b.clone() for b in running_stats(self.model)]
+        stats = save_stats(self.model)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             flops = measure_flops(self.model, lambda: self.model(batch.pixels, batch.text)[0], lambda loss: loss)
         self.model.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for buffer, saved in zip(running_stats(self.model), stats):
-                buffer.copy_(saved)
+        restore_stats(self.model, stats)
         return float(flops)
 
     def on_after_backward(self) -> None:

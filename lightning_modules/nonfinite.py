@@ -18,6 +18,18 @@ def running_stats(model: nn.Module) -> list[torch.Tensor]:
     ]
 
 
+def save_stats(model: nn.Module) -> list[torch.Tensor]:
+    """A copy of ``model``'s ``running_stats``, for ``restore_stats``."""
+    return [b.clone() for b in running_stats(model)]
+
+
+def restore_stats(model: nn.Module, saved: list[torch.Tensor]) -> None:
+    """Put back the ``running_stats`` that ``save_stats`` copied."""
+    with torch.no_grad():
+        for buffer, value in zip(running_stats(model), saved):
+            buffer.copy_(value)
+
+
 class NonFiniteGuard:
     """A step whose loss is NaN or infinite on any rank is skipped by every rank (a rank that skipped alone would
     leave the others waiting in the gradient all-reduce; Lightning also refuses a ``training_step`` that returns
@@ -36,7 +48,7 @@ class NonFiniteGuard:
         self._drop = False  # ... and until its optimizer step
 
     def before_forward(self) -> None:
-        self._saved = [b.clone() for b in running_stats(self.model)]
+        self._saved = save_stats(self.model)
 
     def skip(self, step: int, here: bool, where: str) -> None:
         """Record a skipped step (``here``: this rank's loss is the non-finite one, its samples named by
@@ -53,9 +65,7 @@ class NonFiniteGuard:
 
     def after_backward(self) -> None:
         if self._restore:
-            with torch.no_grad():
-                for buffer, saved in zip(running_stats(self.model), self._saved):
-                    buffer.copy_(saved)
+            restore_stats(self.model, self._saved)
             self._restore = False
 
     def drop_gradients(self, parameters) -> bool:
