@@ -58,7 +58,7 @@ def main() -> None:
         f"{len(test_ex.refs)} images ({len(test_ex)} labels), top-{args.topk}; sampling {time.time() - start:.0f} s"
     )
     rows = []
-    for method in METHODS:
+    for method in ("auto", *METHODS):
         calibration = fit(fit_ex, model_identity(model), method)
         m = evaluate(calibration, test_ex)
         rows.append((method, m, len(calibration.thresholds), calibration.threshold))

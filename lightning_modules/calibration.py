@@ -5,7 +5,9 @@ The labels of one image share the first token's distribution, so with N objects 
 score is at most about 1/N: a raw score of 0.3 may be a sure label of a 3-object scene. The map reads each label in
 the context of its image's ranked labels (``FEATURES``: its score, its share of the image's score mass, its ratio
 to the top label, its rank, the gaps to its neighbours, ...), combines them with a logistic regression and makes the
-result calibrated with an isotonic regression fitted on the same split (``fit``). A label is right when it equals a
+result calibrated with an isotonic regression fitted on the same split, or maps the raw score alone with an isotonic
+regression; ``fit`` measures which ranks best on held-out halves of the split, and fits the calibrated default
+threshold (``Calibration.threshold``) and the per-label thresholds that generalise. A label is right when it equals a
 reference label after ``normalize_label``, as ``metrics.ExactLabelScore`` counts it.
 
 A ``Calibration`` is plain JSON (``to_json``), stored with the weights it was fitted on (``checkpoint``:
@@ -382,32 +384,10 @@ def _isotonic(x: np.ndarray, y: np.ndarray) -> tuple[list[float], list[float]]:
     return iso.X_thresholds_.tolist(), iso.y_thresholds_.tolist()
 
 
-def fit(
-    ex: Examples,
-    model_id: str,
-    method: str = "logistic+isotonic",
-    features: Sequence[str] = FEATURES,
-    objective: str = "f1",
-    target_precision: float | None = None,
-    min_label_examples: int = MIN_LABEL_EXAMPLES,
-    fitted_on: dict[str, Any] | None = None,
+def _fit_map(
+    ex: Examples, model_id: str, method: str, features: Sequence[str], objective: str, target_precision: float | None
 ) -> Calibration:
-    """Fit a ``Calibration`` on a split's ``Examples`` (scikit-learn's logistic and isotonic regressions) and its
-    thresholds for ``objective`` (``f1``: best F1; ``precision``: the lowest threshold of ``target_precision``).
-
-    Raises ``CalibrationError`` when the split is too small: fewer than ``MIN_EXAMPLES`` labels, or fewer than
-    ``MIN_EACH`` right or wrong ones.
-    """
-    if method not in METHODS:
-        raise ValueError(f"method {method!r}: one of {', '.join(METHODS)}")
-    if objective not in OBJECTIVES or (objective == "precision") != (target_precision is not None):
-        raise ValueError("objective 'f1', or 'precision' with a target_precision")
-    right, n = int(ex.right.sum()), len(ex)
-    if n < MIN_EXAMPLES or right < MIN_EACH or n - right < MIN_EACH:
-        raise CalibrationError(
-            f"too few examples to fit a calibration: {n} labels emitted ({right} right, {n - right} wrong); a fit "
-            f"needs at least {MIN_EXAMPLES}, of which {MIN_EACH} right and {MIN_EACH} wrong (use more images)"
-        )
+    """One method's map and its global threshold on ``ex`` (no per-label thresholds)."""
     from sklearn.linear_model import LogisticRegression
 
     log_score = ex.x[:, FEATURES.index("log_score")]
@@ -426,26 +406,90 @@ def fit(
         mean, scale, coef = mean.tolist(), scale.tolist(), coef.tolist()
     iso_x, iso_y = _isotonic(z, ex.right) if method != "logistic" else ([], [])
     calibration = Calibration(
-        model_id,
-        method,
-        features,
-        mean,
-        scale,
-        coef,
-        intercept,
-        iso_x,
-        iso_y,
-        presence_x,
-        presence_y,
-        0.5,
-        {},
-        objective,
-        target_precision,
-        {"images": len(ex.refs), "labels": n, "right": right, **(fitted_on or {})},
+        model_id, method, features, mean, scale, coef, intercept, iso_x, iso_y, presence_x, presence_y, 0.5, {},
+        objective, target_precision,
+    )  # fmt: skip
+    calibration.threshold = round(fit_threshold(ex, calibration.map_features(ex.x), objective, target_precision), 6)
+    return calibration
+
+
+def _halves(ex: Examples) -> list[tuple[Examples, Examples]] | None:
+    """Two-fold split of ``ex`` by image (even and odd images), or None when a half is too small to fit."""
+    even = np.arange(len(ex.refs)) % 2 == 0
+    a, b = ex.subset(even), ex.subset(~even)
+    if any(len(h) < MIN_EXAMPLES or min(h.right.sum(), len(h) - h.right.sum()) < MIN_EACH for h in (a, b)):
+        return None
+    return [(a, b), (b, a)]
+
+
+def _enough(ex: Examples) -> None:
+    right, n = int(ex.right.sum()), len(ex)
+    if n < MIN_EXAMPLES or right < MIN_EACH or n - right < MIN_EACH:
+        raise CalibrationError(
+            f"too few examples to fit a calibration: {n} labels emitted ({right} right, {n - right} wrong); a fit "
+            f"needs at least {MIN_EXAMPLES}, of which {MIN_EACH} right and {MIN_EACH} wrong (use more images)"
+        )
+
+
+def fit(
+    ex: Examples,
+    model_id: str,
+    method: str = "auto",
+    features: Sequence[str] = FEATURES,
+    objective: str = "f1",
+    target_precision: float | None = None,
+    min_label_examples: int = MIN_LABEL_EXAMPLES,
+    fitted_on: dict[str, Any] | None = None,
+) -> Calibration:
+    """Fit a ``Calibration`` on a split's ``Examples`` (scikit-learn's logistic and isotonic regressions) and its
+    thresholds for ``objective`` (``f1``: best F1; ``precision``: the lowest threshold of ``target_precision``).
+
+    Both choices are measured on the split itself, two-fold by image (fit on one half, score on the other), and
+    recorded in ``fitted_on``: ``method="auto"`` takes the method of best held-out F1 at its own fitted threshold
+    (ties: the simpler, isotonic first), and per-label thresholds are kept only when, with the F1 objective, they
+    beat the global threshold on held-out images (else ``threshold="auto"`` is the global threshold alone).
+
+    Raises ``CalibrationError`` when the split is too small: fewer than ``MIN_EXAMPLES`` labels, or fewer than
+    ``MIN_EACH`` right or wrong ones.
+    """
+    if method not in (*METHODS, "auto"):
+        raise ValueError(f"method {method!r}: auto or one of {', '.join(METHODS)}")
+    if objective not in OBJECTIVES or (objective == "precision") != (target_precision is not None):
+        raise ValueError("objective 'f1', or 'precision' with a target_precision")
+    _enough(ex)
+    halves = _halves(ex)
+    choice: dict[str, Any] = {}
+
+    def held_out_f1(m: str) -> float:
+        maps = [(_fit_map(a, model_id, m, features, objective, target_precision), b) for a, b in halves]
+        return float(np.mean([mean_f1(b, c.map_features(b.x) >= c.threshold) for c, b in maps]))
+
+    if method == "auto":
+        order = ("isotonic", "logistic+isotonic", "logistic")  # simplest first: it wins ties
+        if halves is None:
+            method, choice["method"] = "isotonic", "isotonic (too few examples to compare methods)"
+        else:
+            scores = {m: round(held_out_f1(m), 4) for m in order}
+            method = max(order, key=lambda m: (scores[m], -order.index(m)))
+            choice["method"] = {"chosen": method, "held_out_f1": scores}
+    calibration = _fit_map(ex, model_id, method, features, objective, target_precision)
+    thresholds = fit_label_thresholds(
+        ex, calibration.map_features(ex.x), objective, target_precision, min_label_examples
     )
-    probs = calibration.map_features(ex.x)
-    calibration.threshold = round(fit_threshold(ex, probs, objective, target_precision), 6)
-    calibration.thresholds = fit_label_thresholds(ex, probs, objective, target_precision, min_label_examples)
+    if thresholds and objective == "f1":
+        gains = []
+        for a, b in halves or []:
+            c = _fit_map(a, model_id, method, features, objective, target_precision)
+            own = fit_label_thresholds(a, c.map_features(a.x), objective, None, min_label_examples)
+            pb = c.map_features(b.x)
+            cut = np.array([own.get(l, c.threshold) for l in b.label])
+            gains.append(mean_f1(b, pb >= cut) - mean_f1(b, pb >= c.threshold))
+        choice["label_thresholds"] = {"held_out_f1_gain": round(float(np.mean(gains)), 4) if gains else None}
+        if not gains or np.mean(gains) <= 0:
+            thresholds = {}  # they do not generalise: the global threshold serves every label
+    calibration.thresholds = thresholds
+    right = int(ex.right.sum())
+    calibration.fitted_on = {"images": len(ex.refs), "labels": len(ex), "right": right, **choice, **(fitted_on or {})}
     return calibration
 
 
@@ -641,8 +685,20 @@ class Report:
 
     def text(self) -> str:
         """The report as a user reads it."""
-        m = self.metrics
+        m, choice = self.metrics, self.calibration.fitted_on
         lines = [
+            f"method {self.calibration.method}"
+            + (
+                f" (held-out F1 of each: {choice['method']['held_out_f1']})"
+                if isinstance(choice.get("method"), dict)
+                else ""
+            )
+            + (
+                f"; per-label thresholds: held-out F1 gain {choice['label_thresholds']['held_out_f1_gain']}"
+                + ("" if self.calibration.thresholds else ", so none kept: --threshold auto is the global threshold")
+                if "label_thresholds" in choice
+                else ""
+            ),
             f"fitted on {self.fitted_images} images ({self.calibration.fitted_on['labels']} labels), reported on "
             f"{self.report_images} other images ({m['labels']} labels)",
             f"expected calibration error ({ECE_BINS} bins): raw {m['ece_raw']:.4f} -> calibrated "
@@ -666,7 +722,7 @@ def calibrate(
     report_shards=None,
     holdout: float = 0.3,
     topk: int = 10,
-    method: str = "logistic+isotonic",
+    method: str = "auto",
     target_precision: float | None = None,
     min_label_examples: int = MIN_LABEL_EXAMPLES,
     batch_size: int = 32,

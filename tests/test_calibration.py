@@ -24,6 +24,7 @@ from lightning_modules.calibration import (
     fit,
     fit_label_thresholds,
     image_features,
+    mean_f1,
 )
 from lightning_modules.checkpoint import (
     CALIBRATION_FILE,
@@ -44,14 +45,14 @@ def sigmoid(x):
     return 1 / (1 + np.exp(-x))
 
 
-def scenes(n: int, truth, seed: int):
-    """``n`` images of 8 ranked labels with Dirichlet scores; each label is right with probability
-    ``truth(image_features row)``, drawn independently. Returns predictions, references and the true
-    probability of every label."""
+def scenes(n: int, truth, seed: int, mass: tuple[float, float] = (1.0, 1.0)):
+    """``n`` images of 8 ranked labels with Dirichlet scores times an image's score mass (uniform in ``mass``);
+    each label is right with probability ``truth(image_features row)``, drawn independently. Returns predictions,
+    references and the true probability of every label."""
     rng = np.random.default_rng(seed)
     predictions, references, true_p = [], [], []
     for _ in range(n):
-        scores = np.sort(rng.dirichlet(np.full(8, 0.5)))[::-1]
+        scores = np.sort(rng.dirichlet(np.full(8, 0.5)))[::-1] * rng.uniform(*mass)
         labels = [(k, float(s)) for k, s in zip(rng.permutation(KINDS)[:8], scores)]
         q = truth(image_features(labels))
         right = rng.random(8) < q
@@ -116,6 +117,45 @@ def test_per_label_thresholds_are_fitted():
     precise = fit_label_thresholds(ex, probs, "precision", 0.9, min_examples=30)
     assert 0.25 < precise["kind0"] <= 0.35
     assert fit_label_thresholds(ex, probs, min_examples=41) == {"kind0": thresholds["kind0"]}
+
+
+def test_auto_chooses_the_method_that_ranks_best_on_held_out_images():
+    # right-ness follows the label's share of its image, which the raw score alone does not rank when images' score
+    # masses differ: auto must find a method with the features, and it must score better on fresh images than the
+    # raw-score method
+    split = Examples.build(*scenes(3000, share_truth, seed=0, mass=(0.05, 1.0))[:2])
+    calibration = fit(split, "sha256:test")
+    assert calibration.method != "isotonic"
+    held_out = calibration.fitted_on["method"]["held_out_f1"]
+    assert held_out[calibration.method] == max(held_out.values())
+    fresh = Examples.build(*scenes(1000, share_truth, seed=1, mass=(0.05, 1.0))[:2])
+    raw = fit(split, "sha256:test", method="isotonic")
+
+    def f1(c):
+        return mean_f1(fresh, c.map_features(fresh.x) >= c.threshold)
+
+    assert f1(calibration) > f1(raw) + 0.01
+
+
+def cut_world(n: int, cuts: dict[str, float], seed: int) -> Examples:
+    """Images of 4 labels with uniform scores; a label is right exactly when its score is above its kind's cut."""
+    rng = np.random.default_rng(seed)
+    kinds = list(cuts)
+    predictions, references = [], []
+    for _ in range(n):
+        labels = [(k, float(s)) for k, s in zip(rng.permutation(kinds)[:4], rng.random(4))]
+        predictions.append(labels)
+        references.append([k for k, s in labels if s > cuts[k]] + ["never-emitted"])
+    return Examples.build(predictions, references)
+
+
+def test_per_label_thresholds_are_kept_only_where_they_help_held_out_images():
+    differ = fit(cut_world(800, {"kind0": 0.2, "kind1": 0.2, "kind2": 0.7, "kind3": 0.7}, 0), "id", "isotonic")
+    assert set(differ.thresholds) == {"kind0", "kind1", "kind2", "kind3"}
+    assert differ.fitted_on["label_thresholds"]["held_out_f1_gain"] > 0
+    # one rule for every kind: per-label thresholds only fit noise, and the global one serves them all
+    same = fit(cut_world(800, dict.fromkeys(["kind0", "kind1", "kind2", "kind3"], 0.5), 0), "id", "isotonic")
+    assert same.thresholds == {} and same.fitted_on["label_thresholds"]["held_out_f1_gain"] <= 0
 
 
 def test_too_few_examples_are_refused_with_the_counts():
