@@ -131,6 +131,71 @@ def evaluate(
     return results
 
 
+LOCATE_VARIANTS = [(0, 0.5), *((1, spread) for spread in (1.0, 1.5, 2.0)), (2, 1.5)]  # (radius, spread)
+
+
+def evaluate_boxes(
+    model: NXTP | None, scenes: list[tuple[str, bytes, dict]], batch_size: int, device: torch.device, method: str
+) -> dict[str, dict[str, list[float]]]:
+    """Points and boxes in the original image's pixels, per (image, true kind) pair: pointing (the point lies in
+    an object of that kind), best IoU of ``box`` with those objects, and the share of those objects that one of
+    ``boxes`` matches at IoU 0.5; for every ``LOCATE_VARIANTS`` (radius, spread) of ``method``'s map (radius 0: the
+    peak cell's centre and a box of that cell), or with
+    ``model=None`` the centre-box and whole-image baselines."""
+    from lightning_modules import locate as lc
+
+    out: dict[str, dict[str, list[float]]] = {}
+
+    def add(name: str, location: lc.Location, truth: list[list[float]]) -> None:
+        row = out.setdefault(name, {"pointing": [], "iou": [], "iou>=0.5": [], "objects found": []})
+        row["pointing"].append(float(lc.inside(location.point, truth)))
+        best = lc.best_iou(location.box, truth)
+        row["iou"].append(best)
+        row["iou>=0.5"].append(float(best >= 0.5))
+        row["objects found"].append(float(np.mean([lc.best_iou(t, location.boxes) >= 0.5 for t in truth])))
+
+    for start in range(0, len(scenes), batch_size):
+        chunk = scenes[start : start + batch_size]
+        images = [decode_image(jpg) for _, jpg, _ in chunk]
+        labels = [meta["labels"] for _, _, meta in chunk]
+        if model is not None:
+            view = model.image_size[::-1]
+            pixels = torch.stack([model.eval_transform(im) for im in images]).to(device)
+            record = am.label_attention(model.to(device), pixels, labels, gradient=method == "gradient")
+            grids = am.maps(record, method).cpu().numpy()
+        n = 0
+        for (_, _, meta), image, kinds in zip(chunk, images, labels):
+            for kind in kinds:
+                truth = [o["bbox"] for o in meta["objects"] if o["kind"] == kind]
+                if model is None:
+                    geometry = lc.ViewGeometry.of(image.size, image.size)
+                    whole = geometry.seen()
+                    centre = [(whole[0] + whole[2]) / 2, (whole[1] + whole[3]) / 2]
+                    add("whole image", lc.Location(centre, whole, [whole]), truth)
+                    box = lc.centre_box(geometry)
+                    add("centre box (half each side)", lc.Location(centre, box, [box]), truth)
+                    continue
+                geometry = lc.ViewGeometry.of(image.size, view, model.preprocessing.resize_mode)
+                for radius, spread in LOCATE_VARIANTS:
+                    name = f"{method}, radius {radius}, spread {spread}"
+                    add(name, lc.locate(grids[n], geometry, radius, spread), truth)
+                n += 1
+    return out
+
+
+def box_table(rows: list[tuple[str, dict[str, dict[str, list[float]]]]]) -> str:
+    """A Markdown table of ``evaluate_boxes`` results, one row per (model, variant)."""
+    lines = [
+        "| model | map, cells around the peak, spread | pointing | mean best IoU | IoU >= 0.5 | objects found (boxes, IoU 0.5) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model, results in rows:
+        for name, m in results.items():
+            cells = " | ".join(interval(m[k]) for k in ("pointing", "iou", "iou>=0.5", "objects found"))
+            lines.append(f"| {model} | {name} | {cells} |")
+    return "\n".join(lines)
+
+
 def interval(values: list[float]) -> str:
     v = np.asarray(values)
     return f"{v.mean():.3f} +- {1.96 * v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0:.3f}"
@@ -169,6 +234,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random-init model")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--boxes",
+        action="store_true",
+        help="score points and boxes (lightning_modules.locate) instead of the maps: pointing, IoU, objects found",
+    )
+    parser.add_argument("--method", default=am.DEFAULT_METHOD, help="--boxes: the map method")
     parser.add_argument("--out", type=Path, help="also write the checkpoint's maps (PNG, .npy, JSON) here")
     args = parser.parse_args()
 
@@ -180,6 +251,21 @@ def main() -> None:
     if not scenes:
         raise SystemExit(f"no samples with .jpg and .json in {args.shards}")
     device = torch.device(args.device)
+    if args.boxes:
+        rows = []
+        if args.checkpoint:
+            trained = load_model(args.checkpoint).eval()
+            rows.append(("trained", evaluate_boxes(trained, scenes, args.batch_size, device, args.method)))
+            random_model = random_like(trained, args.seed)
+        else:
+            tokenizer = args.tokenizer or str(Path(args.shards[0]).parents[1] / "tokenizer")
+            random_model = random_from_config(args.model, tokenizer, args.seed)
+        rows.append(("random-init", evaluate_boxes(random_model, scenes, args.batch_size, device, args.method)))
+        rows.append(("-", evaluate_boxes(None, scenes, args.batch_size, device, args.method)))
+        n = len(next(iter(rows[-1][1].values()))["iou"])
+        print(f"{len(scenes)} images, {n} (image, kind) pairs; boxes in the original images' pixels\n")
+        print(box_table(rows))
+        return
     rows = []
     if args.checkpoint:
         trained = load_model(args.checkpoint)

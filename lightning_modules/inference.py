@@ -36,8 +36,19 @@ if TYPE_CHECKING:
 PRECISIONS = {"32": None, "bf16": "bfloat16", "16": "float16"}
 TOPK = 10  # labels (first tokens branched from) per image where no topk is given, as in Recognizer.label
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-CSV_HEADER = ["image", "label", "prob", "error"]
-CSV_HEADER_CALIBRATED = ["image", "label", "prob", "score", "error"]  # a calibrated model's: the raw score too
+LOCATION_COLUMNS = ["x", "y", "x0", "y0", "x1", "y1"]  # --locate: the point and the box (boxes: JSON only)
+
+
+def csv_header(calibrated: bool = False, located: bool = False) -> list[str]:
+    """The CSV columns: a calibrated model's add the raw ``score``, located labels their point and box."""
+    return [
+        "image",
+        "label",
+        "prob",
+        *(["score"] if calibrated else []),
+        *(LOCATION_COLUMNS if located else []),
+        "error",
+    ]
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
@@ -84,8 +95,22 @@ class InferenceOptions:
         choices=("full", "draft"),
     )
     batch_size: int = option(32, "images the model runs at once", type=int)
+    locate: bool = option(
+        False,
+        "also say where each label is: a point [x, y] and a box [x0, y0, x1, y1] in the image's own pixels (after "
+        "its EXIF orientation; the box clipped to the centre crop the model sees), and boxes (one per region)",
+    )
+    locate_radius: int = option(1, "--locate: cells around the map's peak that the point and box come from", type=int)
+    locate_spread: float = option(
+        1.5, "--locate: a box is the centre of mass plus and minus this many standard deviations", type=float
+    )
 
     def __post_init__(self) -> None:
+        if self.locate_radius < 0 or self.locate_spread <= 0:
+            raise ValueError(
+                f"--locate-radius {self.locate_radius} / --locate-spread {self.locate_spread}: at least 0 cells, and "
+                "a spread above 0"
+            )
         if self.beams < 1:
             raise ValueError(f"--beams {self.beams}: beam search needs at least 1 beam")
         if self.sampler != "one-shot" and self.threshold is not None:
@@ -182,11 +207,12 @@ class ImageFiles:
         return len(self.paths)
 
     def __getitem__(self, i: int):
+        """``(path, pixels, (width, height) of the upright image, None)``, or ``(path, None, None, error)``."""
         try:
             image = decode_image(self.paths[i], self.max_image_pixels, self.input_size)
-            return str(self.paths[i]), self.transform(image), None
+            return str(self.paths[i]), self.transform(image), image.size, None
         except Exception as e:  # reported, never fatal: one bad file must not cost the others
-            return str(self.paths[i]), None, f"{type(e).__name__}: {e}"
+            return str(self.paths[i]), None, None, f"{type(e).__name__}: {e}"
 
 
 @dataclass
@@ -204,7 +230,8 @@ class Labelled:
     def to_json(self) -> dict[str, Any]:
         """``{"image", "labels": [{"label", "prob"}]}`` or ``{"image", "error"}``: ``nxtp label``'s JSON line and
         ``nxtp serve``'s answer (which leaves ``image`` out where the request named no file). A calibrated model's
-        labels also give their raw one-shot ``score``."""
+        labels also give their raw one-shot ``score``, located ones (``--locate``) their ``point``, ``box`` and
+        ``boxes`` (``locate.Location``)."""
         entry = {} if self.image is None else {"image": self.image}
         if self.error:
             return entry | {"error": self.error}
@@ -213,7 +240,11 @@ class Labelled:
 
 def _label_json(pair: tuple[str, float]) -> dict[str, Any]:
     entry = {"label": pair[0], "prob": pair[1]}
-    return entry | {"score": pair.score} if hasattr(pair, "score") else entry
+    if getattr(pair, "score", None) is not None:
+        entry["score"] = pair.score
+    if getattr(pair, "location", None) is not None:
+        entry |= pair.location.to_json()
+    return entry
 
 
 def label_files(
@@ -237,11 +268,17 @@ def label_files(
     ``Recognizer.tokenize`` returns: every entry scored exactly, the ``topk`` most probable, default all) or
     ``mapper`` (a prepared ``LabelMapper``: free labels mapped onto its vocabulary, unmapped ones dropped unless
     ``keep_unmapped``). ``explain``: an ``attention_maps`` method; each result then holds the maps of its labels
-    (teacher-forced; ``layer`` and ``head`` for the ``head`` method).
+    (teacher-forced; ``layer`` and ``head`` for the ``head`` method). ``options.locate``: each label is a
+    ``locate.Located`` (from the ``explain`` method's maps, default gradient), in the pixels of its upright file.
     """
     import torch
 
+    from .attention_maps import DEFAULT_METHOD
+
     options = options or InferenceOptions()
+    radius, spread = options.locate_radius, options.locate_spread
+    if options.locate and mapper is not None:
+        raise ValueError("--locate works with free labels and --vocabulary, not --map-to (a mapped entry has no map)")
     files = ImageFiles(
         list(paths), recognizer.model.eval_transform, recognizer.max_image_pixels, recognizer.draft_input_size
     )
@@ -249,11 +286,11 @@ def label_files(
     topk, min_prob, batch_size, threshold = options.topk, options.min_prob, options.batch_size, options.threshold
     branches = TOPK if topk is None else topk
     for batch in loader:
-        yield from (Labelled(path, error=error) for path, _, error in batch if error)
-        good = [(path, pixels) for path, pixels, error in batch if error is None]
+        yield from (Labelled(path, error=error) for path, _, _, error in batch if error)
+        good = [(path, pixels, size) for path, pixels, size, error in batch if error is None]
         if not good:
             continue
-        pixels = [p for _, p in good]
+        pixels, sizes = [p for _, p, _ in good], [size for _, _, size in good]
         with autocast(recognizer.device, options.precision):
             if vocabulary is not None:
                 results = recognizer.score(pixels, vocabulary, topk, min_prob, batch_size, chunk_tokens, threshold)
@@ -266,11 +303,15 @@ def label_files(
                     pixels, branches, min_prob, batch_size, threshold, options.sampler, options.beams
                 )
         maps = [None] * len(good)
-        if explain:  # the maps of the labels found, teacher-forced (outside autocast: gradient maps need autograd)
+        if explain or options.locate:  # the maps of the labels found, teacher-forced (outside autocast: gradient
+            # maps need autograd), made once for both the pictures and the locations
             labels = [[label for label, _ in r] for r in results]
-            maps = recognizer.explain(pixels, labels, explain, layer, head, batch_size=batch_size)
-        for (path, image), labels, label_maps in zip(good, results, maps):
-            yield Labelled(path, labels, maps=label_maps, pixels=image if explain else None)
+            maps = recognizer.explain(pixels, labels, explain or DEFAULT_METHOD, layer, head, batch_size=batch_size)
+        if options.locate:
+            stacked = torch.stack(pixels)
+            results = recognizer.with_locations(stacked, sizes, results, maps, radius=radius, spread=spread)
+        for (path, image, _), labels, label_maps in zip(good, results, maps):
+            yield Labelled(path, labels, maps=label_maps if explain else None, pixels=image if explain else None)
 
 
 def write_jsonl(stream: TextIO, result: Labelled) -> None:
@@ -279,15 +320,19 @@ def write_jsonl(stream: TextIO, result: Labelled) -> None:
     stream.flush()
 
 
-def write_csv(stream: TextIO, result: Labelled, calibrated: bool = False) -> None:
-    """Write a result as CSV rows (``CSV_HEADER``'s columns, ``CSV_HEADER_CALIBRATED``'s for a ``calibrated``
-    model; the header is the caller's), one per label; an image with no label left or with an error gets one row
-    with an empty label. Flushed, as ``write_jsonl``."""
-    if calibrated:
-        rows = [[result.image, x[0], x[1], getattr(x, "score", ""), ""] for x in result.labels or []]
-        empty = [result.image, "", "", "", result.error or ""]
-    else:
-        rows = [[result.image, label, p, ""] for label, p in result.labels or []]
-        empty = [result.image, "", "", result.error or ""]
-    csv.writer(stream).writerows(rows or [empty])
+def write_csv(stream: TextIO, result: Labelled, calibrated: bool = False, located: bool = False) -> None:
+    """Write a result as CSV rows (``csv_header(calibrated, located)``'s columns; the header is the caller's), one
+    per label; an image with no label left or with an error gets one row with an empty label. Flushed, as
+    ``write_jsonl``."""
+    width = len(csv_header(calibrated, located))
+    rows = []
+    for pair in result.labels or []:
+        row = [result.image, pair[0], pair[1]]
+        if calibrated:
+            row.append(getattr(pair, "score", ""))
+        if located:
+            location = pair.location
+            row += [round(v, 1) for v in (*location.point, *location.box)]
+        rows.append([*row, ""])
+    csv.writer(stream).writerows(rows or [[result.image, *[""] * (width - 2), result.error or ""]])
     stream.flush()

@@ -14,6 +14,7 @@ label at its fitted threshold.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from datamodules.images import MAX_IMAGE_PIXELS, decode_image
 
 from .attention_maps import DEFAULT_METHOD, LabelMap, explain
 from .calibration import Calibration, CalibrationError, Scored
+from .locate import RADIUS, SPREAD, Located, locate, model_geometry
 from .nxtp import NXTP, Decode
 from .sampling import Sampler, label_images, recognize
 from .vocabulary import Candidates, LabelMapper, Vocabulary, ranked, score_vocabulary, tokenize
@@ -111,6 +113,8 @@ class Recognizer:
         threshold: str | None = None,
         sampler: Sampler = "one-shot",
         beams: int = 3,
+        locate: bool = False,
+        sizes: list[tuple[int, int]] | None = None,
     ) -> list[list[tuple[str, float]]]:
         """``(label, probability)`` pairs sorted by probability, one list per image, none below ``min_prob``.
 
@@ -118,32 +122,96 @@ class Recognizer:
         ``greedy`` and ``beam`` (``beams`` beams), which generate the list as text (``sampling.generate_labels``)
         and keep its ``topk`` most probable labels. With a calibration (fitted on one-shot scores, so one-shot
         only), the probability is calibrated (``Scored`` pairs, with the raw ``score``) and ``threshold="auto"``
-        also drops each label below its fitted threshold."""
-        if sampler != "one-shot":
-            if threshold is not None:
-                raise ValueError(f"threshold={threshold!r} needs the one-shot sampler, whose scores were calibrated")
-            return [
-                labels
-                for pixels in self._pixels(images, batch_size)
-                for labels in label_images(self.model, pixels, sampler, topk, min_prob, beams)
-            ]
+        also drops each label below its fitted threshold.
+
+        ``locate``: each pair is a ``locate.Located`` that also says where the label is (``.location``: ``point``
+        and ``box`` in the pixels of the image given, see :meth:`locate`); ``sizes``: the original (width, height)
+        of images given as preprocessed tensors (without them, a tensor's locations are in its own pixels)."""
+        if sampler != "one-shot" and threshold is not None:
+            raise ValueError(f"threshold={threshold!r} needs the one-shot sampler, whose scores were calibrated")
         calibration = self._calibration_for(threshold)
-        if not isinstance(images, list):
-            images = [images]
         results: list[list[tuple[str, float]]] = []
-        for start in range(0, len(images), batch_size):
-            pixels = torch.stack([self.preprocess(x) for x in images[start : start + batch_size]]).to(self.device)
-            if calibration is None:
-                results += recognize(self.model, pixels, topk=topk, min_prob=min_prob)
+        for pixels, batch_sizes in self._batches(images, batch_size, sizes):
+            if sampler != "one-shot":
+                found = label_images(self.model, pixels, sampler, topk, min_prob, beams)
+            elif calibration is None:
+                found = recognize(self.model, pixels, topk=topk, min_prob=min_prob)
             else:  # the whole top-k list: a label is calibrated against the others
                 raw = recognize(self.model, pixels, topk=topk)
-                results += [calibration.apply(labels, min_prob, threshold) for labels in raw]
+                found = [calibration.apply(labels, min_prob, threshold) for labels in raw]
+            results += self.with_locations(pixels, batch_sizes, found) if locate else found
         return results
 
-    def _pixels(self, images: ImageInput | list[ImageInput], batch_size: int):
+    def _batches(
+        self, images: ImageInput | list[ImageInput], batch_size: int, sizes: list[tuple[int, int]] | None = None
+    ) -> Iterator[tuple[Tensor, list[tuple[int, int]]]]:
+        """Batches of pixels [B, 3, H, W] on the device, with each image's upright (width, height): read from the
+        file, or for a preprocessed tensor taken from ``sizes`` or else its own."""
         images = images if isinstance(images, list) else [images]
+        if sizes is not None and len(sizes) != len(images):
+            raise ValueError(f"{len(sizes)} sizes for {len(images)} images")
         for start in range(0, len(images), batch_size):
-            yield torch.stack([self.preprocess(x) for x in images[start : start + batch_size]]).to(self.device)
+            pixels, batch_sizes = [], []
+            for i, image in enumerate(images[start : start + batch_size], start):
+                if not isinstance(image, Tensor):
+                    image = self.read(image)
+                    batch_sizes.append(image.size)
+                    image = self.model.eval_transform(image)
+                else:
+                    batch_sizes.append(tuple(sizes[i]) if sizes is not None else (image.shape[-1], image.shape[-2]))
+                pixels.append(image)
+            yield torch.stack(pixels).to(self.device), batch_sizes
+
+    def _pixels(self, images: ImageInput | list[ImageInput], batch_size: int) -> Iterator[Tensor]:
+        for pixels, _ in self._batches(images, batch_size):
+            yield pixels
+
+    def with_locations(
+        self,
+        pixels: Tensor,
+        sizes: list[tuple[int, int]],
+        found: list[list[tuple[str, float]]],
+        maps: list[list[LabelMap]] | None = None,
+        method: str = DEFAULT_METHOD,
+        radius: int = RADIUS,
+        spread: float = SPREAD,
+    ) -> list[list[Located]]:
+        """``found`` (pairs per image of ``pixels`` [B, 3, H, W], whose upright files measure ``sizes``) as
+        ``Located`` pairs, from their ``maps`` (``explain``'s) or from teacher-forced maps made here."""
+        if maps is None:
+            maps = explain(self.model, pixels, [[pair[0] for pair in pairs] for pairs in found], method)
+        geometries = [model_geometry(self.model, size) for size in sizes]
+        return [
+            [Located(pair, locate(m.grid, geometry, radius, spread)) for pair, m in zip(pairs, ms)]
+            for pairs, ms, geometry in zip(found, maps, geometries)
+        ]
+
+    def locate(
+        self,
+        images: ImageInput | list[ImageInput],
+        labels: list[list[str]],
+        method: str = DEFAULT_METHOD,
+        radius: int = RADIUS,
+        spread: float = SPREAD,
+        batch_size: int = 32,
+        sizes: list[tuple[int, int]] | None = None,
+    ) -> list[list[Located]]:
+        """Where each of the given ``labels`` of each image is: a ``Located`` (label, probability of the label
+        teacher-forced, ``location``) per label. ``location.point`` ``[x, y]`` and ``location.box``
+        ``[x0, y0, x1, y1]`` are in pixels of the upright image given (EXIF orientation applied), the box clipped
+        to the part the model saw (the centre crop); ``location.boxes`` has a box per region of the label's map
+        (several objects of one kind). A label need not be one the sampler produced: its map is the model's
+        attention when it is made to say it. ``method``, ``radius`` and ``spread``: see ``attention_maps`` and
+        ``locate``."""
+        if len(labels) != (len(images) if isinstance(images, list) else 1):
+            raise ValueError(f"{len(labels)} label lists for {len(images) if isinstance(images, list) else 1} images")
+        out: list[list[Located]] = []
+        for i, (pixels, batch_sizes) in enumerate(self._batches(images, batch_size, sizes)):
+            given = labels[i * batch_size : i * batch_size + len(pixels)]
+            maps = explain(self.model, pixels, given, method)
+            found = [[(m.label, m.score) for m in ms] for ms in maps]
+            out += self.with_locations(pixels, batch_sizes, found, maps, radius=radius, spread=spread)
+        return out
 
     def tokenize(self, vocabulary: Vocabulary | str | Path | list) -> tuple[Vocabulary, Candidates]:
         """A vocabulary (itself, a file or a list of names / name lists) and its names as model tokens; raises
@@ -176,6 +244,8 @@ class Recognizer:
         batch_size: int = 32,
         chunk_tokens: int = 2048,
         threshold: str | None = None,
+        locate: bool = False,
+        sizes: list[tuple[int, int]] | None = None,
     ) -> list[list[tuple[str, float]]]:
         """``(entry name, probability)`` for every entry of a closed ``vocabulary``, sorted, one list per image: at
         most ``topk`` (None: all) and none below ``min_prob``. ``vocabulary`` is a ``Vocabulary``, a file (text, JSON
@@ -184,20 +254,30 @@ class Recognizer:
         names, ``chunk_tokens`` tokens per forward, share their KV cache.
 
         With a calibration, an entry's probability is the calibrated probability that it is present (a ``Scored``
-        pair with the raw ``score``); ``threshold="auto"`` drops entries below their fitted threshold."""
+        pair with the raw ``score``); ``threshold="auto"`` drops entries below their fitted threshold. ``locate``
+        and ``sizes``: as in :meth:`label`, each entry kept located by the map of its name."""
         calibration = self._calibration_for(threshold)
         if not (isinstance(vocabulary, tuple) and isinstance(vocabulary[1], Candidates)):
             vocabulary = self.tokenize(vocabulary)
         scores = self.score_tensor(images, vocabulary, batch_size, chunk_tokens)
         names = vocabulary[0].names
         if calibration is None:
-            return ranked(scores, names, topk, min_prob)
-        results = []
-        for row, raw in zip(calibration.presence(scores.numpy()).tolist(), scores.tolist()):
-            pairs = sorted(zip(names, row, raw), key=lambda x: x[1], reverse=True)[:topk]
-            keep = [p >= min_prob and (threshold != "auto" or p >= calibration.threshold_for(n)) for n, p, _ in pairs]
-            results.append([Scored(n, p, s) for (n, p, s), k in zip(pairs, keep) if k])
-        return results
+            results = ranked(scores, names, topk, min_prob)
+        else:
+            results = []
+            for row, raw in zip(calibration.presence(scores.numpy()).tolist(), scores.tolist()):
+                pairs = sorted(zip(names, row, raw), key=lambda x: x[1], reverse=True)[:topk]
+                keep = [
+                    p >= min_prob and (threshold != "auto" or p >= calibration.threshold_for(n)) for n, p, _ in pairs
+                ]
+                results.append([Scored(n, p, s) for (n, p, s), k in zip(pairs, keep) if k])
+        if not locate:
+            return results
+        located, start = [], 0
+        for pixels, batch_sizes in self._batches(images, batch_size, sizes):
+            located += self.with_locations(pixels, batch_sizes, results[start : start + len(pixels)])
+            start += len(pixels)
+        return located
 
     def map_labels(
         self,

@@ -16,6 +16,8 @@ Request (options in the query string, or as fields of a JSON or multipart body; 
 
 ``threshold=auto`` keeps each label at its fitted threshold (a calibrated model only; 400 otherwise). A calibrated
 model's ``prob`` is the calibrated probability, and each label also gives its raw one-shot ``score``.
+``locate=true`` adds where each label is: ``point``, ``box`` and ``boxes`` in the uploaded image's pixels (after
+its EXIF orientation), as ``nxtp label --locate`` writes them.
 
 Fields are looked up in ``FIELDS``, one parser each, so that a later field (``vocabulary``: a list of strings in
 JSON, repeated in a form) is one entry more. Answer: ``{"image": FILENAME, "labels": [{"label", "prob"}]}``,
@@ -90,6 +92,14 @@ def _threshold(value: Any, text: bool) -> str | None:
     raise RequestError(400, f"threshold: 'auto' (each label's fitted threshold) or absent, got {value!r}", "threshold")
 
 
+def _locate(value: Any, text: bool) -> bool:
+    if text and isinstance(value, str) and value.lower() in ("true", "1", "false", "0", ""):
+        return value.lower() in ("true", "1")
+    if isinstance(value, bool):
+        return value
+    raise RequestError(400, f"locate: true or false (where each label is: point and box), got {value!r}", "locate")
+
+
 def _filename(value: Any, text: bool) -> str:
     if not isinstance(value, str) or len(value) > 1024:
         raise RequestError(400, "filename: a string of at most 1024 characters", "filename")
@@ -115,6 +125,7 @@ FIELDS: dict[str, Callable[[Any, bool], Any]] = {
     "topk": _topk,
     "min_prob": _min_prob,
     "threshold": _threshold,
+    "locate": _locate,
 }
 
 
@@ -283,6 +294,8 @@ class Prepared:
     min_prob: float
     filename: str | None
     threshold: str | None = None
+    locate: bool = False
+    size: tuple[int, int] | None = None  # the upright image's (width, height): where its locations are measured
 
 
 class RecognizerAPI(ls.LitAPI):
@@ -336,7 +349,8 @@ class RecognizerAPI(ls.LitAPI):
         from datamodules.images import ImageError
 
         try:
-            pixels = self.recognizer.preprocess(base64.b64decode(request["image"]))
+            image = self.recognizer.read(base64.b64decode(request["image"]))
+            pixels = self.recognizer.model.eval_transform(image)
         except ImageError as e:
             if isinstance(e.__cause__, Exception) and type(e.__cause__).__name__ == "UnidentifiedImageError":
                 return RequestError(422, "image: not an image file that PIL can read (JPEG, PNG, WebP, ...)", "image")
@@ -346,7 +360,15 @@ class RecognizerAPI(ls.LitAPI):
         threshold = request.get("threshold")
         if threshold == "auto" and self.recognizer.calibration is None:
             return RequestError(400, "threshold: 'auto' needs a calibrated model (nxtp calibrate)", "threshold")
-        return Prepared(pixels, request["topk"], request["min_prob"], request.get("filename"), threshold)
+        return Prepared(
+            pixels,
+            request["topk"],
+            request["min_prob"],
+            request.get("filename"),
+            threshold,
+            bool(request.get("locate", False)),
+            image.size,
+        )
 
     def predict(self, batch: list[Prepared | RequestError] | Prepared | RequestError) -> list | Any:
         single = not isinstance(batch, list)  # LitServe's loop without batching (max_batch_size 1) passes one
@@ -359,6 +381,14 @@ class RecognizerAPI(ls.LitAPI):
         for topk, indices in groups.items():
             for i, found in zip(indices, self.label([items[i].pixels for i in indices], topk)):
                 labels[i] = [x for x in found if self.keep(x, items[i])]
+        located = [i for i in labels if items[i].locate]
+        if located:  # only the labels kept: a location costs a backward pass per label
+            import torch
+
+            pixels = torch.stack([items[i].pixels for i in located]).to(self.recognizer.device)
+            sizes = [items[i].size for i in located]
+            for i, found in zip(located, self.recognizer.with_locations(pixels, sizes, [labels[i] for i in located])):
+                labels[i] = found
         outputs = [(item, labels.get(i), len(items)) for i, item in enumerate(items)]
         return outputs[0] if single else outputs
 

@@ -11,9 +11,8 @@ from functools import partial
 from pathlib import Path
 
 from ..inference import (
-    CSV_HEADER,
-    CSV_HEADER_CALIBRATED,
     InferenceOptions,
+    csv_header,
     image_paths,
     label_files,
     write_csv,
@@ -129,6 +128,8 @@ def label_main(argv: list[str]) -> int:
     if method not in METHODS:
         parser.error(f"--attention-method: invalid choice {method!r} (choose from {', '.join(METHODS)})")
     vocabulary = mapper = None
+    if options.locate and args.map_to:
+        parser.error("--locate works with free labels and --vocabulary, not --map-to (a mapped entry has no map)")
     try:  # a bad vocabulary fails before the model loads, naming its file and line
         closed = Vocabulary.from_file(args.vocabulary or args.map_to) if args.vocabulary or args.map_to else None
         recognizer = options.load(args.checkpoint, trust=args.trust_checkpoint)
@@ -160,9 +161,9 @@ def label_main(argv: list[str]) -> int:
     )
     stream = open(args.output, "w", newline="") if args.output else sys.stdout
     calibrated = recognizer.calibration is not None
-    write = partial(write_csv, calibrated=calibrated) if args.format == "csv" else write_jsonl
+    write = partial(write_csv, calibrated=calibrated, located=options.locate) if args.format == "csv" else write_jsonl
     if args.format == "csv":
-        csv.writer(stream).writerow(CSV_HEADER_CALIBRATED if calibrated else CSV_HEADER)
+        csv.writer(stream).writerow(csv_header(calibrated, options.locate))
     failed = 0
     progress = tqdm(total=len(paths), desc="labelling", unit="image", file=sys.stderr, disable=not sys.stderr.isatty())
     for result in results:

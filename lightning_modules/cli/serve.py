@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
             "topk": "the default of the request option topk",
             "min_prob": "the default of the request option min_prob",
             "threshold": "the default of the request option threshold",
+            "locate": "the default of the request option locate",
             "max_image_pixels": "answered 422",
         },
         exclude=["batch_size"],  # LitServe batches requests: --max-batch-size
@@ -99,6 +100,7 @@ def serve_main(argv: list[str]) -> int:
         "topk": TOPK if options.topk is None else options.topk,
         "min_prob": options.min_prob,
         "threshold": options.threshold,
+        "locate": options.locate,
     }
     for name, value in defaults.items():  # the defaults obey the rules of the request options they stand for
         try:
