@@ -186,7 +186,8 @@ def evaluate_boxes(
 def box_table(rows: list[tuple[str, dict[str, dict[str, list[float]]]]]) -> str:
     """A Markdown table of ``evaluate_boxes`` results, one row per (model, variant)."""
     lines = [
-        "| model | map, cells around the peak, spread | pointing | mean best IoU | IoU >= 0.5 | objects found (boxes, IoU 0.5) |",
+        "| model | map, cells around the peak, spread | pointing | mean best IoU | IoU >= 0.5 "
+        "| objects found (boxes, IoU 0.5) |",
         "|---|---|---|---|---|---|",
     ]
     for model, results in rows:

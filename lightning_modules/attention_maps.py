@@ -518,40 +518,103 @@ def pixels_to_image(model: NXTP, pixels: Tensor) -> Image.Image:
     return Image.fromarray((x.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
 
 
-def overlay(image: Image.Image, grid: np.ndarray, alpha: float = 0.6, min_size: int = 256) -> Image.Image:
-    """The map, stretched to [0, 1], upsampled (bilinear) and coloured, blended over ``image`` (which must be the view
-    the model saw).
+def overlay(
+    image: Image.Image,
+    grid: np.ndarray,
+    alpha: float = 0.6,
+    min_size: int = 256,
+    label: str | None = None,
+    prob: float | None = None,
+    scale_bar: bool = True,
+) -> Image.Image:
+    """The map, stretched to [0, 1], upsampled (bicubic: smooth, no streaks along the cell edges) and coloured,
+    blended over ``image`` (which must be the view the model saw); with ``label``, also the label's box and point
+    (``locate.locate``) and ``label prob`` above the box; with ``scale_bar``, a strip below from the map's
+    minimum (dark) to its peak (bright).
 
     Small images are enlarged (nearest) to at least ``min_size`` pixels so that a person can see them.
     """
     image = image.convert("RGB")
     scale = max(1, -(-min_size // min(image.size)))
+    view = image.size
     image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
     # Stretched from its minimum to its peak: a person looks for where the map is highest, not at its scale.
     lo, span = float(grid.min()), float(grid.max() - grid.min()) or 1.0
     heat = Image.fromarray(((grid - lo) / span).astype(np.float32), mode="F").resize(
-        image.size, Image.Resampling.BILINEAR
+        image.size, Image.Resampling.BICUBIC
     )
-    value = np.asarray(heat)
+    value = np.clip(np.asarray(heat), 0, 1)
     colour = colormap(value).astype(np.float32)
     a = alpha * np.clip(value, 0.15, 1)[..., None]  # low attention dims the image only a little
-    blended = (1 - a) * np.asarray(image, dtype=np.float32) + a * colour
-    return Image.fromarray(blended.round().astype(np.uint8))
+    blended = Image.fromarray(((1 - a) * np.asarray(image, dtype=np.float32) + a * colour).round().astype(np.uint8))
+    if label is not None:
+        from .locate import ViewGeometry, locate
+
+        where = locate(grid, ViewGeometry.of(view, view))
+        draw_location(blended, label, prob, where.point, where.box, scale)
+    if not scale_bar:
+        return blended
+    bar = max(6, blended.height // 32)
+    out = Image.new("RGB", (blended.width, blended.height + bar), "white")
+    out.paste(blended, (0, 0))
+    ramp = colormap(np.linspace(0, 1, blended.width))[None].repeat(bar, 0)
+    out.paste(Image.fromarray(ramp), (0, blended.height))
+    return out
+
+
+LOCATION_COLOURS = ((0, 230, 255), (255, 80, 200), (150, 255, 60), (255, 255, 255))  # cyan, pink, green, white
+
+
+def draw_location(
+    picture: Image.Image,
+    label: str,
+    prob: float | None,
+    point: Sequence[float],
+    box: Sequence[float],
+    scale: float = 1.0,
+    colour: tuple[int, int, int] = LOCATION_COLOURS[0],
+) -> None:
+    """Draw ``box`` and ``point`` (in pixels of the image ``picture`` shows enlarged ``scale`` times) and
+    ``label prob`` on ``picture``, in place: a coloured outline over a dark one, legible on any background."""
+    from PIL import ImageDraw, ImageFont
+
+    draw = ImageDraw.Draw(picture)
+    x0, y0, x1, y1 = (v * scale for v in box)
+    x, y = point[0] * scale, point[1] * scale
+    width = max(1, picture.width // 128)
+    draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=(0, 0, 0), width=width + 2)
+    draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=colour, width=width)
+    r = 2 * width + 1
+    draw.ellipse([x - r - 1, y - r - 1, x + r + 1, y + r + 1], fill=(0, 0, 0))
+    draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
+    text = label if prob is None else f"{label} {prob:.2f}"
+    font = ImageFont.load_default(size=max(10, picture.width // 22))
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    tx, ty = min(max(x0, 0), max(picture.width - (right - left) - 4, 0)), max(y0 - (bottom - top) - 5, 0)
+    draw.rectangle([tx, ty, tx + right - left + 4, ty + bottom - top + 4], fill=(0, 0, 0))
+    draw.text((tx + 2 - left, ty + 2 - top), text, fill=colour, font=font)
 
 
 def _slug(label: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")[:40] or "label"
 
 
-def write_maps(out_dir: str | Path, stem: str, image: Image.Image, label_maps: Sequence[LabelMap]) -> Path:
-    """Write ``STEM.NN.LABEL.png`` (overlay) and ``STEM.NN.LABEL.npy`` (raw grid) per label and ``STEM.json``
-    (every label's score, grid and file names); returns the JSON path."""
+def write_maps(
+    out_dir: str | Path,
+    stem: str,
+    image: Image.Image,
+    label_maps: Sequence[LabelMap],
+    probs: Sequence[float] | None = None,
+) -> Path:
+    """Write ``STEM.NN.LABEL.png`` (overlay with the label's box, point and probability: ``probs``, the ones the
+    user reads, else the maps' scores) and ``STEM.NN.LABEL.npy`` (raw grid) per label and ``STEM.json`` (every
+    label's score, grid and file names); returns the JSON path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     entries = []
     for i, m in enumerate(label_maps):
         name = f"{stem}.{i:02d}.{_slug(m.label)}"
-        overlay(image, m.grid).save(out / f"{name}.png")
+        overlay(image, m.grid, label=m.label, prob=m.score if probs is None else probs[i]).save(out / f"{name}.png")
         np.save(out / f"{name}.npy", m.grid)
         entries.append(
             {

@@ -22,6 +22,7 @@ from torch.utils.tensorboard.summary import hparams
 
 from .batch import Batch
 from .checkpoint import restore_rng_state, rng_state, save_rng_states
+from .locate import Location
 from .masking import label_masked_attention
 from .metrics import metric_tag
 
@@ -377,6 +378,7 @@ class ValidationPredictions(L.Callback):
     def grid(self, model, batch, predictions: list[list[tuple[str, float]]]) -> np.ndarray:
         """The tiles of the first ``n`` images side by side, as an RGB array [H, W, 3]."""
         from .attention_maps import explain, overlay, pixels_to_image
+        from .locate import ViewGeometry, locate
 
         n = min(self.n, len(predictions))
         top3 = [[label for label, _ in p[:3]] for p in predictions[:n]]
@@ -386,8 +388,10 @@ class ValidationPredictions(L.Callback):
         tiles = []
         for i in range(n):
             image = pixels_to_image(model, batch.pixels[i])
-            overlays = [(m.label, overlay(image, m.grid, min_size=1)) for m in maps[i]]
-            tiles.append(caption_tile(image, batch.labels[i], predictions[i][:5], overlays))
+            view = ViewGeometry.of(image.size, image.size)  # drawn on the view itself
+            overlays = [(m.label, overlay(image, m.grid, min_size=1, scale_bar=False)) for m in maps[i]]
+            where = [(m.label, p, locate(m.grid, view)) for m, (_, p) in zip(maps[i], predictions[i])]
+            tiles.append(caption_tile(image, batch.labels[i], predictions[i][:5], overlays, where))
         grid = Image.new("RGB", (sum(t.width for t in tiles), max(t.height for t in tiles)), "white")
         for i, tile in enumerate(tiles):
             grid.paste(tile, (i * tiles[0].width, 0))
@@ -399,15 +403,22 @@ def caption_tile(
     truth: list[str],
     predicted: list[tuple[str, float]],
     maps: list[tuple[str, Image.Image]] = (),
+    locations: list[tuple[str, float, Location]] = (),
     size: int = 160,
 ) -> Image.Image:
-    """The image enlarged, with the true labels and the predicted ones (with probabilities) written below, then
-    the given maps (label, overlay) side by side under their labels."""
+    """The image enlarged, with the ``locations`` (label, probability, ``locate.Location`` in the image's pixels)
+    drawn on it as boxes and points, one colour each; the true labels and the predicted ones (with probabilities)
+    written below, then the given maps (label, overlay) side by side under their labels."""
+    from .attention_maps import LOCATION_COLOURS, draw_location
+
     lines = ["true: " + ", ".join(sorted(truth))] + [f"{p:.2f} {label}" for label, p in predicted]
     text_height = 12 * len(lines) + 4
     small = size // 3
     tile = Image.new("RGB", (size, size + text_height + (small + 14 if maps else 0)), "white")
-    tile.paste(image.resize((size, size), Image.Resampling.NEAREST), (0, 0))
+    enlarged = image.resize((size, size), Image.Resampling.NEAREST)
+    for (label, p, where), colour in zip(locations, LOCATION_COLOURS):
+        draw_location(enlarged, label, p, where.point, where.box, size / image.width, colour)
+    tile.paste(enlarged, (0, 0))
     draw = ImageDraw.Draw(tile)
     for j, line in enumerate(lines):
         draw.text((3, size + 2 + 12 * j), line[:30], fill="black")

@@ -53,6 +53,7 @@ def test_the_validation_grid_shows_each_image_with_its_top3_labels_maps(llama_to
     from lightning_modules.callbacks import ValidationPredictions, caption_tile
     from lightning_modules.decoder import DecoderConfig
     from lightning_modules.lit_nxtp import EvaluationConfig, LitNXTP
+    from lightning_modules.locate import ViewGeometry, locate
     from lightning_modules.nxtp import NXTPConfig
     from lightning_modules.sampling import recognize
     from lightning_modules.vision import VisionConfig
@@ -87,12 +88,20 @@ def test_the_validation_grid_shows_each_image_with_its_top3_labels_maps(llama_to
         shown.on_validation_batch_end(trainer, module, predictions, batch, 1)  # the first batch only
     ((tag, picture),) = images
     maps = explain(model, pixels, [[label for label, _ in p[:3]] for p in predictions])
+    view = pixels_to_image(model, pixels[0])
     expected = caption_tile(
-        pixels_to_image(model, pixels[0]),
+        view,
         ["cat"],
         predictions[0][:5],
-        [(m.label, overlay(pixels_to_image(model, pixels[0]), m.grid, min_size=1)) for m in maps[0]],
+        [(m.label, overlay(view, m.grid, min_size=1, scale_bar=False)) for m in maps[0]],
+        [
+            (m.label, p, locate(m.grid, ViewGeometry.of(view.size, view.size)))
+            for m, (_, p) in zip(maps[0], predictions[0])
+        ],
     )
+    # the boxes are drawn: the tile differs from one without them
+    plain = caption_tile(view, ["cat"], predictions[0][:5])
+    assert not np.array_equal(np.asarray(plain)[:160], np.asarray(expected)[:160])
     assert tag == "val/predictions" and picture.shape[1] == 2 * expected.width
     assert np.array_equal(picture[: expected.height, : expected.width], np.asarray(expected))
     assert len(maps[0]) == min(3, len(predictions[0])) > 0

@@ -173,7 +173,8 @@ def label_main(argv: list[str]) -> int:
         write(stream, result)
         if result.maps is not None:
             image = pixels_to_image(recognizer.model, result.pixels)
-            write_maps(args.attention_maps, Path(result.image).stem, image, result.maps)
+            probs = [pair[1] for pair in result.labels]
+            write_maps(args.attention_maps, Path(result.image).stem, image, result.maps, probs)
         progress.update()
     progress.close()
     if stream is not sys.stdout:
