@@ -78,7 +78,10 @@ class ViewGeometry:
         (a point too)."""
         lo = [max(0.0, self.offset[i] / self.scale[i]) for i in (0, 1)]
         hi = [min(float(self.original[i]), (self.view[i] + self.offset[i]) / self.scale[i]) for i in (0, 1)]
-        return [min(max((v + self.offset[i % 2]) / self.scale[i % 2], lo[i % 2]), hi[i % 2]) for i, v in enumerate(box)]
+        return [
+            float(min(max((v + self.offset[i % 2]) / self.scale[i % 2], lo[i % 2]), hi[i % 2]))
+            for i, v in enumerate(box)
+        ]
 
     def seen(self) -> list[float]:
         """The part of the original image that the view shows, as a box in original pixels."""
@@ -145,8 +148,6 @@ def _moments(grid: np.ndarray, peak: tuple[int, int], radius: int) -> tuple[np.n
     ys, xs = np.mgrid[0 : grid.shape[0], 0 : grid.shape[1]]
     near = (np.abs(ys - peak[0]) <= radius) & (np.abs(xs - peak[1]) <= radius)
     w = (grid - grid.min()) * near
-    if w.sum() <= 0:  # a flat map: the peak cell itself
-        w = ((ys == peak[0]) & (xs == peak[1])).astype(float)
     w = w / w.sum()
     centre = np.array([(w * xs).sum(), (w * ys).sum()])
     sd = np.sqrt(np.array([(w * (xs - centre[0]) ** 2).sum(), (w * (ys - centre[1]) ** 2).sum()]))
@@ -161,8 +162,6 @@ def region_peaks(grid: np.ndarray, fraction: float = FRACTION) -> list[tuple[int
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction {fraction}: a number in (0, 1]")
     lo, hi = float(grid.min()), float(grid.max())
-    if hi <= lo:
-        return [(0, 0)]
     labelled, n = ndimage.label(grid >= lo + fraction * (hi - lo), structure=np.ones((3, 3)))
     peaks = ndimage.maximum_position(grid, labelled, range(1, n + 1))
     return sorted(((int(r), int(c)) for r, c in peaks), key=lambda rc: -grid[rc])
@@ -180,6 +179,9 @@ def locate(
     if radius < 0 or spread <= 0:
         raise ValueError(f"radius {radius}, spread {spread}: radius >= 0 cells and spread > 0")
     grid = np.asarray(grid, dtype=np.float64)
+    if not grid.max() > grid.min():  # a flat map points nowhere: the whole seen part, its centre
+        seen = geometry.seen()
+        return Location([(seen[0] + seen[2]) / 2, (seen[1] + seen[3]) / 2], seen, [seen])
     cell = np.array([geometry.view[0] / grid.shape[1], geometry.view[1] / grid.shape[0]])  # pixels (x, y)
     boxes, point = [], None
     for peak in region_peaks(grid, fraction):
