@@ -12,11 +12,20 @@ model's do. For each worker count it
 prints images/s and the decode share (the part of the wall time the labelling loop waits for images: decoding
 and preprocessing, as far as the workers do not hide it), for plain decoding and for draft decoding, and the
 draft/plain ratio. The runs alternate within each worker count, so other work on the CPU affects both alike.
+
+    python experiments/bench_label.py --locate [--checkpoint CKPT --scenes SHARD] [--images 200]
+
+measures instead what ``--locate`` (a point and a box per label) costs: images/s of ``label_files`` with and
+without it, alternating, in one run, at top-10 with min-prob 0 and 0.1, for the default model (``--checkpoint``,
+labelling ``--images`` scenes of ``--scenes``; without them a random model of the default configuration on
+photos) and for ``experiments/bench_train.py``'s medium random model (256 image tokens, a 6-block decoder of width
+1024) on 640x480 photos, and the ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -108,8 +117,58 @@ def label_folder(recognizer: Recognizer, paths: list[Path], workers: int, batch_
     return seconds, seconds - in_model
 
 
+def locate_cost(recognizer: Recognizer, paths: list[Path], batch_size: int, min_prob: float, repeats: int = 3):
+    """Seconds per image of ``label_files`` without and with ``locate`` (best of ``repeats``, alternating)."""
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(repeats):
+        for locate in (False, True):
+            options = InferenceOptions(batch_size=batch_size, topk=10, min_prob=min_prob, locate=locate)
+            start = time.perf_counter()
+            for result in label_files(recognizer, paths, options):
+                assert result.error is None, result.error
+            times[locate].append((time.perf_counter() - start) / len(paths))
+    return min(times[False]), min(times[True])
+
+
+def bench_locate(args: argparse.Namespace, folder: Path) -> None:
+    import tarfile
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_train import build
+    from random_model import photos
+
+    models = []
+    if args.checkpoint:
+        scenes = folder / "scenes"
+        scenes.mkdir()
+        with tarfile.open(args.scenes) as tar:
+            members = [m for m in tar if m.name.endswith(".jpg")][: args.images]
+            for m in members:
+                (scenes / Path(m.name).name).write_bytes(tar.extractfile(m).read())
+        models.append(("default (trained)", Recognizer.from_checkpoint(args.checkpoint), sorted(scenes.glob("*.jpg"))))
+    photos(folder / "photos", min(args.images, 32))
+    pictures = sorted((folder / "photos").glob("*.jpg"))
+    if not args.checkpoint:
+        models.append(("default (random)", Recognizer(default_model(args.tokenizer, folder)), pictures))
+    medium, _, _ = build("medium", torch.device("cpu"))
+    with torch.no_grad():  # labels that end after a few tokens, as a trained model's do
+        medium.decoder.get_output_embeddings().weight[medium.sequences.delimiter_id] *= 8
+    models.append(("medium (random)", Recognizer(medium.eval()), pictures[:8]))
+    print(f"{'model':>18} {'min-prob':>8} {'images':>6} {'plain img/s':>11} {'--locate img/s':>14} {'time ratio':>10}")
+    for name, recognizer, paths in models:
+        for min_prob in (0.0, 0.1):
+            plain, located = locate_cost(recognizer, paths, args.batch_size, min_prob)
+            print(
+                f"{name:>18} {min_prob:>8} {len(paths):>6} {1 / plain:>11.1f} {1 / located:>14.1f} "
+                f"{located / plain:>9.2f}x"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--locate", action="store_true", help="measure what --locate costs instead (see above)")
+    parser.add_argument("--checkpoint", help="--locate: the default model, trained")
+    parser.add_argument("--scenes", default="data/shapes/test/shard-000000.tar", help="--locate: its scenes")
     parser.add_argument("--images", type=int, default=32, help="how many photos to label")
     parser.add_argument("--size", default="3000x2200", help="photo size WIDTHxHEIGHT")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
@@ -128,6 +187,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
+        if args.locate:
+            return bench_locate(args, Path(tmp))
         start = time.perf_counter()
         paths = make_photos(Path(args.folder or tmp), args.images, size)
         took = time.perf_counter() - start

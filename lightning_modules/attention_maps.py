@@ -103,11 +103,13 @@ class _Recorder:
     def attend_with_graph(self, module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor, **kwargs) -> Tensor:
         """Attention whose weights from ``first_row`` on are kept on the autograd graph (gradient phase)."""
         r0 = self.first_row
-        head, _ = label_masked_attention_forward(module, query[:, :, :r0], key, value, mask[:, :, :r0], **kwargs)
         w = attention_weights(query[:, :, r0:], key, mask[:, :, r0:], kwargs.get("scaling", module.scaling))
         self.grad_rows[module.layer_idx] = w
         groups = query.shape[1] // value.shape[1]
         tail = (w.to(value.dtype) @ value.repeat_interleave(groups, dim=1)).transpose(1, 2)
+        if r0 == 0:
+            return tail
+        head, _ = label_masked_attention_forward(module, query[:, :, :r0], key, value, mask[:, :, :r0], **kwargs)
         return torch.cat([head, tail], dim=1)
 
     def record(
@@ -250,8 +252,8 @@ def label_attention(
             ``max_label_tokens`` as in ``sampling.recognize``), whose prefix pass is then reused.
         rollout: also keep the prefix's attention matrices (needed by ``method="rollout"`` only).
         gradient: also compute the gradient-weighted attention (``method="gradient"``): one forward and backward
-            pass of the whole sequence per (image, label) pair, since the anchor row is shared by an image's labels
-            in the cached passes and its gradient is not.
+            pass of the anchor and label rows per (image, label) pair over the cached prefix (the anchor row is
+            shared by an image's labels in the cached passes, and its gradient is not).
 
     Returns the record; given labels are scored by teacher forcing (product of their tokens' and the delimiter's
     probabilities), predicted ones keep the sampler's merged scores.
@@ -345,28 +347,38 @@ def _gradient_attention(
 ) -> Tensor:
     """Gradient-weighted attention (Chefer et al. 2021): mean over layers and heads of ``relu(dA * A)`` of the rows
     that predict the label's tokens and delimiter (the anchor and the label tokens) with respect to the label's
-    log-probability, image columns: [N, n_image]. Model parameters get no ``.grad``."""
-    prompt = torch.tensor(model.sequences.prompt_ids(model.prompt), device=pixels.device)
-    with torch.no_grad():
-        image = model.embed_images(pixels)[image_index]
-    n, n_image, t = len(tokens), image.shape[1], tokens.shape[1]
-    text = torch.cat([prompt.expand(n, -1), tokens], dim=1)
-    # Image bidirectional, text causal: with one label after the prompt that is the label-masked rule.
-    mask = prefix_attention(n_image, text.shape[1], device=pixels.device).expand(n, -1, -1, -1)
-    length = n_image + text.shape[1]
-    recorder.phase, recorder.first_row = "gradient", n_image + len(prompt) - 1
+    log-probability, image columns: [N, n_image]. Model parameters get no ``.grad``.
+
+    Only those rows run again, over the recorded keys and values of the image and prompt before the anchor: no
+    position before the anchor attends to it or to a label token, so the prefix does not depend on these rows'
+    attention, and the gradient is exactly that of a pass over the whole sequence, at a fraction of its cost."""
+    prompt = model.sequences.prompt_ids(model.prompt)
+    base = recorder.prefix_kv[0][0].shape[2] - 1  # image and prompt, the anchor (last prompt token) left out
+    n, t = tokens.shape
+    text = torch.cat([tokens.new_full((n, 1), prompt[-1]), tokens], dim=1)  # the anchor, then each label
+    col = torch.arange(t + 1, device=pixels.device)
+    own = (col[:, None] >= col[None, :]).expand(n, -1, -1)
+    mask = torch.cat([own.new_ones(n, t + 1, base), own], dim=2)[:, None]
+    cache = DynamicCache()
+    for layer in range(n_layers):
+        k, v = recorder.prefix_kv[layer]
+        cache.update(k[image_index, :, :base], v[image_index, :, :base], layer)
+    recorder.phase, recorder.first_row = "gradient", 0
+    decoder = model.decoder.get_decoder()
     with torch.enable_grad(), _explaining(model, recorder):
-        embeds = torch.cat([image, model.embed_text(text).to(image.dtype)], dim=1).detach().requires_grad_(True)
-        out = model.decoder.get_decoder()(
-            inputs_embeds=embeds,
+        out = decoder(
+            inputs_embeds=model.embed_text(text).detach(),
             attention_mask=mask,
-            position_ids=torch.arange(length, device=pixels.device).expand(n, -1),
+            position_ids=(base + col).expand(n, -1),
+            use_cache=True,
+            **_cache_kwarg(decoder, cache),
         )
-        rows = out.last_hidden_state[:, recorder.first_row : recorder.first_row + t]  # row i predicts tokens[:, i]
+        rows = out.last_hidden_state[:, :t]  # row i predicts tokens[:, i]
         logp = model.logits(rows).float().log_softmax(-1).gather(2, tokens[..., None])[..., 0]
         valid = torch.arange(t, device=pixels.device)[None] <= lengths[:, None]
         weights = [recorder.grad_rows[l] for l in range(n_layers)]
         grads = torch.autograd.grad((logp * valid).sum(), weights)
+    n_image = recorder.n_image
     cam = torch.stack([(g * w).clamp(min=0).mean(1) for g, w in zip(grads, weights)]).mean(0)  # [N, 1 + t, L]
     return cam[:, :, :n_image].sum(1).detach() + 1e-12  # never all zero: a flat map, not 0/0
 

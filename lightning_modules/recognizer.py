@@ -6,6 +6,8 @@ recognizer.label(["cat.jpg", pil_image], topk=10, min_prob=0.1)
 # [[("cat", 0.71), ("sofa", 0.12)], [...]]
 recognizer.score(["cat.jpg"], ["cat", "dog", ["sofa", "couch"]], topk=2)  # exact, over a closed vocabulary
 recognizer.map_labels(["cat.jpg"], "classes.txt")  # open-set labels mapped onto a vocabulary
+recognizer.label(["cat.jpg"], locate=True)  # and where: [[Located("cat", 0.71, box=[12, 40, 230, 310]), ...]]
+recognizer.locate(["cat.jpg"], [["cat", "collar"]])  # where given labels are
 
 With a calibration (``nxtp calibrate``), every ``prob`` is the calibrated probability that the label is right, and
 each pair is a ``calibration.Scored`` that also carries the raw one-shot ``score``; ``threshold="auto"`` keeps each

@@ -205,6 +205,59 @@ def test_maps_are_distributions_over_the_patch_grid(image_size):
         torch.testing.assert_close(grids.sum((1, 2)), torch.ones(3))
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_the_gradient_map_is_a_whole_sequence_backward_by_hand(kv_heads):
+    """Chefer's relu(dA * A), computed independently: for each (image, label) pair the whole sequence (image,
+    prompt, label, delimiter) through transformers' eager attention, whose weights are on the autograd graph, with
+    the label-masked rule for one label (image bidirectional, text causal) as an additive mask; backward of the
+    label's log-probability; the rows from the anchor on, image columns, mean over heads and layers."""
+    model = gqa_nxtp(kv_heads)
+    pixels = torch.randn(2, 3, 64, 64)
+    labels = [["dog", "a red star"], ["cat"]]
+    record = am.label_attention(model, pixels, labels, gradient=True)
+    seq, decoder = model.sequences, model.decoder.get_decoder()
+    prompt = seq.prompt_ids(model.prompt)
+    configs = {
+        id(m.config): m.config
+        for m in model.decoder.modules()
+        if hasattr(getattr(m, "config", None), "_attn_implementation")
+    }
+    before = {k: c._attn_implementation for k, c in configs.items()}
+    expected = []
+    try:
+        for c in configs.values():
+            c._attn_implementation = "eager"
+        for b, names in enumerate(labels):
+            for name in names:
+                ids = am._label_ids(model, name) + [seq.delimiter_id]
+                with torch.no_grad():
+                    image = model.embed_images(pixels[b : b + 1])
+                n_image, anchor = image.shape[1], image.shape[1] + len(prompt) - 1
+                length = n_image + len(prompt) + len(ids)
+                allowed = torch.ones(length, length).tril().bool()
+                allowed[:n_image, :n_image] = True
+                mask = torch.zeros(1, 1, length, length).masked_fill(~allowed, float("-inf"))
+                with torch.enable_grad():
+                    embeds = torch.cat([image, model.embed_text(torch.tensor([prompt + ids]))], 1).detach()
+                    out = decoder(
+                        inputs_embeds=embeds,
+                        attention_mask=mask,
+                        position_ids=torch.arange(length)[None],
+                        output_attentions=True,
+                    )
+                    rows = out.last_hidden_state[0, anchor : anchor + len(ids)]  # row i predicts ids[i]
+                    logp = model.logits(rows).float().log_softmax(-1)[torch.arange(len(ids)), ids].sum()
+                    grads = torch.autograd.grad(logp, out.attentions)
+                cam = torch.stack([(g * a).clamp(min=0).mean(1) for g, a in zip(grads, out.attentions)]).mean(0)
+                expected.append(cam[0, anchor:, :n_image].sum(0))
+    finally:
+        for k, c in configs.items():
+            c._attn_implementation = before[k]
+    expected = torch.stack(expected)
+    assert (expected.sum(1) > 1e-4).all()  # a real map, not the floor
+    torch.testing.assert_close(record.gradient, expected + 1e-12, rtol=1e-4, atol=1e-9)
+
+
 def test_a_cls_token_among_the_image_tokens_is_left_out():
     model = tiny_nxtp()
     pixels = torch.randn(1, 3, 64, 64)
@@ -246,13 +299,17 @@ def test_writers(tmp_path):
     assert entry["label"] == "red star" and np.allclose(entry["grid"], grid, atol=1e-6)
     np.testing.assert_array_equal(np.load(tmp_path / entry["npy"]), grid)
     png = np.asarray(Image.open(tmp_path / entry["png"]), dtype=float)
-    assert min(png.shape[:2]) >= 256
-    # the peak (top right) is the brightest place, the far corner is not
-    top_right, bottom_left = (
-        png[: png.shape[0] // 8, -png.shape[1] // 8 :],
-        png[-png.shape[0] // 8 :, : png.shape[1] // 8],
-    )
-    assert top_right.mean() > bottom_left.mean() + 30
+    assert png.shape[1] == 256 and png.shape[0] > 256  # enlarged 4x, the scale strip below
+    # the heat alone (no box drawn): brightest at the peak (top right), not in the far corner
+    heat = np.asarray(am.overlay(image, grid, scale_bar=False), dtype=float)
+    assert heat[24:40, 216:232].mean() > heat[216:232, 24:40].mean() + 30
+    # the box is drawn around the peak cell, in the location colour
+    cyan = np.all(np.abs(png[..., :3] - np.array(am.LOCATION_COLOURS[0])) < 1, axis=-1)
+    ys, xs = np.nonzero(cyan[:256])
+    assert xs.min() >= 180 and ys.max() <= 70
+    # the scale strip runs from the map's minimum (dark) to its peak (bright)
+    strip = png[-2].sum(-1)
+    assert strip[-1] > strip[0] + 300
     values = np.linspace(0, 1, 11)
     assert np.all(np.diff(am.colormap(values).astype(int).sum(-1)) > 0)  # darker to brighter
 
