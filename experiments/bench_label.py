@@ -117,7 +117,7 @@ def label_folder(recognizer: Recognizer, paths: list[Path], workers: int, batch_
     return seconds, seconds - in_model
 
 
-def locate_cost(recognizer: Recognizer, paths: list[Path], batch_size: int, min_prob: float, repeats: int = 3):
+def locate_cost(recognizer: Recognizer, paths: list[Path], batch_size: int, min_prob: float, repeats: int = 5):
     """Seconds per image of ``label_files`` without and with ``locate`` (best of ``repeats``, alternating)."""
     times: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(repeats):

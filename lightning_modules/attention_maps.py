@@ -234,6 +234,28 @@ def _label_ids(model: NXTP, label: str) -> list[int]:
     return seq.ids[seq.anchor + 1 : -1]  # the last id closes the label (delimiter, or </s> in reference_compat)
 
 
+@contextlib.contextmanager
+def capture_prefix(model: NXTP) -> Iterator[_Recorder]:
+    """Keep the keys and values of the image and prompt pass that one-shot sampling runs inside this block, for
+    ``label_attention(..., prefix=)`` / ``explain(..., prefix=)`` to reuse: locating the labels found then costs
+    no second pass over the image. The decoder computes exactly as without it."""
+    recorder = _Recorder(prefix_weights=False)
+    with _explaining(model, recorder):
+        yield recorder
+
+
+def _holds_prefix(model: NXTP, prefix: _Recorder | None, batch: int) -> bool:
+    """Whether ``prefix`` recorded one image-and-prompt pass of ``batch`` images (else it is run again)."""
+    if prefix is None or not prefix.prefix_kv:
+        return False
+    key = prefix.prefix_kv[0][0]
+    try:
+        _patch_columns(model, key.shape[2] - len(model.sequences.prompt_ids(model.prompt)))
+    except ValueError:
+        return False
+    return key.shape[0] == batch and len(prefix.prefix_kv) == model.decoder.config.num_hidden_layers
+
+
 @torch.no_grad()
 def label_attention(
     model: NXTP,
@@ -244,6 +266,8 @@ def label_attention(
     max_label_tokens: int = 19,
     rollout: bool = True,
     gradient: bool = False,
+    attention: bool = True,
+    prefix: _Recorder | None = None,
 ) -> LabelAttention:
     """Record how each label of each image attends, for ``pixels`` [B, 3, H, W] (preprocessed).
 
@@ -254,12 +278,17 @@ def label_attention(
         gradient: also compute the gradient-weighted attention (``method="gradient"``): one forward and backward
             pass of the anchor and label rows per (image, label) pair over the cached prefix (the anchor row is
             shared by an image's labels in the cached passes, and its gradient is not).
+        attention: also record every head's attention of the label rows (``heads`` and ``rows``: what the
+            ``head``, ``mean`` and ``rollout`` maps read). With ``gradient`` alone, False skips that pass.
+        prefix: the image and prompt pass of these ``pixels`` as ``capture_prefix`` recorded it while they were
+            sampled; with given ``labels``, ``gradient`` and not ``attention``, it is reused instead of run again.
 
     Returns the record; given labels are scored by teacher forcing (product of their tokens' and the delimiter's
     probabilities), predicted ones keep the sampler's merged scores.
     """
     seqs = model.sequences
-    recorder = _Recorder(prefix_weights=rollout)
+    reuse = labels is not None and gradient and not attention and _holds_prefix(model, prefix, len(pixels))
+    recorder = prefix if reuse else _Recorder(prefix_weights=rollout)
     with _explaining(model, recorder):
         if labels is None:
             branches = decode_branches(model, pixels, topk, max_label_tokens)
@@ -273,7 +302,7 @@ def label_attention(
             if len(labels) != len(pixels):
                 raise ValueError(f"{len(labels)} label lists for {len(pixels)} images")
             labels = [list(x) for x in labels]
-            anchor_hidden = _prefix(model, pixels)
+            anchor_hidden = None if reuse else _prefix(model, pixels)
             given_scores = None
 
         device = pixels.device
@@ -283,7 +312,8 @@ def label_attention(
         grid, patches = _patch_columns(model, n_image)
         recorder.n_image = n_image
         image_index = torch.tensor([b for b, ls in enumerate(labels) for _ in ls], dtype=torch.long, device=device)
-        ids = [_label_ids(model, label) for ls in labels for label in ls]
+        tokenized = {label: _label_ids(model, label) for label in {label for ls in labels for label in ls}}
+        ids = [tokenized[label] for ls in labels for label in ls]
         lengths = torch.tensor([len(x) for x in ids], dtype=torch.long, device=device)
         if not ids:
             empty = [torch.zeros(0, 1, 1, n_image, device=device)] * n_layers
@@ -297,38 +327,45 @@ def label_attention(
         col = torch.arange(t, device=device)
         own = (col[None, :, None] >= col[None, None, :]) & (col[None, None, :] <= lengths[:, None, None])  # [N, T, T]
         mask = torch.cat([own.new_ones(n, t, prefix_len), own], dim=2)[:, None]
-        cache = DynamicCache()
-        for layer in range(n_layers):
-            k, v = recorder.prefix_kv[layer]
-            cache.update(k[image_index], v[image_index], layer)
-        base = model.decoder.get_decoder()
-        recorder.phase = "labels"
-        out = base(
-            inputs_embeds=model.embed_text(tokens),
-            attention_mask=mask,
-            position_ids=(prefix_len + col).expand(n, -1),
-            use_cache=True,
-            **_cache_kwarg(base, cache),
-        )
+        if attention or not gradient:
+            cache = DynamicCache()
+            for layer in range(n_layers):
+                k, v = recorder.prefix_kv[layer]
+                cache.update(k[image_index], v[image_index], layer)
+            base = model.decoder.get_decoder()
+            recorder.phase = "labels"
+            out = base(
+                inputs_embeds=model.embed_text(tokens),
+                attention_mask=mask,
+                position_ids=(prefix_len + col).expand(n, -1),
+                use_cache=True,
+                **_cache_kwarg(base, cache),
+            )
 
-    if given_scores is None:  # teacher-forced score: first token from the prompt, the rest from the label rows
-        first = model.logits(anchor_hidden[image_index]).float().softmax(-1).gather(1, tokens[:, :1])
-        later = model.logits(out.last_hidden_state[:, :-1]).float().softmax(-1).gather(2, tokens[:, 1:, None])[..., 0]
-        later = torch.where(col[None, 1:] <= lengths[:, None], later, torch.ones_like(later))
-        flat = (first[:, 0].double() * later.double().prod(1)).tolist()
+    cam = logp = None
+    if gradient:
+        cam, logp = _gradient_attention(model, pixels, recorder, image_index, tokens, lengths, n_layers)
+    if given_scores is None:  # teacher-forced score: the product of its tokens' and the delimiter's probabilities
+        if logp is not None:  # the gradient pass predicted every one of them
+            flat = logp.double().exp().tolist()
+        else:  # the first token from the prompt, the rest from the label rows
+            first = model.logits(anchor_hidden[image_index]).float().softmax(-1).gather(1, tokens[:, :1])
+            later = model.logits(out.last_hidden_state[:, :-1]).float().softmax(-1)
+            later = later.gather(2, tokens[:, 1:, None])[..., 0]
+            later = torch.where(col[None, 1:] <= lengths[:, None], later, torch.ones_like(later))
+            flat = (first[:, 0].double() * later.double().prod(1)).tolist()
         given_scores, i = [], 0
         for ls in labels:
             given_scores.append(flat[i : i + len(ls)])
             i += len(ls)
     prefix = [recorder.prefix_attn[l] for l in range(n_layers)] if rollout else None
-    cam = _gradient_attention(model, pixels, recorder, image_index, tokens, lengths, n_layers) if gradient else None
     return LabelAttention(
         labels,
         given_scores,
         image_index,
         lengths,
-        [recorder.heads[l] for l in range(n_layers)],
-        [recorder.rows[l] for l in range(n_layers)],
+        [recorder.heads[l] for l in range(n_layers) if l in recorder.heads],
+        [recorder.rows[l] for l in range(n_layers) if l in recorder.rows],
         prefix,
         grid,
         patches,
@@ -344,10 +381,11 @@ def _gradient_attention(
     tokens: Tensor,
     lengths: Tensor,
     n_layers: int,
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     """Gradient-weighted attention (Chefer et al. 2021): mean over layers and heads of ``relu(dA * A)`` of the rows
     that predict the label's tokens and delimiter (the anchor and the label tokens) with respect to the label's
-    log-probability, image columns: [N, n_image]. Model parameters get no ``.grad``.
+    log-probability, image columns: [N, n_image]; and that log-probability [N]. Model parameters get no
+    ``.grad``.
 
     Only those rows run again, over the recorded keys and values of the image and prompt before the anchor: no
     position before the anchor attends to it or to a label token, so the prefix does not depend on these rows'
@@ -377,10 +415,11 @@ def _gradient_attention(
         logp = model.logits(rows).float().log_softmax(-1).gather(2, tokens[..., None])[..., 0]
         valid = torch.arange(t, device=pixels.device)[None] <= lengths[:, None]
         weights = [recorder.grad_rows[l] for l in range(n_layers)]
-        grads = torch.autograd.grad((logp * valid).sum(), weights)
+        logp = (logp * valid).sum(1)
+        grads = torch.autograd.grad(logp.sum(), weights)
     n_image = recorder.n_image
     cam = torch.stack([(g * w).clamp(min=0).mean(1) for g, w in zip(grads, weights)]).mean(0)  # [N, 1 + t, L]
-    return cam[:, :, :n_image].sum(1).detach() + 1e-12  # never all zero: a flat map, not 0/0
+    return cam[:, :, :n_image].sum(1).detach() + 1e-12, logp.detach()  # + 1e-12: a flat map, not 0/0
 
 
 def row_weights(record: LabelAttention, include_delimiter: bool = True) -> Tensor:
@@ -408,8 +447,15 @@ def maps(
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r}: choose one of {METHODS}")
-    w = row_weights(record, include_delimiter)  # [N, T]
-    n_image = record.heads[0].shape[-1]
+    if method == "gradient":
+        if record.gradient is None:
+            raise ValueError("method='gradient' needs label_attention(..., gradient=True)")
+        image = record.gradient
+    elif not record.heads:
+        raise ValueError(f"method={method!r} needs label_attention(..., attention=True)")
+    else:
+        w = row_weights(record, include_delimiter)  # [N, T]
+        n_image = record.heads[0].shape[-1]
     if method == "head":
         if not -record.n_layers <= layer < record.n_layers or not -record.n_heads <= head < record.n_heads:
             raise ValueError(
@@ -418,11 +464,7 @@ def maps(
         image = (w[:, :, None] * record.heads[layer][:, head]).sum(1)
     elif method == "mean":
         image = torch.stack([(w[:, None, :, None] * h).sum(2).mean(1) for h in record.heads]).mean(0)
-    elif method == "gradient":
-        if record.gradient is None:
-            raise ValueError("method='gradient' needs label_attention(..., gradient=True)")
-        image = record.gradient
-    else:
+    elif method == "rollout":
         if record.prefix is None:
             raise ValueError("method='rollout' needs label_attention(..., rollout=True)")
         image = _rollout(record, w)[:, :n_image]
@@ -470,8 +512,10 @@ def explain(
     topk: int = 10,
     min_prob: float = 0.0,
     max_label_tokens: int = 19,
+    prefix: _Recorder | None = None,
 ) -> list[list[LabelMap]]:
-    """The map of every label of every image (given, or predicted by one-shot sampling when ``labels`` is None)."""
+    """The map of every label of every image (given, or predicted by one-shot sampling when ``labels`` is None);
+    ``prefix``: see ``label_attention``."""
     record = label_attention(
         model,
         pixels,
@@ -481,8 +525,10 @@ def explain(
         max_label_tokens,
         rollout=method == "rollout",
         gradient=method == "gradient",
+        attention=method != "gradient",
+        prefix=prefix,
     )
-    grids = maps(record, method, layer, head).cpu().numpy().astype(np.float32) if record.rows else None
+    grids = maps(record, method, layer, head).cpu().numpy().astype(np.float32) if len(record.image_index) else None
     out, i = [], 0
     extra = {"layer": layer, "head": head} if method == "head" else {}
     for ls, ps in zip(record.labels, record.scores):

@@ -273,10 +273,9 @@ def label_files(
     """
     import torch
 
-    from .attention_maps import DEFAULT_METHOD
-
     options = options or InferenceOptions()
     radius, spread = options.locate_radius, options.locate_spread
+    locate_now = options.locate and not explain
     if options.locate and mapper is not None:
         raise ValueError("--locate works with free labels and --vocabulary, not --map-to (a mapped entry has no map)")
     files = ImageFiles(
@@ -291,25 +290,29 @@ def label_files(
         if not good:
             continue
         pixels, sizes = [p for _, p, _ in good], [size for _, _, size in good]
+        # Without pictures, labels are located as they are found (sharing the sampler's pass over the image);
+        # with them, the maps are made once for both.
+        where = {"locate": True, "sizes": sizes, "radius": radius, "spread": spread} if locate_now else {}
         with autocast(recognizer.device, options.precision):
             if vocabulary is not None:
-                results = recognizer.score(pixels, vocabulary, topk, min_prob, batch_size, chunk_tokens, threshold)
+                results = recognizer.score(
+                    pixels, vocabulary, topk, min_prob, batch_size, chunk_tokens, threshold, **where
+                )
             elif mapper is not None:
                 results = recognizer.map_labels(
                     pixels, mapper, branches, min_prob, keep_unmapped, batch_size, threshold
                 )
             else:
                 results = recognizer.label(
-                    pixels, branches, min_prob, batch_size, threshold, options.sampler, options.beams
+                    pixels, branches, min_prob, batch_size, threshold, options.sampler, options.beams, **where
                 )
         maps = [None] * len(good)
-        if explain or options.locate:  # the maps of the labels found, teacher-forced (outside autocast: gradient
-            # maps need autograd), made once for both the pictures and the locations
+        if explain:  # the maps of the labels found, teacher-forced (outside autocast: gradient maps need autograd)
             labels = [[label for label, _ in r] for r in results]
-            maps = recognizer.explain(pixels, labels, explain or DEFAULT_METHOD, layer, head, batch_size=batch_size)
-        if options.locate:
-            stacked = torch.stack(pixels)
-            results = recognizer.with_locations(stacked, sizes, results, maps, radius=radius, spread=spread)
+            maps = recognizer.explain(pixels, labels, explain, layer, head, batch_size=batch_size)
+            if options.locate:
+                stacked = torch.stack(pixels)
+                results = recognizer.with_locations(stacked, sizes, results, maps, radius=radius, spread=spread)
         for (path, image, _), labels, label_maps in zip(good, results, maps):
             yield Labelled(path, labels, maps=label_maps if explain else None, pixels=image if explain else None)
 

@@ -16,6 +16,7 @@ label at its fitted threshold.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from torch import Tensor
 
 from datamodules.images import MAX_IMAGE_PIXELS, decode_image
 
-from .attention_maps import DEFAULT_METHOD, LabelMap, explain
+from .attention_maps import DEFAULT_METHOD, LabelMap, capture_prefix, explain
 from .calibration import Calibration, CalibrationError, Scored
 from .locate import RADIUS, SPREAD, Located, locate, model_geometry
 from .nxtp import NXTP, Decode
@@ -117,6 +118,8 @@ class Recognizer:
         beams: int = 3,
         locate: bool = False,
         sizes: list[tuple[int, int]] | None = None,
+        radius: int = RADIUS,
+        spread: float = SPREAD,
     ) -> list[list[tuple[str, float]]]:
         """``(label, probability)`` pairs sorted by probability, one list per image, none below ``min_prob``.
 
@@ -128,20 +131,24 @@ class Recognizer:
 
         ``locate``: each pair is a ``locate.Located`` that also says where the label is (``.location``: ``point``
         and ``box`` in the pixels of the image given, see :meth:`locate`); ``sizes``: the original (width, height)
-        of images given as preprocessed tensors (without them, a tensor's locations are in its own pixels)."""
+        of images given as preprocessed tensors (without them, a tensor's locations are in its own pixels);
+        ``radius`` and ``spread``: how a map becomes a point and a box (``locate.locate``)."""
         if sampler != "one-shot" and threshold is not None:
             raise ValueError(f"threshold={threshold!r} needs the one-shot sampler, whose scores were calibrated")
         calibration = self._calibration_for(threshold)
         results: list[list[tuple[str, float]]] = []
         for pixels, batch_sizes in self._batches(images, batch_size, sizes):
+            prefix = None
             if sampler != "one-shot":
                 found = label_images(self.model, pixels, sampler, topk, min_prob, beams)
-            elif calibration is None:
-                found = recognize(self.model, pixels, topk=topk, min_prob=min_prob)
-            else:  # the whole top-k list: a label is calibrated against the others
-                raw = recognize(self.model, pixels, topk=topk)
-                found = [calibration.apply(labels, min_prob, threshold) for labels in raw]
-            results += self.with_locations(pixels, batch_sizes, found) if locate else found
+            else:  # locating reuses the image and prompt pass of the sampling
+                with capture_prefix(self.model) if locate else contextlib.nullcontext() as prefix:
+                    raw = recognize(self.model, pixels, topk=topk, min_prob=0.0 if calibration else min_prob)
+                # with a calibration, the whole top-k list: a label is calibrated against the others
+                found = raw if calibration is None else [calibration.apply(x, min_prob, threshold) for x in raw]
+            if locate:
+                found = self.with_locations(pixels, batch_sizes, found, radius=radius, spread=spread, prefix=prefix)
+            results += found
         return results
 
     def _batches(
@@ -177,11 +184,14 @@ class Recognizer:
         method: str = DEFAULT_METHOD,
         radius: int = RADIUS,
         spread: float = SPREAD,
+        prefix=None,
     ) -> list[list[Located]]:
         """``found`` (pairs per image of ``pixels`` [B, 3, H, W], whose upright files measure ``sizes``) as
-        ``Located`` pairs, from their ``maps`` (``explain``'s) or from teacher-forced maps made here."""
+        ``Located`` pairs, from their ``maps`` (``explain``'s) or from teacher-forced maps made here (reusing the
+        sampler's image and prompt pass where ``prefix``, ``attention_maps.capture_prefix``'s, recorded it)."""
         if maps is None:
-            maps = explain(self.model, pixels, [[pair[0] for pair in pairs] for pairs in found], method)
+            labels = [[pair[0] for pair in pairs] for pairs in found]
+            maps = explain(self.model, pixels, labels, method, prefix=prefix)
         geometries = [model_geometry(self.model, size) for size in sizes]
         return [
             [Located(pair, locate(m.grid, geometry, radius, spread)) for pair, m in zip(pairs, ms)]
@@ -248,6 +258,8 @@ class Recognizer:
         threshold: str | None = None,
         locate: bool = False,
         sizes: list[tuple[int, int]] | None = None,
+        radius: int = RADIUS,
+        spread: float = SPREAD,
     ) -> list[list[tuple[str, float]]]:
         """``(entry name, probability)`` for every entry of a closed ``vocabulary``, sorted, one list per image: at
         most ``topk`` (None: all) and none below ``min_prob``. ``vocabulary`` is a ``Vocabulary``, a file (text, JSON
@@ -257,7 +269,7 @@ class Recognizer:
 
         With a calibration, an entry's probability is the calibrated probability that it is present (a ``Scored``
         pair with the raw ``score``); ``threshold="auto"`` drops entries below their fitted threshold. ``locate``
-        and ``sizes``: as in :meth:`label`, each entry kept located by the map of its name."""
+        ``sizes``, ``radius`` and ``spread``: as in :meth:`label`, each entry kept located by the map of its name."""
         calibration = self._calibration_for(threshold)
         if not (isinstance(vocabulary, tuple) and isinstance(vocabulary[1], Candidates)):
             vocabulary = self.tokenize(vocabulary)
@@ -277,7 +289,8 @@ class Recognizer:
             return results
         located, start = [], 0
         for pixels, batch_sizes in self._batches(images, batch_size, sizes):
-            located += self.with_locations(pixels, batch_sizes, results[start : start + len(pixels)])
+            found = results[start : start + len(pixels)]
+            located += self.with_locations(pixels, batch_sizes, found, radius=radius, spread=spread)
             start += len(pixels)
         return located
 

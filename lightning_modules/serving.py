@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import math
 from collections import defaultdict
@@ -371,6 +372,8 @@ class RecognizerAPI(ls.LitAPI):
         )
 
     def predict(self, batch: list[Prepared | RequestError] | Prepared | RequestError) -> list | Any:
+        from .attention_maps import capture_prefix
+
         single = not isinstance(batch, list)  # LitServe's loop without batching (max_batch_size 1) passes one
         items = [batch] if single else batch
         labels: dict[int, list[tuple[str, float]]] = {}
@@ -379,16 +382,20 @@ class RecognizerAPI(ls.LitAPI):
             if isinstance(item, Prepared):
                 groups[item.topk].append(i)
         for topk, indices in groups.items():
-            for i, found in zip(indices, self.label([items[i].pixels for i in indices], topk)):
-                labels[i] = [x for x in found if self.keep(x, items[i])]
-        located = [i for i in labels if items[i].locate]
-        if located:  # only the labels kept: a location costs a backward pass per label
-            import torch
+            located = any(items[i].locate for i in indices)
+            capture = located and self.options.sampler == "one-shot"  # the pass that locating can reuse
+            with capture_prefix(self.recognizer.model) if capture else contextlib.nullcontext() as prefix:
+                found = self.label([items[i].pixels for i in indices], topk)
+            kept = [[x for x in f if self.keep(x, items[i])] for i, f in zip(indices, found)]
+            if located:  # only the labels kept
+                import torch
 
-            pixels = torch.stack([items[i].pixels for i in located]).to(self.recognizer.device)
-            sizes = [items[i].size for i in located]
-            for i, found in zip(located, self.recognizer.with_locations(pixels, sizes, [labels[i] for i in located])):
-                labels[i] = found
+                pixels = torch.stack([items[i].pixels for i in indices]).to(self.recognizer.device)
+                sizes = [items[i].size for i in indices]
+                asked = [k if items[i].locate else [] for i, k in zip(indices, kept)]
+                where = self.recognizer.with_locations(pixels, sizes, asked, prefix=prefix)
+                kept = [w if items[i].locate else k for i, k, w in zip(indices, kept, where)]
+            labels.update(zip(indices, kept))
         outputs = [(item, labels.get(i), len(items)) for i, item in enumerate(items)]
         return outputs[0] if single else outputs
 
