@@ -199,8 +199,18 @@ class LabelAttention:
         return self.heads[0].shape[1] if self.heads else 0
 
 
+def patch_grid(model: NXTP) -> tuple[int, int]:
+    """The (rows, columns) of the vision tower's patch grid that maps are drawn on; ``ValueError`` naming the tower
+    when it has none (its labels then have no map and cannot be located)."""
+    grid = getattr(model.visual, "grid_size", None)
+    if grid is None:
+        name = model.config.vision.model_name
+        raise ValueError(f"the vision tower {name!r} has no patch grid: its labels have no map and cannot be located")
+    return tuple(int(g) for g in grid)
+
+
 def _patch_columns(model: NXTP, n_image: int) -> tuple[tuple[int, int], slice]:
-    grid = tuple(int(g) for g in model.visual.grid_size)
+    grid = patch_grid(model)
     n_patches = grid[0] * grid[1]
     if n_image == n_patches:
         return grid, slice(0, n_image)

@@ -328,7 +328,14 @@ class RecognizerAPI(ls.LitAPI):
 
         if self.threads:
             torch.set_num_threads(self.threads)
+        from .attention_maps import patch_grid
+
         self.recognizer = self.options.load(self.checkpoint, trust=self.trust, device=device)
+        try:
+            patch_grid(self.recognizer.model)
+            self.cannot_locate = None
+        except ValueError as e:
+            self.cannot_locate = str(e)
         self.label([self.recognizer.preprocess(Image.new("RGB", (64, 64)))], topk=1)  # warm up before /health
 
     def keep(self, pair: tuple[str, float], item: Prepared) -> bool:
@@ -358,6 +365,8 @@ class RecognizerAPI(ls.LitAPI):
             return RequestError(422, f"image: {e}", "image")
         except Exception as e:  # never let a request's data stop the worker
             return RequestError(422, f"image: cannot be read ({type(e).__name__}: {e})", "image")
+        if request.get("locate") and self.cannot_locate:
+            return RequestError(400, f"locate: {self.cannot_locate}", "locate")
         threshold = request.get("threshold")
         if threshold == "auto" and self.recognizer.calibration is None:
             return RequestError(400, "threshold: 'auto' needs a calibrated model (nxtp calibrate)", "threshold")

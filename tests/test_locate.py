@@ -278,3 +278,26 @@ def test_the_trained_default_model_boxes_beat_the_baselines():
         for metric in ("pointing", "iou"):
             ours, theirs = np.asarray(trained[metric]), np.asarray(baselines[name][metric])
             assert ours.mean() > theirs.mean() + 2 * np.sqrt(ours.var() / len(ours)), (name, metric)
+
+
+def test_a_tower_without_a_patch_grid_is_refused_by_name(located, monkeypatch, capsys):
+    import types
+
+    from lightning_modules.attention_maps import patch_grid
+
+    tower = types.SimpleNamespace(visual=types.SimpleNamespace(), config=types.SimpleNamespace())
+    tower.config.vision = types.SimpleNamespace(model_name="convnext_base")
+    with pytest.raises(ValueError, match="'convnext_base' has no patch grid"):
+        patch_grid(tower)
+    # nxtp label says so before any image is read, and the serve API answers a locate request with a 400
+    monkeypatch.setattr("lightning_modules.attention_maps.patch_grid", lambda model: patch_grid(tower))
+    assert label_main(["--checkpoint", str(located / "model"), "--locate", str(located / "tiny.png")]) == 2
+    assert "no patch grid" in capsys.readouterr().err
+    pytest.importorskip("litserve")
+    from lightning_modules.serving import RecognizerAPI, RequestError
+
+    api = RecognizerAPI(str(located / "model"))
+    api.setup("cpu")
+    data = base64.b64encode((located / "tiny.png").read_bytes()).decode()
+    answer = api.decode_request({"image": data, "topk": 3, "min_prob": 0.0, "locate": True})
+    assert isinstance(answer, RequestError) and answer.field == "locate" and answer.status == 400

@@ -119,7 +119,7 @@ def label_main(argv: list[str]) -> int:
 
     from datamodules.labels import NLTKDataError
 
-    from ..attention_maps import DEFAULT_METHOD, METHODS, pixels_to_image, write_maps
+    from ..attention_maps import DEFAULT_METHOD, METHODS, patch_grid, pixels_to_image, write_maps
     from ..calibration import CalibrationError
     from ..checkpoint_io import UntrustedCheckpointError
     from ..vocabulary import LabelMapper, Vocabulary, VocabularyError
@@ -138,12 +138,14 @@ def label_main(argv: list[str]) -> int:
                 f"--threshold auto: {args.checkpoint} has no calibration; fit one with "
                 f"`nxtp calibrate --checkpoint {args.checkpoint} --shards LABELLED_SHARDS`"
             )
+        if options.locate or args.attention_maps:
+            patch_grid(recognizer.model)
         if args.vocabulary:
             vocabulary = recognizer.tokenize(closed)
         elif args.map_to:
             mapper = LabelMapper(closed, args.map_threshold, args.map_by, device=options.device)
             mapper.prepare()
-    except (UntrustedCheckpointError, VocabularyError, NLTKDataError, CalibrationError) as e:
+    except (UntrustedCheckpointError, VocabularyError, NLTKDataError, CalibrationError, ValueError) as e:
         print(f"nxtp label: {e}", file=sys.stderr)
         return 2
     results = label_files(
