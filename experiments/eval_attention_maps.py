@@ -131,15 +131,17 @@ def evaluate(
     return results
 
 
-LOCATE_VARIANTS = [(0, 0.5), *((1, spread) for spread in (1.0, 1.5, 2.0)), (2, 1.5)]  # (radius, spread)
-
-
 def evaluate_boxes(
-    model: NXTP | None, scenes: list[tuple[str, bytes, dict]], batch_size: int, device: torch.device, method: str
+    model: NXTP | None,
+    scenes: list[tuple[str, bytes, dict]],
+    batch_size: int,
+    device: torch.device,
+    method: str,
+    variants: list[tuple[int, float]] = ((1, 1.5),),
 ) -> dict[str, dict[str, list[float]]]:
     """Points and boxes in the original image's pixels, per (image, true kind) pair: pointing (the point lies in
     an object of that kind), best IoU of ``box`` with those objects, and the share of those objects that one of
-    ``boxes`` matches at IoU 0.5; for every ``LOCATE_VARIANTS`` (radius, spread) of ``method``'s map (radius 0: the
+    ``boxes`` matches at IoU 0.5; for every (radius, spread) of ``variants`` of ``method``'s map (radius 0: the
     peak cell's centre and a box of that cell), or with
     ``model=None`` the centre-box and whole-image baselines."""
     from lightning_modules import locate as lc
@@ -176,7 +178,7 @@ def evaluate_boxes(
                     add("centre box (half each side)", lc.Location(centre, box, [box]), truth)
                     continue
                 geometry = lc.ViewGeometry.of(image.size, view, model.preprocessing.resize_mode)
-                for radius, spread in LOCATE_VARIANTS:
+                for radius, spread in variants:
                     name = f"{method}, radius {radius}, spread {spread}"
                     add(name, lc.locate(grids[n], geometry, radius, spread), truth)
                 n += 1
@@ -241,6 +243,10 @@ def main() -> None:
         help="score points and boxes (lightning_modules.locate) instead of the maps: pointing, IoU, objects found",
     )
     parser.add_argument("--method", default=am.DEFAULT_METHOD, help="--boxes: the map method")
+    parser.add_argument("--radii", type=int, nargs="+", default=[1, 2], help="--boxes: --locate-radius values")
+    parser.add_argument(
+        "--spreads", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0], help="--boxes: --locate-spread values"
+    )
     parser.add_argument("--out", type=Path, help="also write the checkpoint's maps (PNG, .npy, JSON) here")
     args = parser.parse_args()
 
@@ -253,15 +259,18 @@ def main() -> None:
         raise SystemExit(f"no samples with .jpg and .json in {args.shards}")
     device = torch.device(args.device)
     if args.boxes:
+        variants = [(0, 0.5), *((r, s) for r in args.radii for s in args.spreads)]
         rows = []
         if args.checkpoint:
             trained = load_model(args.checkpoint).eval()
-            rows.append(("trained", evaluate_boxes(trained, scenes, args.batch_size, device, args.method)))
+            rows.append(("trained", evaluate_boxes(trained, scenes, args.batch_size, device, args.method, variants)))
             random_model = random_like(trained, args.seed)
         else:
             tokenizer = args.tokenizer or str(Path(args.shards[0]).parents[1] / "tokenizer")
             random_model = random_from_config(args.model, tokenizer, args.seed)
-        rows.append(("random-init", evaluate_boxes(random_model, scenes, args.batch_size, device, args.method)))
+        rows.append(
+            ("random-init", evaluate_boxes(random_model, scenes, args.batch_size, device, args.method, variants))
+        )
         rows.append(("-", evaluate_boxes(None, scenes, args.batch_size, device, args.method)))
         n = len(next(iter(rows[-1][1].values()))["iou"])
         print(f"{len(scenes)} images, {n} (image, kind) pairs; boxes in the original images' pixels\n")
