@@ -7,6 +7,9 @@ Same random model, same images, same top-k, in one run. The recompute baseline (
 decodes as the reference does: every step runs the decoder over the whole sequence (image + prompt + tokens so
 far) of every unfinished branch. Both run the same decoding loop (``sampling.one_shot``) until every branch has
 ended or the step limit, so the ratio is the KV cache's; both produce the same labels (checked).
+Beside them, the paper's baselines on the same images: greedy search and beam search (``--beams``) generating the
+label list as text (``sampling.generate_labels``, up to 64 new tokens), in ms/image, and the labels per image each
+sampler gives (one-shot: distinct by construction; greedy and beam: after merging their repeats).
 The last line reads ``speedup medium top-10: N.NNx``.
 """
 
@@ -20,7 +23,7 @@ import torch
 
 from lightning_modules.decoder import DecoderConfig
 from lightning_modules.nxtp import NXTP, NXTPConfig
-from lightning_modules.sampling import decode_branches, decode_recompute
+from lightning_modules.sampling import decode_branches, decode_recompute, generate_labels, recognize
 from lightning_modules.vision import VisionConfig
 
 TOKENIZER = Path(__file__).parents[1] / "tests" / "fixtures" / "llama2-tokenizer"
@@ -64,6 +67,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--configs", nargs="+", default=["tiny", "medium"], choices=[*CONFIGS, "paper"])
     parser.add_argument("--bf16", action="store_true", help="decode under bf16 autocast (as --precision bf16)")
+    parser.add_argument("--beams", type=int, default=3, help="beams of the beam-search baseline")
     args = parser.parse_args()
     torch.manual_seed(0)
     ratios = {}
@@ -93,6 +97,10 @@ def main() -> None:
         with amp:  # the recompute baseline is long enough that one-off start-up costs do not matter
             slow, ref = timed(lambda m=model, x=pixels: decode_recompute(m, x, args.topk), 1, warmup=False)
             fast, got = timed(lambda m=model, x=pixels: decode_branches(m, x, args.topk), args.repeats)
+            with torch.no_grad():
+                one_shot = recognize(model, pixels, args.topk)
+                greedy_s, greedy = timed(lambda m=model, x=pixels: generate_labels(m, x, 1), args.repeats)
+                beam_s, beam = timed(lambda m=model, x=pixels: generate_labels(m, x, args.beams), args.repeats)
         same = all(a.tokens == b.tokens for x, y in zip(ref, got) for a, b in zip(x, y))
         ratios[name] = slow / fast
         print(
@@ -100,6 +108,15 @@ def main() -> None:
             f"{decoder['num_hidden_layers']}, batch {args.batch}, top-{args.topk}, {args.device}: "
             f"recompute {1000 * slow / args.batch:.1f} ms/image, cached {1000 * fast / args.batch:.1f} ms/image, "
             f"same labels: {same}"
+        )
+
+        def per_image(found: list) -> float:
+            return sum(len(x) for x in found) / len(found)
+
+        print(
+            f"{name}: one-shot {1000 * fast / args.batch:.1f} ms/image ({per_image(one_shot):.1f} labels), greedy "
+            f"{1000 * greedy_s / args.batch:.1f} ms/image ({per_image(greedy):.1f} labels), beam x{args.beams} "
+            f"{1000 * beam_s / args.batch:.1f} ms/image ({per_image(beam):.1f} labels)"
         )
     for name, ratio in ratios.items():
         print(f"speedup {name} top-{args.topk}: {ratio:.2f}x")
