@@ -706,21 +706,14 @@ def write_maps(
 
 
 def transform_box(box: Sequence[float], original_size: tuple[int, int], image_size: tuple[int, int]) -> list[float]:
-    """A box ``[x0, y0, x1, y1]`` in original pixels, in the pixels of the model's eval view (shorter side resized
-    to the input size, then centre-cropped, as open_clip's eval transform does), clipped to the view."""
-    w, h = original_size
+    """A box ``[x0, y0, x1, y1]`` in original pixels (``original_size`` is width, height), in the pixels of the
+    model's eval view (``image_size`` is height, width; shorter side resized, then centre-cropped, as open_clip's
+    eval transform does: ``locate.ViewGeometry``), clipped to the view."""
+    from .locate import ViewGeometry
+
     out_h, out_w = image_size
-    # torchvision's Resize(int) keeps the aspect ratio with int(); CenterCrop offsets with int(round()).
-    new_w, new_h = (out_w, int(out_w * h / w)) if w <= h else (int(out_h * w / h), out_h)
-    dx, dy = int(round((new_w - out_w) / 2)), int(round((new_h - out_h) / 2))
-    sx, sy = new_w / w, new_h / h
-    x0, y0, x1, y1 = box
-    return [
-        min(max(x0 * sx - dx, 0), out_w),
-        min(max(y0 * sy - dy, 0), out_h),
-        min(max(x1 * sx - dx, 0), out_w),
-        min(max(y1 * sy - dy, 0), out_h),
-    ]
+    view = ViewGeometry.of(tuple(original_size), (out_w, out_h)).to_view(box)
+    return [min(max(v, 0), (out_w, out_h)[i % 2]) for i, v in enumerate(view)]
 
 
 def box_coverage(boxes: Sequence[Sequence[float]], grid: tuple[int, int], image_size: tuple[int, int]) -> np.ndarray:
