@@ -6,6 +6,9 @@ ImageFolder trees). Shards are given as brace patterns, lists, local paths or UR
 http(s) and s3 itself). Labels are the given ones or the nouns extracted from the caption (``data.labels_from``
 says which wins when a sample has both), shuffled per sample, and tokenized after the prompt. Shards
 are split by node and by worker, so with resampling off every sample is seen once per epoch.
+Training may mix several weighted sources (``data.train_shards`` as a list of ``{shards, weight}``: new data with a
+replay of the data a model was first trained on), each sample drawn from a source at random with probability
+proportional to its weight, from a seeded generator (``WeightedMix``).
 Bad data never stops a run: a sample that cannot be used (broken or oversized image, missing, empty or
 non-UTF-8 caption, no labels, or any error while extracting its labels, tokenizing them or transforming its
 image) is skipped, and so is a shard that stays unreachable after retries or the rest of a truncated one; each
@@ -17,22 +20,25 @@ shards unreachable one after the other, or nothing but rejects for ``data.max_re
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import math
 import os
 import random
 import signal
 import tarfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, TypedDict
 
 import lightning as L
 import torch
 import webdataset as wds
+import yaml
 from PIL import Image
 
 from lightning_modules.batch import Batch, ModelInputs
@@ -71,6 +77,79 @@ REJECT_REASONS = (
     "corrupt shard",
     "unreachable shard",
 )
+
+
+class _ShardSourceShards(TypedDict):
+    shards: str | list[str]
+
+
+class ShardSource(_ShardSourceShards, total=False):
+    """One weighted source of training shards, an entry of ``data.train_shards`` given as a list: ``shards`` (a
+    brace pattern, or a list of patterns, paths or URLs) and ``weight`` (default 1; a sample comes from this source
+    with probability ``weight`` / the sum of the weights)."""
+
+    weight: float
+
+
+# A TypedDict (not a dataclass): jsonargparse checks the keys and types of each entry, and the value stays plain
+# data (dicts and lists) in hparams.yaml and checkpoints, which a weights-only load reads back.
+TrainShards = str | list[str] | list[ShardSource] | None
+
+
+class Source(NamedTuple):
+    """One training source, checked: its shards, its weight and its config key (named in errors)."""
+
+    shards: str | list[str]
+    weight: float
+    key: str
+
+
+def shard_sources(shards: TrainShards, key: str = "data.train_shards") -> list[Source]:
+    """The sources of ``data.train_shards``: one of weight 1 for a pattern or a list of patterns (as it has always
+    been read), or one per ``{shards, weight}`` entry of a list of sources; none for None.
+
+    Raises:
+        ValueError: an entry that is not a source, with an unknown key, an empty ``shards`` pattern, or a weight that
+            is not a number > 0; the message names the config key, e.g. ``data.train_shards[1].weight``.
+    """
+    if isinstance(shards, str) and shards.lstrip().startswith("["):
+        # What jsonargparse leaves as a string when a list of sources does not parse (a misspelt key, a weight that
+        # is no number, a brace pattern left unquoted): read it here, so that the error says what is wrong instead
+        # of "matches no shards".
+        try:
+            parsed = yaml.safe_load(shards)
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or e
+            raise ValueError(
+                f"{key}: {shards!r} is no YAML list of sources ({problem}); quote brace patterns, "
+                f'e.g. \'[{{shards: "new/{{0..9}}.tar", weight: 3}}, {{shards: "old/{{0..99}}.tar", weight: 1}}]\''
+            ) from e
+        if isinstance(parsed, list):
+            shards = parsed
+    if shards is None:
+        return []
+    if isinstance(shards, str) or all(isinstance(entry, str) for entry in shards):
+        return [Source(shards, 1.0, key)]
+    sources = []
+    for i, entry in enumerate(shards):
+        where = f"{key}[{i}]"
+        if not isinstance(entry, Mapping):
+            raise ValueError(
+                f"{where}: {entry!r} is not a source; give every entry of {key} as {{shards: PATTERN, weight: W}}, "
+                f"or every entry as a pattern (one source)"
+            )
+        unknown = sorted(set(entry) - {"shards", "weight"})
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}; a source has shards and weight")
+        patterns = entry.get("shards")
+        listed = [patterns] if isinstance(patterns, str) else patterns
+        if not isinstance(listed, list) or not listed or not all(isinstance(p, str) and p.strip() for p in listed):
+            raise ValueError(f"{where}.shards: give a non-empty shard pattern (or list of them), not {patterns!r}")
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+            raise ValueError(f"{where}.weight: must be a number > 0, not {weight!r}")
+        sources.append(Source(patterns, float(weight), f"{where}.shards"))
+    return sources
 
 
 class SystematicFailure(RuntimeError):
@@ -168,6 +247,30 @@ class Shuffle(wds.PipelineStage):
     def run(self, src: Iterable) -> Iterator:
         self.epoch += 1
         return wds.shuffle(self.bufsize, rng=worker_rng(self.seed, self.name, self.epoch))(src)
+
+
+class WeightedMix(wds.RandomMix):
+    """webdataset's ``RandomMix``: each sample from source ``i`` with probability ``weights[i] / sum(weights)``,
+    until a source runs out (RandomMix's default). Its draws come from a generator seeded per worker and epoch
+    (``worker_rng``, as ``Shuffle``'s) instead of the global ``random`` module RandomMix reads, which nothing seeds
+    per worker: the same sequence in every run with ``seed``, another one in each epoch (counted from ``epoch``).
+    """
+
+    def __init__(self, datasets: Sequence[Iterable], weights: Sequence[float], seed: int, epoch: int = 0) -> None:
+        super().__init__(list(datasets), probs=list(weights))
+        self.seed, self.epoch = seed, epoch - 1
+
+    def __iter__(self) -> Iterator:
+        self.epoch += 1
+        rng = worker_rng(self.seed, "mix", self.epoch)
+        sources = [iter(d) for d in self.datasets]
+        cumulative = list(itertools.accumulate(self.probs))
+        while True:
+            (source,) = rng.choices(sources, cum_weights=cumulative)
+            try:
+                yield next(source)
+            except StopIteration:
+                return
 
 
 class SampleDecoder:
@@ -318,6 +421,9 @@ def read_shards(
                 for member in _shard_files(url, done):
                     member["__url__"] = url
                     unreachable_in_a_row = 0
+                    # Again at every file: mixed sources (``WeightedMix``) share ``rejects``, and a malformed sample
+                    # is reported (``Rejects.malformed``) right after its file is read, from this shard.
+                    rejects.shard = url
                     yield member
                     done += 1
                 break
@@ -394,7 +500,12 @@ class NXTPDataModule(L.LightningDataModule):
 
     Args:
         train_shards / val_shards / test_shards: brace pattern (``data/train/shard-{000000..000019}.tar``),
-            list of patterns, local paths or URLs.
+            list of patterns, local paths or URLs. ``train_shards`` may also be a list of weighted sources,
+            ``[{shards: PATTERN, weight: W}, ...]`` (``ShardSource``), mixed by ``WeightedMix``: each sample comes
+            from a source with probability its weight / the sum of the weights (e.g. new data 3 : replay 1). Each
+            source is read as a single one is (resampled or in epochs, split by rank and worker, shuffled) from a
+            seed of its own; with ``resampled`` off an epoch ends when one source runs out, so every source needs
+            a shard for each rank and worker.
         batch_size: samples per batch and device.
         num_workers: DataLoader workers (shards are split between them).
         shuffle_buffer: samples held in the training shuffle buffer.
@@ -425,7 +536,7 @@ class NXTPDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        train_shards: Shards = None,
+        train_shards: TrainShards = None,
         val_shards: Shards = None,
         test_shards: Shards = None,
         batch_size: int = 64,
@@ -447,6 +558,7 @@ class NXTPDataModule(L.LightningDataModule):
     ) -> None:
         if labels_from not in LABEL_SOURCES:
             raise ValueError(f"data.labels_from={labels_from!r}: use one of {LABEL_SOURCES}")
+        self.train_sources = shard_sources(train_shards)  # here: a bad source fails before anything is built
         super().__init__()
         self.save_hyperparameters(ignore=["inputs"])
         self.inputs = inputs
@@ -495,24 +607,26 @@ class NXTPDataModule(L.LightningDataModule):
         self._seen_rejects.add(key)
         return True
 
-    def _urls(self, shards: Shards, name: str) -> list[str]:
-        """The shard URLs of ``data.<name>_shards``, failing before any heavy work with a message naming the key."""
+    def _urls(self, shards: Shards, key: str) -> list[str]:
+        """The shard URLs of the config key ``key`` (``data.val_shards``, ``data.train_shards[1].shards``), failing
+        before any heavy work with a message naming the key."""
         if shards is None:
-            raise ValueError(f"data.{name}_shards is not set")
+            raise ValueError(f"{key} is not set")
         patterns = [shards] if isinstance(shards, str) else shards
         urls = [u for p in patterns for u in wds.shardlists.expand_urls(p) if u]
         if not urls:
-            raise ValueError(f"data.{name}_shards matches no shards ({shards!r})")
+            raise ValueError(f"{key} matches no shards ({shards!r})")
         missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
         if missing:  # remote shards are retried while streaming; a local one that is not there is a typo
             raise FileNotFoundError(
-                f"data.{name}_shards: {len(missing)} of {len(urls)} shards do not exist, "
-                f"e.g. {missing[0]} (from {shards!r})"
+                f"{key}: {len(missing)} of {len(urls)} shards do not exist, e.g. {missing[0]} (from {shards!r})"
             )
         return urls
 
-    def _loader(self, shards: Shards, train: bool, name: str):
-        urls = self._urls(shards, name)
+    def _loader(self, sources: list[Source], train: bool, name: str):
+        if not sources:
+            raise ValueError(f"data.{name}_shards is not set")
+        shard_urls = [self._urls(source.shards, source.key) for source in sources]
         hp = self.hparams
         # shared by the stages below; each worker gets its own copy
         rejects = Rejects(name, hp.max_failures_in_a_row, hp.max_rejects_in_a_row)
@@ -541,18 +655,34 @@ class NXTPDataModule(L.LightningDataModule):
             labels_from=hp.labels_from,
         )
         resampled = train and hp.resampled
-        # deterministic: drawn from `seed` and the worker, not from the clock and pid
-        stages = [
-            wds.ResampledShards(urls, seed=seed, deterministic=True) if resampled else wds.SimpleShardList(urls),
-            wds.split_by_node,
-            wds.split_by_worker,
-        ]
-        if train and not resampled:
-            stages.append(Shuffle(100, seed, "shards", epoch))
-        stages += [
-            wds.pipelinefilter(read_shards)(rejects, hp.shard_retries, hp.shard_retry_wait),
-            wds.pipelinefilter(wds.tariterators.group_by_keys)(handler=rejects.malformed),
-        ]
+
+        def samples(urls: list[str], source_seed: int) -> list:
+            """The stages from one source's shards to its raw samples."""
+            # deterministic: drawn from the seed and the worker, not from the clock and pid
+            stages = [
+                wds.ResampledShards(urls, seed=source_seed, deterministic=True)
+                if resampled
+                else wds.SimpleShardList(urls),
+                wds.split_by_node,
+                wds.split_by_worker,
+            ]
+            if train and not resampled:
+                stages.append(Shuffle(100, source_seed, "shards", epoch))
+            return stages + [
+                wds.pipelinefilter(read_shards)(rejects, hp.shard_retries, hp.shard_retry_wait),
+                wds.pipelinefilter(wds.tariterators.group_by_keys)(handler=rejects.malformed),
+            ]
+
+        if len(sources) == 1:  # exactly the pipeline of a single pattern
+            stages = samples(shard_urls[0], seed)
+        else:
+            # Each source draws its shards and their order from a seed of its own (the first one from `seed`, as a
+            # single source does); the mix from `seed` itself.
+            mixed = [
+                wds.DataPipeline(*samples(urls, seed if i == 0 else hash((seed, i)) & 0x7FFFFFFF))
+                for i, urls in enumerate(shard_urls)
+            ]
+            stages = [WeightedMix(mixed, [source.weight for source in sources], seed, epoch)]
         if train:
             stages.append(Shuffle(hp.shuffle_buffer, seed, "samples", epoch))
         stages += [
@@ -561,7 +691,10 @@ class NXTPDataModule(L.LightningDataModule):
             wds.batched(hp.batch_size, Collate(rejects, self.inputs.pad_id), partial=not train),
             wds.pipelinefilter(carry_leftovers)(rejects, not train),
         ]
-        workers = min(hp.num_workers, len(urls))
+        # Each worker reads its share of every source's shards: in epochs, one with none of a source would end its
+        # mix at once; resampled shards never run out.
+        counts = [len(urls) for urls in shard_urls]
+        workers = min(hp.num_workers, max(counts) if resampled else min(counts))
         return wds.WebLoader(
             wds.DataPipeline(*stages),
             batch_size=None,
@@ -580,16 +713,21 @@ class NXTPDataModule(L.LightningDataModule):
         return self.hparams.seed if step == rank == 0 else hash((self.hparams.seed, step, rank)) & 0x7FFFFFFF
 
     def train_dataloader(self):
-        loader = self._loader(self.hparams.train_shards, True, "train")
+        loader = self._loader(self.train_sources, True, "train")
         if self.hparams.resampled or self.trainer is None or self.trainer.world_size == 1:
             return loader  # resampled shards never run out; one rank has nobody to wait for
         return StopTogether(loader, self.trainer.strategy)
 
+    def _evaluation_sources(self, name: str) -> list[Source]:
+        """``data.<name>_shards`` as one source: evaluation reads every sample once, mixing nothing."""
+        shards = self.hparams[f"{name}_shards"]
+        return [] if shards is None else [Source(shards, 1.0, f"data.{name}_shards")]
+
     def val_dataloader(self):
-        return self._loader(self.hparams.val_shards, False, "val")
+        return self._loader(self._evaluation_sources("val"), False, "val")
 
     def test_dataloader(self):
-        return self._loader(self.hparams.test_shards, False, "test")
+        return self._loader(self._evaluation_sources("test"), False, "test")
 
     def predict_dataloader(self):
         return self.test_dataloader()

@@ -19,10 +19,11 @@ from .batch import Batch, ModelInputs
 from .calibration import CalibrationMonitor
 from .callbacks import RandomStreams, Throughput, ValidationPredictions
 from .checkpoint import TrainingState, load_weights, read_weights, save_model_record
-from .metrics import ExactLabelScore, SemanticLabelScore, score_name
+from .metrics import ExactLabelScore, PerLabelScore, SemanticLabelScore, per_label_topk, score_name
 from .nonfinite import NonFiniteGuard, restore_stats, save_stats
 from .nxtp import NXTP, Attention, NXTPConfig
 from .optimization import OptimizationConfig, build_optimizer, set_trainable, train_rows
+from .per_label import PER_LABEL_FILE, label_scores, markdown_report, write_csv
 from .sampling import Sampler, label_images, recognize
 from .vocabulary import LabelMapper, Vocabulary, VocabularyScore, score_vocabulary, tokenize, vocabulary_targets
 
@@ -156,6 +157,9 @@ class LitNXTP(L.LightningModule):
             self._entry_index = {entry.name: i for i, entry in enumerate(self.vocabulary.entries)}
             for name in ("vocab_scored", "vocab_mapped"):
                 self.metrics[name] = VocabularyScore(len(self.vocabulary), evaluation.vocabulary_threshold)
+        # The test's exact-label matches label by label (``_report_per_label``), at top-5 or the nearest topk.
+        self.per_label = PerLabelScore()
+        self.per_label_k = per_label_topk(evaluation.topk)
 
     @classmethod
     def from_config(cls, config: dict) -> LitNXTP:
@@ -270,7 +274,7 @@ class LitNXTP(L.LightningModule):
 
     # evaluation -----------------------------------------------------------------------------------------
 
-    def _evaluate(self, batch: Batch) -> list[list[tuple[str, float]]] | None:
+    def _evaluate(self, batch: Batch, per_label: bool = False) -> list[list[tuple[str, float]]] | None:
         for reason, count in batch.skipped.items():
             self.eval_skipped[reason] = self.eval_skipped.get(reason, 0) + count
         if not batch.keys:
@@ -300,6 +304,8 @@ class LitNXTP(L.LightningModule):
             self.metrics[score_name("exact", k)].update(labels, batch.labels)
             if self.evaluation.semantic_metric:
                 self.metrics[score_name("semantic", k)].update(labels, batch.labels)
+            if per_label and k == self.per_label_k:
+                self.per_label.update(labels, batch.labels)
         if self.vocabulary is not None:
             self._evaluate_vocabulary(batch, predictions[max(predictions)])
         return predictions[max(predictions)]  # the outputs callbacks read (ValidationPredictions)
@@ -368,10 +374,28 @@ class LitNXTP(L.LightningModule):
         self._sync_buffers()
 
     def test_step(self, batch: Batch, batch_idx: int):
-        return self._evaluate(batch)
+        return self._evaluate(batch, per_label=True)
 
     def on_test_epoch_end(self):
         self._log_metrics("test")
+        self._report_per_label()
+
+    def _report_per_label(self) -> None:
+        """The test's exact-label recall, precision and F1 of every label (``PER_LABEL_FILE`` in the run's log folder)
+        and its worst and best labels as Markdown tables in TensorBoard's text tab (``test/per_label``). Every rank
+        calls this: the counts are gathered from all of them, and rank 0 writes."""
+        counts = self.per_label.compute()
+        self.per_label.reset()
+        log_dir = self.trainer.log_dir  # on every rank: with several ranks this is a collective
+        if not self.trainer.is_global_zero or log_dir is None:
+            return
+        scores = label_scores(counts["labels"])
+        path = write_csv(scores, Path(log_dir) / PER_LABEL_FILE)
+        rank_zero_info(f"per-label test scores ({len(scores)} labels): {path}")
+        experiment = getattr(self.logger, "experiment", None)
+        if hasattr(experiment, "add_text"):
+            report = markdown_report(scores, self.per_label_k, counts["images"])
+            experiment.add_text("test/per_label", report, self.global_step)
 
     def predict_step(self, batch: Batch, batch_idx: int) -> list[dict]:
         if not batch.keys:

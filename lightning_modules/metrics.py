@@ -17,6 +17,11 @@ Empty cases:
 
 All states are sums (``dist_reduce_fx="sum"``), so they reduce correctly across
 DDP ranks and merge with :meth:`torchmetrics.Metric.merge_state`.
+
+:class:`PerLabelScore` counts the same exact matches label by label (``nxtp test``'s
+``per_label_test.csv``); an open vocabulary has no fixed label index to sum at, so its
+states are each rank's counts with their labels, gathered from every rank and summed
+label by label in ``compute``.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.utilities.data import dim_zero_cat
 
 from datamodules.labels import normalize_label
 
@@ -37,6 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ExactLabelScore",
+    "PerLabelScore",
     "SemanticLabelScore",
     "default_embedder_path",
     "normalize_label",
@@ -167,6 +174,95 @@ class ExactLabelScore(_LabelScoreBase):
             scores["precision"].append(precision)
             scores["f1"].append(_f1(recall, precision))
         self._accumulate(scores, skipped)
+
+
+# The per-label report is at top-5 (the headline metric's cut-off), or the model.evaluation.topk nearest to it.
+PER_LABEL_TOPK = 5
+
+
+def per_label_topk(topk: Sequence[int]) -> int:
+    """The cut-off of the per-label report among the evaluated ``topk``: ``PER_LABEL_TOPK``, or the nearest one."""
+    return min(topk, key=lambda k: (abs(k - PER_LABEL_TOPK), k), default=PER_LABEL_TOPK)
+
+
+class PerLabelScore(Metric):
+    """:class:`ExactLabelScore`'s matches counted per label: for each normalized label, the images that have it
+    (``references``), that predict it (``predicted``) and both (``hits``). An image without references is skipped,
+    as it is there; one without predictions predicts nothing.
+
+    :meth:`compute` returns ``{"images": N, "labels": {label: (references, predicted, hits)}}``, N the images
+    scored, summed over every update and rank (``lightning_modules.per_label`` turns the counts into recall,
+    precision and F1 per label and writes the report).
+
+    The labels are not known in advance, so there is no vector to sum at fixed indices: each update adds its
+    labels (UTF-8 bytes and their lengths) and their counts as tensors, which DDP gathers from every rank (``cat``)
+    and :meth:`compute` sums label by label. The states are integer tensors (exact, and left alone by the precision
+    plugins' dtype conversions).
+    """
+
+    is_differentiable = False
+    full_state_update = False
+
+    names: list[Tensor]
+    lengths: list[Tensor]
+    counts: list[Tensor]
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("names", [], dist_reduce_fx="cat")  # the labels' UTF-8 bytes, one after the other
+        self.add_state("lengths", [], dist_reduce_fx="cat")  # bytes per label
+        self.add_state("counts", [], dist_reduce_fx="cat")  # (references, predicted, hits) per label, flat
+        self.add_state("num_images", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: Sequence[Sequence[str]], refs: Sequence[Sequence[str]]) -> None:
+        """Count a batch: ``preds[i]`` and ``refs[i]`` are the label lists of image ``i``."""
+        _check_inputs(preds, refs)
+        counts: dict[str, list[int]] = {}
+        scored = 0
+        for pred_labels, ref_labels in zip(preds, refs):
+            p = {normalize_label(s) for s in pred_labels} - {""}
+            t = {normalize_label(s) for s in ref_labels} - {""}
+            if not t:
+                continue
+            scored += 1
+            for label in p | t:
+                c = counts.setdefault(label, [0, 0, 0])
+                c[0] += label in t
+                c[1] += label in p
+                c[2] += label in t and label in p
+        self.num_images += scored
+        self._add(counts)
+
+    def _add(self, counts: dict[str, list[int]]) -> None:
+        encoded = [label.encode("utf-8") for label in counts]
+        as_tensor = functools.partial(torch.tensor, dtype=torch.long, device=self.device)
+        self.names.append(as_tensor(list(b"".join(encoded))))
+        self.lengths.append(as_tensor([len(b) for b in encoded]))
+        self.counts.append(as_tensor([n for c in counts.values() for n in c]))
+
+    def sync(self, *args: Any, **kwargs: Any) -> None:
+        """Gather the states of every rank. A rank that counted nothing first adds an empty entry: torchmetrics
+        would send a float placeholder for its empty list, which the other ranks' integer tensors cannot meet."""
+        if isinstance(self.names, list) and not self.names:
+            self._add({})
+        super().sync(*args, **kwargs)
+
+    def compute(self) -> dict[str, Any]:
+        """``{"images": N, "labels": {label: (references, predicted, hits)}}``, the labels in the order they were
+        first counted."""
+        if not isinstance(self.names, Tensor) and not self.names:
+            return {"images": 0, "labels": {}}  # nothing counted, on a single process
+        data = bytes(dim_zero_cat(self.names).cpu().tolist())
+        lengths = dim_zero_cat(self.lengths).cpu().tolist()
+        counts = dim_zero_cat(self.counts).cpu().view(-1, 3).tolist()
+        totals: dict[str, tuple[int, int, int]] = {}
+        start = 0
+        for length, (references, predicted, hits) in zip(lengths, counts):
+            label = data[start : start + length].decode("utf-8")
+            start += length
+            r, p, h = totals.get(label, (0, 0, 0))
+            totals[label] = (r + references, p + predicted, h + hits)
+        return {"images": int(self.num_images), "labels": totals}
 
 
 class SemanticLabelScore(_LabelScoreBase):

@@ -20,9 +20,10 @@ Usage::
     python -m datamodules.synthetic --out data/shapes --train 40000 --val 1000 --test 1000
     python -m datamodules.tokenizer --data data/shapes
     python -m datamodules.synthetic --preview preview.png
+    python -m datamodules.synthetic --out data/shapes-base --exclude-kinds kite ladder   # kinds to teach later
 """
 
-from .drawing import COLORS, KINDS, plural
+from .drawing import COLORS, KINDS, plural, select_kinds
 from .scenes import draw_scene, render_preview, sample_seed
 from .shards import SPLITS, build_dataset, iter_split_metadata, main
 
@@ -37,4 +38,5 @@ __all__ = [
     "plural",
     "render_preview",
     "sample_seed",
+    "select_kinds",
 ]

@@ -327,6 +327,26 @@ _KINDS: dict[str, _Kind] = {
 
 KINDS: tuple[str, ...] = tuple(_KINDS)
 
+
+def select_kinds(kinds: Sequence[str] | None = None, exclude: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The kinds a dataset draws: ``kinds`` (None: every one of ``KINDS``) without those in ``exclude``, in the order
+    of ``KINDS`` (the order the scenes draw from, so that the same selection gives the same scenes however it is
+    written).
+
+    Raises:
+        ValueError: a kind that is not one of ``KINDS`` (named, with the known ones), or nothing left to draw.
+    """
+    for option, given in (("kinds", kinds), ("exclude_kinds", exclude)):
+        unknown = [k for k in dict.fromkeys(given or ()) if k not in _KINDS]
+        if unknown:
+            raise ValueError(f"{option}: unknown kind(s) {', '.join(map(repr, unknown))}; known: {', '.join(KINDS)}")
+    chosen = set(KINDS if kinds is None else kinds) - set(exclude or ())
+    if not chosen:
+        given = list(KINDS if kinds is None else kinds)
+        raise ValueError(f"no kinds left to draw (kinds={given}, exclude_kinds={list(exclude or ())})")
+    return tuple(k for k in KINDS if k in chosen)
+
+
 _IRREGULAR_PLURALS = {"fish": "fishes"}  # "two fish" is often tagged as an adjective
 
 

@@ -61,20 +61,24 @@ def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> floa
     return w * h / max(1, smaller)
 
 
-def _plan_groups(rng: random.Random, bg_luma: float) -> list[_Group]:
+def _plan_groups(rng: random.Random, bg_luma: float, kinds: tuple[str, ...] = KINDS) -> list[_Group]:
+    """The groups of one scene, of object kinds drawn from ``kinds``."""
     n_objects = rng.choices((1, 2, 3, 4, 5), weights=(22, 24, 22, 17, 15))[0]
     colours = [c for c, v in COLORS.items() if abs(_luma(v) - bg_luma) > 45] or list(COLORS)
     groups: list[_Group] = []
     left = n_objects
     while left:
         count = min(left, rng.choices((1, 2, 3, 4, 5), weights=(60, 25, 9, 4, 2))[0])
-        reuse = [g.kind for g in groups] if groups and rng.random() < 0.12 else []
-        if reuse:
-            kind = rng.choice(reuse)
+        reuse = bool(groups) and rng.random() < 0.12
+        fresh = [k for k in kinds if k not in {g.kind for g in groups}]
+        # With few kinds to draw from (``--kinds``), a scene may have used them all: another group of one of them.
+        # Never the case with every kind, so the default scenes are drawn exactly as before kinds could be chosen.
+        if reuse or not fresh:
+            kind = rng.choice([g.kind for g in groups])
             used = {g.color for g in groups if g.kind == kind}
             colour = rng.choice([c for c in colours if c not in used] or colours)
         else:
-            kind = rng.choice([k for k in KINDS if k not in {g.kind for g in groups}])
+            kind = rng.choice(fresh)
             colour = rng.choice(colours)
         size_weights = (35, 45, 20) if n_objects <= 2 else (45, 55, 0)
         size = rng.choices(("small", "medium", "large"), weights=size_weights)[0]

@@ -13,19 +13,21 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from .captions import _caption
-from .drawing import _SUPERSAMPLE, _background
+from .drawing import _SUPERSAMPLE, KINDS, _background
 from .layout import _layout, _plan_groups
 
 
-def draw_scene(rng: random.Random, image_size: int = 64) -> tuple[Image.Image, str, list[dict[str, Any]]]:
-    """Draw one random scene.
+def draw_scene(
+    rng: random.Random, image_size: int = 64, kinds: tuple[str, ...] = KINDS
+) -> tuple[Image.Image, str, list[dict[str, Any]]]:
+    """Draw one random scene of objects of ``kinds`` (a selection of ``KINDS``, in its order: see ``select_kinds``).
 
     Returns the RGB image, its caption and the objects as dicts with ``kind``,
     ``color`` and ``bbox`` (``[x0, y0, x1, y1]`` in image pixels), in drawing order.
     """
     canvas_size = image_size * _SUPERSAMPLE
     canvas, bg_luma = _background(rng, canvas_size)
-    groups = _plan_groups(rng, bg_luma)
+    groups = _plan_groups(rng, bg_luma, kinds)
     _layout(canvas, groups, rng)
     caption = _caption(groups, canvas_size, rng)
     image = canvas.resize((image_size, image_size), Image.Resampling.LANCZOS) if _SUPERSAMPLE > 1 else canvas
@@ -37,8 +39,15 @@ def draw_scene(rng: random.Random, image_size: int = 64) -> tuple[Image.Image, s
     return image, caption, out
 
 
-def render_preview(path: str | Path, seed: int = 0, image_size: int = 64, n: int = 16, zoom: int = 3) -> Path:
-    """Write a grid of ``n`` scenes with their captions to a PNG file for a quick look."""
+def render_preview(
+    path: str | Path,
+    seed: int = 0,
+    image_size: int = 64,
+    n: int = 16,
+    zoom: int = 3,
+    kinds: tuple[str, ...] = KINDS,
+) -> Path:
+    """Write a grid of ``n`` scenes (objects of ``kinds``) with their captions to a PNG file for a quick look."""
     cols = 4
     rows = math.ceil(n / cols)
     cell = image_size * zoom
@@ -47,7 +56,7 @@ def render_preview(path: str | Path, seed: int = 0, image_size: int = 64, n: int
     draw = ImageDraw.Draw(grid)
     font = ImageFont.load_default()  # bundled with Pillow, nothing to download
     for i in range(n):
-        image, caption, _ = draw_scene(random.Random(sample_seed(seed, "preview", i)), image_size)
+        image, caption, _ = draw_scene(random.Random(sample_seed(seed, "preview", i)), image_size, kinds)
         x = 8 + (i % cols) * (cell + 8)
         y = 8 + (i // cols) * (cell + text_h + 8)
         grid.paste(image.resize((cell, cell), Image.Resampling.NEAREST), (x, y))

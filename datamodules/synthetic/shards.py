@@ -18,7 +18,7 @@ from typing import Any
 
 from datamodules.labels import extract_labels
 
-from .drawing import KINDS
+from .drawing import KINDS, select_kinds
 from .scenes import draw_scene, render_preview, sample_seed
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -28,8 +28,10 @@ _JPEG_QUALITY = 90
 _TAR_MTIME = 0
 
 
-def _encode_sample(seed: int, split: str, index: int, image_size: int) -> tuple[dict[str, Any], list[str], str]:
-    image, caption, objects = draw_scene(random.Random(sample_seed(seed, split, index)), image_size)
+def _encode_sample(
+    seed: int, split: str, index: int, image_size: int, kinds: tuple[str, ...] = KINDS
+) -> tuple[dict[str, Any], list[str], str]:
+    image, caption, objects = draw_scene(random.Random(sample_seed(seed, split, index)), image_size, kinds)
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=_JPEG_QUALITY)
     labels = sorted({o["kind"] for o in objects})
@@ -52,6 +54,7 @@ class _ShardJob:
     stop: int
     seed: int
     image_size: int
+    kinds: tuple[str, ...] = KINDS
 
 
 def _write_shard(job: _ShardJob) -> str:
@@ -61,7 +64,7 @@ def _write_shard(job: _ShardJob) -> str:
     rel = f"{job.split}/shard-{job.shard:06d}.tar"
     with open(Path(job.root) / rel, "wb") as f, TarWriter(f, encoder=False, mtime=_TAR_MTIME) as writer:
         for index in range(job.start, job.stop):
-            writer.write(_encode_sample(job.seed, job.split, index, job.image_size)[0])
+            writer.write(_encode_sample(job.seed, job.split, index, job.image_size, job.kinds)[0])
     return rel
 
 
@@ -86,15 +89,23 @@ def build_dataset(
     image_size: int = 64,
     samples_per_shard: int = 2000,
     workers: int = 2,
+    kinds: Sequence[str] | None = None,
+    exclude_kinds: Sequence[str] | None = None,
 ) -> Path:
     """Generate the train/val/test shards and the manifest (the caption tokenizer is the next step:
     ``datamodules.tokenizer.build_tokenizer``).
+
+    The scenes show objects of ``kinds`` (None: every one of ``KINDS``) except ``exclude_kinds``, e.g. a dataset
+    without the kinds a model is to learn later from data of its own (see ``select_kinds``; an unknown kind is a
+    ``ValueError`` naming it). The manifest's ``kinds`` lists the kinds drawn. The default scenes are the same as
+    with every kind named.
 
     Everything is written to a temporary sibling folder that is renamed to ``out``
     only when complete (``out/done`` is its last file), so an interrupted build is
     never mistaken for a finished one. If ``out`` already holds a finished build
     with the same settings it is kept as is.
     """
+    chosen = select_kinds(kinds, exclude_kinds)  # before anything is written: an unknown kind is a typo
     out = Path(out)
     counts = {"train": n_train, "val": n_val, "test": n_test}
     settings = {
@@ -102,7 +113,7 @@ def build_dataset(
         "image_size": image_size,
         "samples_per_shard": samples_per_shard,
         "counts": counts,
-        "kinds": list(KINDS),
+        "kinds": list(chosen),
     }
     if (out / "done").exists():
         manifest = json.loads((out / "manifest.json").read_text())
@@ -118,7 +129,7 @@ def build_dataset(
         (tmp / split).mkdir(parents=True)
         for shard, start in enumerate(range(0, counts[split], samples_per_shard)):
             stop = min(start + samples_per_shard, counts[split])
-            jobs.append(_ShardJob(str(tmp), split, shard, start, stop, seed, image_size))
+            jobs.append(_ShardJob(str(tmp), split, shard, start, stop, seed, image_size, chosen))
 
     try:
         if workers > 1 and len(jobs) > 1:
@@ -167,12 +178,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--samples-per-shard", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--preview", type=Path, help="write a grid of 16 scenes to this PNG")
+    # choices: argparse names an unknown kind and lists the known ones
+    kind = dict(nargs="+", choices=KINDS, metavar="KIND")
+    parser.add_argument("--kinds", **kind, help=f"draw only these kinds (of: {' '.join(KINDS)})")
+    parser.add_argument("--exclude-kinds", **kind, help="draw every kind but these")
     args = parser.parse_args(argv)
     if args.out is None and args.preview is None:
         parser.error("give --out and/or --preview")
+    try:
+        kinds = select_kinds(args.kinds, args.exclude_kinds)
+    except ValueError as e:  # nothing left to draw
+        parser.error(str(e))
 
     if args.preview is not None:
-        print(f"preview: {render_preview(args.preview, seed=args.seed, image_size=args.image_size)}")
+        preview = render_preview(args.preview, seed=args.seed, image_size=args.image_size, kinds=kinds)
+        print(f"preview: {preview}")
     if args.out is not None:
         t0 = time.perf_counter()
         out = build_dataset(
@@ -184,6 +204,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             image_size=args.image_size,
             samples_per_shard=args.samples_per_shard,
             workers=args.workers,
+            kinds=kinds,
         )
         n = args.train + args.val + args.test
-        print(f"dataset: {out} ({n} samples, {len(KINDS)} kinds) in {time.perf_counter() - t0:.1f} s")
+        print(f"dataset: {out} ({n} samples, {len(kinds)} kinds) in {time.perf_counter() - t0:.1f} s")

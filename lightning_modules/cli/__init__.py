@@ -5,6 +5,7 @@
     nxtp export --checkpoint CKPT.ckpt --format onnx --out DIR
     nxtp sweep configs/sweep/decoder_depth.yaml [--launcher slurm]
     nxtp import-official --checkpoint ckpt_epoch_03_iter_0021360.pth --clip openai --tokenizer TOKENIZER --out DIR
+    nxtp compare --before logs/base/version_0 --after logs/finetuned/version_0
 
 To add a subcommand: a module here with a ``NAME_main(argv) -> int`` function, and a line in ``COMMANDS``.
 """
@@ -33,6 +34,7 @@ COMMANDS = {
     "serve": (".serve", "serve_main", "an HTTP server that labels images, with dynamic batching (LitServe)"),
     "shards": (".shards", "shards_main", "write your images with captions or labels as training shards"),
     "calibrate": (".calibrate", "calibrate_main", "fit calibrated label probabilities and per-label thresholds"),
+    "compare": (".compare", "compare_main", "compare two checkpoints' test F1 label by label (per_label_test.csv)"),
 }
 
 
