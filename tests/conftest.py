@@ -95,6 +95,50 @@ def run(
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def nxtp_here(args: list[str], monkeypatch) -> int:
+    """``nxtp ARGS`` run in this process (its entry point, from the repository root), for a result that is the
+    truth a test compares with rather than the command under test: it saves a start of the command (importing torch
+    and Lightning, most of a short run's time). Returns the exit status. What a run leaves behind in the process is
+    put back: the signal handlers it installs (``GracefulStop``, ``SlurmRequeue``) and the environment it sets
+    (``seed_everything``'s ``PL_GLOBAL_SEED``), which the commands a test starts afterwards would inherit."""
+    from lightning_modules.cli import main
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    environ = dict(os.environ)
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # as `run` starts a command: for the commands it starts in turn
+    monkeypatch.setattr(sys, "argv", ["nxtp", *args])
+    try:
+        main()
+    except SystemExit as end:
+        return end.code if isinstance(end.code, int) else (0 if end.code is None else 1)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        os.environ.clear()
+        os.environ.update(environ)
+    return 0
+
+
+def run_ranks(fn, args: tuple, nprocs: int = 2, timeout: float = 300) -> None:
+    """``fn(rank, *args)`` in ``nprocs`` processes, as ``torch.multiprocessing.spawn`` runs it, with a deadline: a
+    rank that fails fails the test; ranks still running after ``timeout`` seconds are killed and fail it. Spawned,
+    not forked: a fork of a process whose OpenMP threads have run (a loaded sentence embedder) can hang."""
+    import torch.multiprocessing as mp
+
+    ranks = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.time() + timeout
+    try:
+        while not ranks.join(timeout=max(0.0, deadline - time.time())):
+            if time.time() >= deadline:
+                raise AssertionError(f"{fn.__name__}: ranks still running after {timeout} s")
+    finally:
+        for process in ranks.processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+
 def group_alive(pgid: int) -> bool:
     """Whether any process of the process group ``pgid`` is still running."""
     try:

@@ -250,18 +250,23 @@ def label_setup(tmp_path_factory):
     return root
 
 
-def label(checkpoint, folder) -> dict[str, list[tuple[str, float]]]:
-    result = run(NXTP_CLI + ["label", "--checkpoint", str(checkpoint), "--topk", "4", "--workers", "0", str(folder)])
+def label(checkpoint, *folders) -> dict[str, dict[str, list[tuple[str, float]]]]:
+    """One `nxtp label` over the folders: {folder name: {image name: labels}}."""
+    result = run(
+        NXTP_CLI + ["label", "--checkpoint", str(checkpoint), "--topk", "4", "--workers", "0", *map(str, folders)]
+    )
     assert result.returncode == 0, result.stderr
-    lines = [json.loads(line) for line in result.stdout.splitlines()]
-    return {
-        line["image"].split("/")[-1].split(".")[0]: [(x["label"], x["prob"]) for x in line["labels"]] for line in lines
-    }
+    found: dict[str, dict[str, list[tuple[str, float]]]] = {}
+    for line in map(json.loads, result.stdout.splitlines()):
+        folder, name = line["image"].split("/")[-2:]
+        found.setdefault(folder, {})[name.split(".")[0]] = [(x["label"], x["prob"]) for x in line["labels"]]
+    return found
 
 
 @pytest.mark.e2e
 def test_nxtp_label_gives_odd_photos_the_labels_of_their_plain_twins(label_setup):
-    odd, plain = label(label_setup / "model", label_setup / "odd"), label(label_setup / "model", label_setup / "plain")
+    found = label(label_setup / "model", label_setup / "odd", label_setup / "plain")
+    odd, plain = found["odd"], found["plain"]
     for name in ("exif_rotated", "transparent", "sixteen_bit"):
         assert [lab for lab, _ in odd[name]] == [lab for lab, _ in plain[name]], name
         assert [p for _, p in odd[name]] == pytest.approx([p for _, p in plain[name]], rel=1e-5), name

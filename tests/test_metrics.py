@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import run_ranks
 
 from lightning_modules.metrics import ExactLabelScore, SemanticLabelScore, normalize_label
 
@@ -206,7 +206,7 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str, data: 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_ddp_sync_equals_one_pass(tmp_path: Path, semantic: SemanticLabelScore, reference: dict[str, Any]) -> None:
     data = {"preds": reference["predictions"] + [["cat"]], "refs": reference["references"] + [[]]}
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), data), nprocs=2, join=True)
+    run_ranks(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), data), nprocs=2)
 
     exact = ExactLabelScore()
     exact.update(data["preds"], data["refs"])

@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import NXTP_CLI, fit_command, run, tiny_nxtp
+from conftest import fit_command, run, tiny_nxtp
 from PIL import Image
 
 from datamodules import NXTPDataModule
@@ -327,7 +327,7 @@ def test_read_source_lists_in_a_fixed_order(tmp_path):
 
 
 @pytest.mark.slow
-def test_shards_from_a_tag_folder_train_and_evaluate_on_their_tags(tmp_path, shapes):
+def test_shards_from_a_tag_folder_train_and_evaluate_on_their_tags(tmp_path, shapes, capsys):
     kinds = ["circle", "red star", "boat", "house"]
     src = tmp_path / "tagged"
     for i in range(72):
@@ -338,10 +338,11 @@ def test_shards_from_a_tag_folder_train_and_evaluate_on_their_tags(tmp_path, sha
     n_train = sum(split_of(f"{i:03d}", 0, 0.25) == "train" for i in range(72))
     out = tmp_path / "out"
     size = str(math.ceil(n_train / 2))  # two train shards and one val shard, as fit_command reads them
-    done = run(NXTP_CLI + ["shards", str(src), "--out", str(out), "--txt", "tags", "--val-fraction", "0.25"] + [
-        "--shard-size", size, "--seed", "0"])  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "--data.train_shards" in done.stdout and "red star" in done.stdout
+    capsys.readouterr()
+    assert shards_main([str(src), "--out", str(out), "--txt", "tags", "--val-fraction", "0.25"] + [
+        "--shard-size", size, "--seed", "0"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out  # the converter runs in this process; `nxtp fit` as a user starts it
+    assert "--data.train_shards" in printed and "red star" in printed
     logs = tmp_path / "logs"
     fit = run(fit_command(out, logs, 10, tokenizer=shapes / "tokenizer"))
     assert fit.returncode == 0, fit.stderr[-3000:]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import NXTP_CLI, ROOT, fit_overrides, run, start_until
+from conftest import NXTP_CLI, ROOT, fit_overrides, nxtp_here, run, start_until
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -232,7 +232,7 @@ def test_the_summary_gives_the_importance_of_each_swept_key_when_it_can(tmp_path
 
 
 @pytest.mark.e2e  # runs a stand-in sbatch
-def test_the_slurm_launcher_submits_an_array_and_a_table_job(tmp_path):
+def test_the_slurm_launcher_submits_an_array_and_a_table_job(tmp_path, monkeypatch):
     calls = tmp_path / "calls.txt"
     fake = tmp_path / "bin" / "sbatch"
     fake.parent.mkdir()
@@ -241,9 +241,9 @@ def test_the_slurm_launcher_submits_an_array_and_a_table_job(tmp_path):
     path = sweep_file(
         tmp_path, parameters={"model.nxtp.decoder.num_blocks": [1, 2, 4]}, slurm={"gres": "gpu:1"}, storage="journal"
     )
-    env = {"PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}"}
-    result = run(NXTP_CLI + ["sweep", str(path), "--launcher", "slurm"], env=env)
-    assert result.returncode == 0, result.stderr
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    # the launcher, not the command, is what is checked here: `nxtp sweep` in this process
+    assert nxtp_here(["sweep", str(path), "--launcher", "slurm"], monkeypatch) == 0
     script = (tmp_path / "logs" / "sweeps" / "t" / "sweep.sbatch").read_text()
     assert "#SBATCH --array=0-2" in script and "#SBATCH --gres=gpu:1" in script and "#SBATCH --requeue" in script
     assert f"sweep {path} --index $SLURM_ARRAY_TASK_ID" in script
@@ -272,8 +272,18 @@ def trial_states(sweep: Sweep) -> list[str]:
     return [t.state.name for t in load_study(sweep, study_name(sweep)).trials]
 
 
+def sweep_again(path: Path, capsys, monkeypatch) -> subprocess.CompletedProcess:
+    """`nxtp sweep PATH` once more, in this process: the real command ran first, in a subprocess of its own; what a
+    second start does (which runs it resumes, skips or draws anew) is the sweep's, and its runs are still `nxtp fit`
+    subprocesses. Saves a start of the command (importing torch and Lightning)."""
+    capsys.readouterr()
+    code = nxtp_here(["sweep", str(path)], monkeypatch)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["nxtp", "sweep", str(path)], code, out, err)
+
+
 @pytest.mark.slow
-def test_a_real_sweep_records_every_run_and_goes_on_after_a_failure(tmp_path, shapes):
+def test_a_real_sweep_records_every_run_and_goes_on_after_a_failure(tmp_path, shapes, capsys, monkeypatch):
     # The fixed settings are those of the end-to-end tests' short fit; a decoder of num_blocks=0 cannot be built.
     fixed = fit_overrides(shapes, tmp_path, 6)
     fixed.update({"trainer.val_check_interval": 3})
@@ -301,13 +311,13 @@ def test_a_real_sweep_records_every_run_and_goes_on_after_a_failure(tmp_path, sh
             row["model.nxtp.decoder.num_blocks"]
         )
 
-    again = run(NXTP_CLI + ["sweep", str(path)])  # finished runs are not run twice; the failed one runs again
+    again = sweep_again(path, capsys, monkeypatch)  # finished runs are not run twice; the failed one runs again
     assert again.stdout.count(" ...") == 1 and f"{rows[-1]['run']} (trial 3) ..." in again.stdout
     assert sorted(trial_states(Sweep.load(path))) == ["COMPLETE", "COMPLETE", "FAIL", "FAIL"]
 
 
 @pytest.mark.slow
-def test_a_weak_run_is_pruned_at_a_validation_and_not_run_again(tmp_path, shapes):
+def test_a_weak_run_is_pruned_at_a_validation_and_not_run_again(tmp_path, shapes, capsys, monkeypatch):
     fixed = fit_overrides(shapes, tmp_path, 20)  # validations at steps 10 and 20
     spec = dict(
         parameters={"model.optimization.lr": [3e-3, 1e-7]},  # the second barely moves from its initial loss
@@ -332,13 +342,13 @@ def test_a_weak_run_is_pruned_at_a_validation_and_not_run_again(tmp_path, shapes
     assert "pruned at step 10: val/loss" in log
     assert not list((tmp_path / "logs/sweeps/t" / rows[1]["run"]).glob("version_0/metrics.json"))  # stopped at once
 
-    again = run(NXTP_CLI + ["sweep", str(path)])
+    again = sweep_again(path, capsys, monkeypatch)
     assert again.returncode == 0 and " ..." not in again.stdout  # a pruned run is final
     assert trial_states(Sweep.load(path)) == ["COMPLETE", "PRUNED"]
 
 
 @pytest.mark.slow
-def test_an_interrupted_tpe_sweep_resumes_from_its_study(tmp_path, shapes):
+def test_an_interrupted_tpe_sweep_resumes_from_its_study(tmp_path, shapes, capsys, monkeypatch):
     path = sweep_file(
         tmp_path,
         method="tpe",
@@ -368,7 +378,7 @@ def test_an_interrupted_tpe_sweep_resumes_from_its_study(tmp_path, shapes):
     assert trial_states(sweep) == ["RUNNING"]  # interrupted, not failed
     assert torch.load(run_dir / "version_0/checkpoints/last.ckpt", weights_only=False)["global_step"] < 20
 
-    again = run(NXTP_CLI + ["sweep", str(path)])
+    again = sweep_again(path, capsys, monkeypatch)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert "resuming from" in (sweep.folder / f"{run_dir.name}.log").read_text()
     assert json.loads((run_dir / "version_0/metrics.json").read_text())["global_step"] == 20

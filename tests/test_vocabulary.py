@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import OFFICIAL, tiny_nxtp
+from conftest import OFFICIAL, run_ranks, tiny_nxtp
 
 from lightning_modules.batch import Batch
 from lightning_modules.cli.label import label_main
@@ -360,7 +359,7 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
 @pytest.mark.e2e
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_metric_ddp_sync_with_an_idle_rank(tmp_path):
-    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     want = brute_metric(*metric_data(), 0.5)
     for rank in range(2):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == pytest.approx(want, abs=1e-6)
