@@ -38,6 +38,39 @@ LLAMA_TOKENIZER = FIXTURES / "llama2-tokenizer"
 OFFICIAL = FIXTURES / "nxtp-official-tiny"
 
 
+def print_config(argv: list[str], monkeypatch, capsys) -> dict:
+    """The config that `nxtp ARGV --print_config` prints, parsed, from the CLI in this process."""
+    import yaml
+
+    from lightning_modules.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["nxtp", *argv, "--print_config"])
+    with pytest.raises(SystemExit) as end:
+        main()
+    assert end.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+# The model and data `make train` leaves behind: the checks of trained maps and boxes run where they exist.
+TRAINED_DEFAULT = Path(__file__).parents[1] / "logs/default/version_0/checkpoints/last.ckpt"
+TEST_SHARD = Path(__file__).parents[1] / "data/shapes/test/shard-000000.tar"
+needs_trained_default = pytest.mark.skipif(
+    not (TRAINED_DEFAULT.exists() and TEST_SHARD.exists()),
+    reason="needs the default model and data of `make train` (logs/default/version_0, data/shapes)",
+)
+
+
+def eval_attention_maps():
+    """``experiments/eval_attention_maps.py`` as a module (experiments/ is no package)."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "experiments/eval_attention_maps.py"
+    spec = importlib.util.spec_from_file_location("eval_attention_maps", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_nxtp(seed: int = 0, hidden: int = 64, blocks: int = 2, **kwargs) -> NXTP:
     """A small random NXTP (4x4 image tokens, LLaMA-2 tokenizer) for tests."""
     torch.manual_seed(seed)

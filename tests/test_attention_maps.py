@@ -3,15 +3,13 @@ weights, and a trained model against the uniform baseline."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import LLAMA_TOKENIZER, tiny_nxtp
+from conftest import LLAMA_TOKENIZER, TEST_SHARD, TRAINED_DEFAULT, eval_attention_maps, needs_trained_default, tiny_nxtp
 from PIL import Image
 
 from lightning_modules import attention_maps as am
@@ -316,24 +314,15 @@ def test_writers(tmp_path):
 
 # a trained model against the baselines ------------------------------------------------------------------------------
 
-ROOT = Path(__file__).parents[1]
-TRAINED = ROOT / "logs/default/version_0/checkpoints/last.ckpt"
-TEST_SHARD = ROOT / "data/shapes/test/shard-000000.tar"
-
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not (TRAINED.exists() and TEST_SHARD.exists()),
-    reason="needs the default model and data of `make train` (logs/default/version_0, data/shapes)",
-)
+@needs_trained_default
 def test_the_trained_default_model_points_at_the_objects():
     """On the test scenes, the default map of the trained default model finds the labelled object more often than
     a uniform map does, by more than the noise of 200 images (the measurement of experiments/eval_attention_maps.py)."""
-    spec = importlib.util.spec_from_file_location("eval_attention_maps", ROOT / "experiments/eval_attention_maps.py")
-    evaluation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(evaluation)
+    evaluation = eval_attention_maps()
     scenes = list(itertools.islice(evaluation.read_scenes([str(TEST_SHARD)]), 200))
-    results = evaluation.evaluate(evaluation.load_model(str(TRAINED)), scenes, 50, torch.device("cpu"))
+    results = evaluation.evaluate(evaluation.load_model(str(TRAINED_DEFAULT)), scenes, 50, torch.device("cpu"))
     hits, mass = (np.asarray(v) for v in results[am.DEFAULT_METHOD])
     uniform_hits, uniform_mass = (np.asarray(v) for v in results["uniform"])
     margin = 2 * np.sqrt(hits.var() / len(hits))

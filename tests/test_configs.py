@@ -1,14 +1,11 @@
 """Every shipped experiment config parses, and every run of every shipped sweep is a valid `nxtp fit` command."""
 
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import ROOT
+from conftest import ROOT, print_config
 
-from lightning_modules.cli import main
 from lightning_modules.cli.sweep import sweep_main
 from lightning_modules.sweep import Sweep, trials
 
@@ -16,18 +13,9 @@ EXPERIMENTS = sorted((ROOT / "configs" / "experiment").glob("*.yaml"))
 SWEEPS = sorted((ROOT / "configs" / "sweep").glob("*.yaml"))
 
 
-def resolved(argv: list[str], monkeypatch, capsys) -> dict:
-    """The config `nxtp ARGV --print_config` prints."""
-    monkeypatch.setattr(sys, "argv", ["nxtp", *argv, "--print_config"])
-    with pytest.raises(SystemExit) as end:
-        main()
-    assert end.value.code in (0, None)
-    return yaml.safe_load(capsys.readouterr().out)
-
-
 @pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: p.stem)
 def test_every_experiment_config_parses(config: Path, monkeypatch, capsys):
-    printed = resolved(["fit", "--config", str(config)], monkeypatch, capsys)
+    printed = print_config(["fit", "--config", str(config)], monkeypatch, capsys)
     assert printed["model"]["nxtp"]["vision"]["model_name"] and printed["trainer"]["max_steps"] > 0
     assert printed["data"]["train_shards"]
 
@@ -38,7 +26,7 @@ def test_every_run_of_every_sweep_parses(sweep: Path, monkeypatch, capsys):
     commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines() if line.startswith("nxtp fit")]
     assert commands and len(commands) == len(trials(Sweep.load(sweep)))  # one command per run
     for command in commands:
-        printed = resolved(command[1:], monkeypatch, capsys)
+        printed = print_config(command[1:], monkeypatch, capsys)
         swept = dict(arg[2:].split("=", 1) for arg in command if arg.startswith("--model.") and "=" in arg)
         for key, value in swept.items():  # each swept value reaches the model's config
             node = printed["model"]
@@ -50,7 +38,7 @@ def test_every_run_of_every_sweep_parses(sweep: Path, monkeypatch, capsys):
 def test_interpolations_follow_the_command_line(monkeypatch, capsys, tmp_path):
     # finetune_g70m.yaml names the imported release once: the tokenizer is `${..optimization.init_from}/tokenizer`,
     # the test split `${.val_shards}`; overriding the source on the command line moves both.
-    printed = resolved(
+    printed = print_config(
         [
             "fit",
             "--config",

@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import base64
 import csv
-import importlib.util
 import io
 import itertools
 import json
-from pathlib import Path
 
 import numpy as np
 import open_clip
 import pytest
 import torch
-from conftest import OFFICIAL, tiny_nxtp
+from conftest import OFFICIAL, TEST_SHARD, TRAINED_DEFAULT, eval_attention_maps, needs_trained_default, tiny_nxtp
 from PIL import Image, ImageOps
 
 from lightning_modules.cli.label import label_main
@@ -252,24 +250,15 @@ def test_a_location_round_trips_through_json():
 
 # the trained default model against the objects ----------------------------------------------------------------
 
-ROOT = Path(__file__).parents[1]
-TRAINED = ROOT / "logs/default/version_0/checkpoints/last.ckpt"
-TEST_SHARD = ROOT / "data/shapes/test/shard-000000.tar"
-
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not (TRAINED.exists() and TEST_SHARD.exists()),
-    reason="needs the default model and data of `make train` (logs/default/version_0, data/shapes)",
-)
+@needs_trained_default
 def test_the_trained_default_model_boxes_beat_the_baselines():
     """On 100 test scenes, the default rule's points and boxes beat the centre box and the whole image by more than
     the noise (experiments/eval_attention_maps.py --boxes)."""
-    spec = importlib.util.spec_from_file_location("eval_attention_maps", ROOT / "experiments/eval_attention_maps.py")
-    evaluation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(evaluation)
+    evaluation = eval_attention_maps()
     scenes = list(itertools.islice(evaluation.read_scenes([str(TEST_SHARD)]), 100))
-    model = evaluation.load_model(str(TRAINED)).eval()
+    model = evaluation.load_model(str(TRAINED_DEFAULT)).eval()
     trained = evaluation.evaluate_boxes(model, scenes, 50, torch.device("cpu"), "gradient")[
         "gradient, radius 1, spread 1.5"
     ]

@@ -1,17 +1,15 @@
 """Replay mixing: `data.train_shards` as several weighted sources, mixed at their weights, repeatably."""
 
 import math
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import ROOT, tiny_nxtp
+from conftest import ROOT, print_config, tiny_nxtp
 
 from datamodules import NXTPDataModule
 from datamodules.synthetic import SPLITS, build_dataset, iter_split_metadata
-from lightning_modules.cli import main
 
 NEW_KINDS = ("kite", "ladder")
 
@@ -123,26 +121,19 @@ def test_a_source_whose_shards_do_not_exist_is_named(new, model, tmp_path):
         dm.train_dataloader()
 
 
-def resolved(argv: list[str], monkeypatch, capsys) -> dict:
-    """The config `nxtp ARGV --print_config` prints (as tests/test_configs.py reads it)."""
-    monkeypatch.setattr(sys, "argv", ["nxtp", *argv, "--print_config"])
-    with pytest.raises(SystemExit) as end:
-        main()
-    assert end.value.code in (0, None)
-    return yaml.safe_load(capsys.readouterr().out)
-
-
 def test_sources_parse_from_the_command_line_and_from_a_config_file(monkeypatch, capsys, tmp_path):
     default = ["fit", "--config", str(ROOT / "configs/experiment/default.yaml")]
     expected = [{"shards": "new/{0..1}.tar", "weight": 3.0}, {"shards": "old/{0..3}.tar", "weight": 1.0}]
     given = '[{shards: "new/{0..1}.tar", weight: 3}, {shards: "old/{0..3}.tar", weight: 1}]'
-    assert resolved([*default, "--data.train_shards", given], monkeypatch, capsys)["data"]["train_shards"] == expected
+    assert (
+        print_config([*default, "--data.train_shards", given], monkeypatch, capsys)["data"]["train_shards"] == expected
+    )
     config = tmp_path / "replay.yaml"
     config.write_text(yaml.safe_dump({"data": {"train_shards": expected}}))
-    printed = resolved([*default, "--config", str(config)], monkeypatch, capsys)
+    printed = print_config([*default, "--config", str(config)], monkeypatch, capsys)
     assert printed["data"]["train_shards"] == expected
     # a single pattern stays what it was
-    printed = resolved([*default, "--data.train_shards", "a/{0..1}.tar"], monkeypatch, capsys)
+    printed = print_config([*default, "--data.train_shards", "a/{0..1}.tar"], monkeypatch, capsys)
     assert printed["data"]["train_shards"] == "a/{0..1}.tar"
 
 
