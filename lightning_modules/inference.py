@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from datamodules.images import MAX_IMAGE_PIXELS, decode_image
 
+from .locate import RADIUS, SPREAD
+
 if TYPE_CHECKING:
     import torch
 
@@ -100,9 +102,11 @@ class InferenceOptions:
         "also say where each label is: a point [x, y] and a box [x0, y0, x1, y1] in the image's own pixels (after "
         "its EXIF orientation; the box clipped to the centre crop the model sees), and boxes (one per region)",
     )
-    locate_radius: int = option(1, "--locate: cells around the map's peak that the point and box come from", type=int)
+    locate_radius: int = option(
+        RADIUS, "--locate: cells around the map's peak that the point and box come from", type=int
+    )
     locate_spread: float = option(
-        1.5, "--locate: a box is the centre of mass plus and minus this many standard deviations", type=float
+        SPREAD, "--locate: a box is the centre of mass plus and minus this many standard deviations", type=float
     )
 
     def __post_init__(self) -> None:
@@ -314,7 +318,7 @@ def label_files(
                 stacked = torch.stack(pixels)
                 results = recognizer.with_locations(stacked, sizes, results, maps, radius=radius, spread=spread)
         for (path, image, _), labels, label_maps in zip(good, results, maps):
-            yield Labelled(path, labels, maps=label_maps if explain else None, pixels=image if explain else None)
+            yield Labelled(path, labels, maps=label_maps, pixels=image if explain else None)
 
 
 def write_jsonl(stream: TextIO, result: Labelled) -> None:
