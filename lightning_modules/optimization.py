@@ -29,7 +29,11 @@ class OptimizationConfig:
             None trains everything. E.g. ``["visual.transformer.resblocks.1[89].*", "decoder.*"]``.
         train_new_token_embeddings: with a frozen embedding matrix, still train the rows of ``<|image|>`` and
             ``<|empty|>`` (the other rows get no gradient), as the paper does.
-        lr, betas, eps, weight_decay: AdamW. Norms, biases and embeddings get no weight decay.
+        optimizer: ``adamw``, or ``muon``: torch's Muon (orthogonalised momentum) for the weight matrices of the
+            hidden layers, AdamW for the rest (embeddings, the output layer, convolutions, norms, biases), both at
+            ``lr`` (Muon's step scaled to AdamW's size, ``adjust_lr_fn="match_rms_adamw"``).
+        lr, betas, eps, weight_decay: AdamW (and Muon's lr and weight decay). Norms, biases and embeddings get no
+            weight decay.
         schedule: ``cosine`` (the paper's) or ``wsd`` (warm-up, stable, linear decay).
         warmup: warm-up steps; a value below 1 is a fraction of the total steps.
         decay_fraction: for ``wsd``, the fraction of steps spent decaying.
@@ -42,6 +46,7 @@ class OptimizationConfig:
     init_allow_missing: list[str] | None = None
     trainable: list[str] | None = None
     train_new_token_embeddings: bool = False
+    optimizer: Literal["adamw", "muon"] = "adamw"
     lr: float = 1e-5
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
@@ -95,15 +100,62 @@ def warmup_schedule(kind: str, total: int, warmup: int, decay_fraction: float, m
     return factor
 
 
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon over ``matrices`` and AdamW over ``groups``, stepped together as one optimizer: Lightning's automatic
+    optimization, gradient clipping and lr schedulers take one. ``param_groups`` are the two optimizers' own."""
+
+    def __init__(self, matrices: list[nn.Parameter], groups: list[dict], config: OptimizationConfig) -> None:
+        self.muon = torch.optim.Muon(
+            matrices, lr=config.lr, weight_decay=config.weight_decay, adjust_lr_fn="match_rms_adamw"
+        )
+        self.adamw = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps)
+        self.defaults: dict = {}
+        self.param_groups = self.muon.param_groups + self.adamw.param_groups
+        self._optimizer_step_pre_hooks: dict = {}
+        self._optimizer_step_post_hooks: dict = {}
+
+    @property
+    def state(self) -> dict:  # read-only view, for what looks at an optimizer's state (e.g. to count it)
+        return {**self.muon.state, **self.adamw.state}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.muon.load_state_dict(state_dict["muon"])
+        self.adamw.load_state_dict(state_dict["adamw"])
+
+
 def build_optimizer(model: nn.Module, config: OptimizationConfig, total_steps: float) -> dict:
-    """AdamW over the trainable parameters (no weight decay on norms, biases and embeddings) and the per-step
-    schedule, in the form ``LightningModule.configure_optimizers`` returns."""
-    decay, no_decay = [], []
+    """AdamW (or Muon and AdamW, ``config.optimizer``) over the trainable parameters (no weight decay on norms,
+    biases and embeddings) and the per-step schedule, in the form ``LightningModule.configure_optimizers``
+    returns."""
+    output = {id(p) for p in model.decoder.get_output_embeddings().parameters()} if hasattr(model, "decoder") else set()
+    decay, no_decay, matrices = [], [], []
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "embed" in name or "norm" in name else decay).append(p)
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "embed" in name or "norm" in name:
+            no_decay.append(p)
+        elif config.optimizer == "muon" and p.ndim == 2 and id(p) not in output:
+            matrices.append(p)
+        else:
+            decay.append(p)
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps)
+    if config.optimizer == "muon":
+        optimizer = MuonAdamW(matrices, groups, config)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps)
     if not math.isfinite(total_steps):
         raise ValueError("trainer.max_steps must be set: the lr schedule needs the number of steps")
     warmup = int(config.warmup * total_steps) if config.warmup < 1 else int(config.warmup)

@@ -249,7 +249,12 @@ def assert_resumed_to_the_end(resumed: subprocess.CompletedProcess, version: Pat
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at step {stopped_at}" in resumed.stdout
     assert torch.load(version / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == steps
-    assert json.loads((version / "metrics.json").read_text())["global_step"] == steps
+    metrics = json.loads((version / "metrics.json").read_text())
+    assert metrics["global_step"] == steps
+    # The run printed its training time, kept in its checkpoints (Lightning's Timer) so that a resume adds to it.
+    assert f"training: {steps} steps in" in resumed.stdout
+    stored = torch.load(version / "checkpoints" / "last.ckpt", weights_only=False)["callbacks"]["Timer"]
+    assert 0 < stored["time_elapsed"]["train"] <= metrics["train_time_s"]
     assert not (version.parent / "version_1").exists()
 
 

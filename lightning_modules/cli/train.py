@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -120,6 +121,11 @@ class NXTPCLI(LightningCLI):
 
     def after_fit(self) -> None:
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()}
+        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+        if timer is not None:
+            # From the first training step to the end of training, validations included, summed over resumes.
+            metrics["train_time_s"] = seconds = timer.time_elapsed("train")
+            say(f"training: {self.trainer.global_step} steps in {seconds:.0f} s ({seconds / 60:.1f} min)")
         if self.config.fit.get("test_after_fit"):
             checkpoint = self.trainer.checkpoint_callback
             best = "best" if checkpoint is not None and checkpoint.best_model_path else None
@@ -163,7 +169,7 @@ def lightning_main() -> None:
             save_config_callback=SaveConfigToTensorBoard,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"parser_mode": "omegaconf+"},
-            trainer_defaults={"callbacks": [AttentionMaskImage(), SlurmRequeue(), GracefulStop()]},
+            trainer_defaults={"callbacks": [AttentionMaskImage(), SlurmRequeue(), GracefulStop(), Timer()]},
         )
     except Interrupted as stop:  # a signal or a SLURM requeue ended the fit at a step boundary, to resume later
         say(stop.message)
