@@ -8,7 +8,7 @@ EXPERIMENT ?= configs/experiment/default.yaml
 SWEEP ?= configs/sweep/decoder_depth.yaml
 CHECKPOINT ?= logs/default/version_0/checkpoints/last.ckpt
 
-.PHONY: install data train sweep serve lint format test test-unit test-fast test-lowest tensorboard clean
+.PHONY: install data train sweep ablations serve lint format test test-unit test-fast test-lowest tensorboard clean
 
 install: $(VENV)/.installed
 
@@ -29,12 +29,21 @@ $(DATA)/done: | $(VENV)/.installed
 $(DATA)/tokenizer/tokenizer.json: $(DATA)/done
 	$(BIN)/python -m datamodules.tokenizer --data $(DATA)
 
+# TRAIN_ARGS="--seed_everything 1" (or any other fit option) for another run of the same experiment.
 train: install data
-	$(BIN)/nxtp fit --config $(EXPERIMENT)
+	$(BIN)/nxtp fit --config $(EXPERIMENT) $(TRAIN_ARGS)
 
 # SWEEP_ARGS="--launcher slurm" submits a SLURM array instead of running the runs here one after another.
 sweep: install data
 	$(BIN)/nxtp sweep $(SWEEP) $(SWEEP_ARGS)
+
+# The paper's three ablations in miniature (README "The paper's ablations in miniature"): label-masked vs causal
+# attention, 1/2/4 decoder blocks, one-shot vs greedy vs beam sampling; sweeps at the default experiment's schedule
+# over 2 seeds, a run they share trained once. Tables (mean ± spread over the seeds) in ABLATIONS_OUT;
+# ABLATIONS_ARGS="--test-batches 16" tests the samplers on the whole test split instead of its first 256 images.
+ABLATIONS_OUT ?= logs/ablations
+ablations: install data
+	$(BIN)/python experiments/ablations.py --out $(ABLATIONS_OUT) $(ABLATIONS_ARGS)
 
 # The HTTP server on 127.0.0.1:8000 (LitServe, the `serve` extra); SERVE_ARGS="--port 9000 --max-batch-size 32".
 serve: $(VENV)/.serve-installed
