@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Teach the default model two kinds it has never seen, from 2,000 images tagged by hand-style `.tags` sidecars (no
+# captions), with and without replay of its own data; README "Teach new labels without forgetting".
+#
+#   bash experiments/teach_new_labels.sh                  # the kinds umbrella and anchor
+#   NEW="kite ladder" bash experiments/teach_new_labels.sh
+#
+# 1. scenes without the new kinds (data/teach/base) and a base model trained on them as `make train` trains;
+# 2. 2,000 scenes of the new kinds written as a folder of images with `.tags` sidecars, as users have them, and
+#    made into shards with `nxtp shards`;
+# 3. two fine-tunings of the base model, FINETUNE_STEPS steps each: on the new shards alone, and mixed NEW_WEIGHT:1
+#    with a replay of the base data (`data.train_shards` with weights);
+# 4. each model tested on the default test split (every kind), and the table: the new kinds' recall at top 5, the
+#    old kinds' F1 (micro, over their labels) and each fine-tuning's training time.
+# Everything lands in data/teach/ and logs/teach/; a step whose output exists is not run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-.venv/bin}
+NEW=${NEW:-umbrella anchor}
+FINETUNE_STEPS=${FINETUNE_STEPS:-1000}
+NEW_WEIGHT=${NEW_WEIGHT:-3}  # the new shards' weight against the replay's 1
+DATA=data/teach
+LOGS=logs/teach
+VAL=data/shapes/val/shard-000000.tar  # every kind, with captions: `make data`
+TEST=data/shapes/test/shard-000000.tar
+FIT=("$BIN/nxtp" fit --config configs/experiment/default.yaml --trainer.logger.init_args.save_dir "$LOGS"
+     --data.test_shards "$TEST" --test_after_fit true)
+
+[ -f "$TEST" ] || { echo "no $TEST: run \`make data\` first" >&2; exit 2; }
+# shellcheck disable=SC2086  # NEW is a list of kinds
+[ -d $DATA/base/train ] || "$BIN/python" -m datamodules.synthetic --out $DATA/base --exclude-kinds $NEW \
+    --train 40000 --val 1000 --test 0 --seed 1
+# shellcheck disable=SC2086
+[ -d $DATA/new_scenes/train ] || "$BIN/python" -m datamodules.synthetic --out $DATA/new_scenes --kinds $NEW \
+    --train 2000 --val 0 --test 0 --seed 2
+if [ ! -d $DATA/new_folder ]; then  # the scenes as the folder a user has: KEY.jpg and KEY.tags, no caption
+    "$BIN/python" - "$DATA/new_scenes/train" "$DATA/new_folder" <<'EOF'
+import json, sys, tarfile
+from pathlib import Path
+source, folder = Path(sys.argv[1]), Path(sys.argv[2])
+folder.mkdir(parents=True)
+for shard in sorted(source.glob("*.tar")):
+    with tarfile.open(shard) as tar:
+        for member in tar:
+            key, _, ext = member.name.partition(".")
+            if ext == "jpg":
+                (folder / member.name).write_bytes(tar.extractfile(member).read())
+            elif ext == "json":
+                labels = json.loads(tar.extractfile(member).read())["labels"]
+                (folder / f"{key}.tags").write_text("\n".join(labels) + "\n")
+EOF
+fi
+[ -d $DATA/new/train ] || "$BIN/nxtp" shards $DATA/new_folder --out $DATA/new --val-fraction 0.05 --no-progress \
+    | tee $DATA/new_summary.txt
+
+base_train="$DATA/base/train/shard-{000000..000019}.tar"
+new_train=$(sed -n "s/.*--data.train_shards '\([^']*\)'.*/\1/p" $DATA/new_summary.txt)  # what `nxtp shards` said
+[ -f $LOGS/base/version_0/metrics.json ] || "${FIT[@]}" --trainer.logger.init_args.name base \
+    --data.train_shards "$base_train" --data.val_shards $DATA/base/val/shard-000000.tar
+base=$LOGS/base/version_0/checkpoints/last.ckpt
+tune=(--model.optimization.init_from "$base" --trainer.max_steps "$FINETUNE_STEPS"
+      --trainer.val_check_interval "$FINETUNE_STEPS" --data.val_shards "$VAL" --data.labels_from given)
+new_only=new_only_s$FINETUNE_STEPS replay=replay_w${NEW_WEIGHT}_s$FINETUNE_STEPS
+[ -f $LOGS/$new_only/version_0/metrics.json ] || "${FIT[@]}" --trainer.logger.init_args.name $new_only "${tune[@]}" \
+    --data.train_shards "$new_train"
+[ -f $LOGS/$replay/version_0/metrics.json ] || "${FIT[@]}" --trainer.logger.init_args.name $replay "${tune[@]}" \
+    --data.train_shards "[{shards: \"$new_train\", weight: $NEW_WEIGHT}, {shards: \"$base_train\", weight: 1}]"
+
+"$BIN/python" - "$LOGS" $NEW <<'EOF'
+import csv, json, sys
+from pathlib import Path
+logs, new = Path(sys.argv[1]), set(sys.argv[2:])
+print(f"| model | new kinds' recall@5 ({', '.join(sorted(new))}) | old kinds' F1@5 | fine-tuning time |")
+print("|---|---|---|---|")
+runs = sorted(p.name for p in logs.iterdir() if (p / "version_0" / "per_label_test.csv").is_file())
+for name in ["base"] + [r for r in runs if r != "base"]:
+    rows = list(csv.DictReader(open(logs / name / "version_0" / "per_label_test.csv")))
+    def total(labels, column):
+        return sum(int(r[column]) for r in rows if r["label"] in labels)
+    old = {r["label"] for r in rows} - new
+    recall = total(new, "hits") / max(1, total(new, "references"))
+    f1 = 2 * total(old, "hits") / max(1, total(old, "references") + total(old, "predicted"))
+    seconds = json.loads((logs / name / "version_0" / "metrics.json").read_text()).get("train_time_s")
+    time = "(base)" if name == "base" else f"{seconds:.0f} s"
+    print(f"| {name} | {recall:.3f} | {f1:.4f} | {time} |")
+EOF
