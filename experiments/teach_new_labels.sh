@@ -4,10 +4,11 @@
 #
 #   bash experiments/teach_new_labels.sh                  # the kinds umbrella and anchor
 #   NEW="kite ladder" bash experiments/teach_new_labels.sh
+#   SCENES=new bash experiments/teach_new_labels.sh     # the 2,000 scenes hold only the new kinds
 #
 # 1. scenes without the new kinds (data/teach/base) and a base model trained on them as `make train` trains;
-# 2. 2,000 scenes of the new kinds written as a folder of images with `.tags` sidecars, as users have them, and
-#    made into shards with `nxtp shards`;
+# 2. 2,000 scenes of every kind (SCENES=all) or of the new kinds only (SCENES=new) written as a folder of images with
+#    `.tags` sidecars, as users have them, and made into shards with `nxtp shards`;
 # 3. two fine-tunings of the base model, FINETUNE_STEPS steps each: on the new shards alone, and mixed NEW_WEIGHT:1
 #    with a replay of the base data (`data.train_shards` with weights);
 # 4. each model tested on the default test split (every kind), and the table: the new kinds' recall at top 5, the
@@ -19,6 +20,7 @@ BIN=${BIN:-.venv/bin}
 NEW=${NEW:-umbrella anchor}
 FINETUNE_STEPS=${FINETUNE_STEPS:-1000}
 NEW_WEIGHT=${NEW_WEIGHT:-3}  # the new shards' weight against the replay's 1
+SCENES=${SCENES:-all}  # all: the 2,000 scenes are drawn from every kind, tagged alike; new: the new kinds only
 DATA=data/teach
 LOGS=logs/teach
 VAL=data/shapes/val/shard-000000.tar  # every kind, with captions: `make data`
@@ -31,10 +33,12 @@ FIT=("$BIN/nxtp" fit --config configs/experiment/default.yaml --trainer.logger.i
 [ -d $DATA/base/train ] || "$BIN/python" -m datamodules.synthetic --out $DATA/base --exclude-kinds $NEW \
     --train 40000 --val 1000 --test 0 --seed 1
 # shellcheck disable=SC2086
-[ -d $DATA/new_scenes/train ] || "$BIN/python" -m datamodules.synthetic --out $DATA/new_scenes --kinds $NEW \
-    --train 2000 --val 0 --test 0 --seed 2
-if [ ! -d $DATA/new_folder ]; then  # the scenes as the folder a user has: KEY.jpg and KEY.tags, no caption
-    "$BIN/python" - "$DATA/new_scenes/train" "$DATA/new_folder" <<'EOF'
+kinds=(--kinds $NEW)
+[ "$SCENES" = new ] || kinds=()
+[ -d $DATA/${SCENES}_scenes/train ] || "$BIN/python" -m datamodules.synthetic --out $DATA/${SCENES}_scenes \
+    "${kinds[@]}" --train 2000 --val 0 --test 0 --seed 2
+if [ ! -d $DATA/${SCENES}_folder ]; then  # the scenes as the folder a user has: KEY.jpg and KEY.tags, no caption
+    "$BIN/python" - "$DATA/${SCENES}_scenes/train" "$DATA/${SCENES}_folder" <<'EOF'
 import json, sys, tarfile
 from pathlib import Path
 source, folder = Path(sys.argv[1]), Path(sys.argv[2])
@@ -50,17 +54,17 @@ for shard in sorted(source.glob("*.tar")):
                 (folder / f"{key}.tags").write_text("\n".join(labels) + "\n")
 EOF
 fi
-[ -d $DATA/new/train ] || "$BIN/nxtp" shards $DATA/new_folder --out $DATA/new --val-fraction 0.05 --no-progress \
-    | tee $DATA/new_summary.txt
+[ -d $DATA/$SCENES/train ] || "$BIN/nxtp" shards $DATA/${SCENES}_folder --out $DATA/$SCENES --val-fraction 0.05 \
+    --no-progress | tee $DATA/${SCENES}_summary.txt
 
 base_train="$DATA/base/train/shard-{000000..000019}.tar"
-new_train=$(sed -n "s/.*--data.train_shards '\([^']*\)'.*/\1/p" $DATA/new_summary.txt)  # what `nxtp shards` said
+new_train=$(sed -n "s/.*--data.train_shards '\([^']*\)'.*/\1/p" $DATA/${SCENES}_summary.txt)  # what `nxtp shards` said
 [ -f $LOGS/base/version_0/metrics.json ] || "${FIT[@]}" --trainer.logger.init_args.name base \
     --data.train_shards "$base_train" --data.val_shards $DATA/base/val/shard-000000.tar
 base=$LOGS/base/version_0/checkpoints/last.ckpt
 tune=(--model.optimization.init_from "$base" --trainer.max_steps "$FINETUNE_STEPS"
       --trainer.val_check_interval "$FINETUNE_STEPS" --data.val_shards "$VAL" --data.labels_from given)
-new_only=new_only_s$FINETUNE_STEPS replay=replay_w${NEW_WEIGHT}_s$FINETUNE_STEPS
+new_only=${SCENES}_only_s$FINETUNE_STEPS replay=${SCENES}_replay_w${NEW_WEIGHT}_s$FINETUNE_STEPS
 [ -f $LOGS/$new_only/version_0/metrics.json ] || "${FIT[@]}" --trainer.logger.init_args.name $new_only "${tune[@]}" \
     --data.train_shards "$new_train"
 [ -f $LOGS/$replay/version_0/metrics.json ] || "${FIT[@]}" --trainer.logger.init_args.name $replay "${tune[@]}" \
