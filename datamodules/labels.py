@@ -373,7 +373,7 @@ def _tokenize(text: str, data: _NLTKData) -> list[str]:
 def _sentences(text: str, data: _NLTKData) -> list[str]:
     """``nltk.sent_tokenize(text)``. Punkt breaks only after a sentence-ending character followed by more text; a
     caption with none before its last character is one sentence, and Punkt is not run: its ReDoS-guarded regex
-    costs about 3 ms a caption, as much as all the rest of a training sample's preparation."""
+    made word tokenization 0.44 ms a caption instead of 0.10 (a quarter of a training sample's preparation)."""
     stripped = text.rstrip()
     if not any(end in stripped[:-1] for end in data.sentences._lang_vars.sent_end_chars):
         return [stripped] if stripped else []

@@ -100,6 +100,11 @@ def warmup_schedule(kind: str, total: int, warmup: int, decay_fraction: float, m
     return factor
 
 
+def adamw(groups: list[dict], config: OptimizationConfig) -> torch.optim.AdamW:
+    """AdamW over ``groups`` with the config's lr, betas and eps."""
+    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps)
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """Muon over ``matrices`` and AdamW over ``groups``, stepped together as one optimizer: Lightning's automatic
     optimization, gradient clipping and lr schedulers take one. ``param_groups`` are the two optimizers' own."""
@@ -108,7 +113,7 @@ class MuonAdamW(torch.optim.Optimizer):
         self.muon = torch.optim.Muon(
             matrices, lr=config.lr, weight_decay=config.weight_decay, adjust_lr_fn="match_rms_adamw"
         )
-        self.adamw = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps)
+        self.adamw = adamw(groups, config)
         self.defaults: dict = {}
         self.param_groups = self.muon.param_groups + self.adamw.param_groups
         self._optimizer_step_pre_hooks: dict = {}
@@ -155,7 +160,7 @@ def build_optimizer(model: nn.Module, config: OptimizationConfig, total_steps: f
     if config.optimizer == "muon":
         optimizer = MuonAdamW(matrices, groups, config)
     else:
-        optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps)
+        optimizer = adamw(groups, config)
     if not math.isfinite(total_steps):
         raise ValueError("trainer.max_steps must be set: the lr schedule needs the number of steps")
     warmup = int(config.warmup * total_steps) if config.warmup < 1 else int(config.warmup)
