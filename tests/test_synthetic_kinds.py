@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from datamodules.synthetic import KINDS, SPLITS, build_dataset, iter_split_metadata, main, plural, select_kinds
+from datamodules.synthetic import (
+    KINDS,
+    SPLITS,
+    build_dataset,
+    iter_split_metadata,
+    main,
+    plural,
+    select_featured,
+    select_kinds,
+)
 
 TINY = ["--train", "40", "--val", "8", "--test", "8", "--seed", "5", "--samples-per-shard", "20", "--workers", "1"]
 
@@ -83,4 +92,33 @@ def test_an_unknown_kind_is_named_with_the_known_ones(tmp_path, capsys):
     assert end.value.code == 2
     err = capsys.readouterr().err
     assert "argument --kinds: invalid choice: 'unicorn'" in err and "'circle', 'square'" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_featured_kinds_are_in_every_scene_among_the_others(baseline, tmp_path):
+    featured = ["umbrella", "anchor"]
+    main(["--out", str(tmp_path / "featured"), *TINY, "--feature-kinds", *featured])
+    samples = records(tmp_path / "featured")
+    assert all(kinds_of(r) & set(featured) for r in samples)  # one of them in each scene
+    assert all(set(r["labels"]) == {o["kind"] for o in r["objects"]} == named_kinds(r["caption"]) for r in samples)
+    assert len(set().union(*map(kinds_of, samples)) - set(featured)) > 10  # the other kinds too, in the same scenes
+    assert sum(len(kinds_of(r)) > 1 for r in samples) > len(samples) / 2
+    in_baseline = sum(bool(kinds_of(r) & set(featured)) for r in records(baseline))
+    assert in_baseline < len(samples) / 4  # without the option, few scenes show them
+    manifest = json.loads((tmp_path / "featured" / "manifest.json").read_text())
+    assert manifest["featured"] == [k for k in KINDS if k in featured] and manifest["kinds"] == list(KINDS)
+    # the same folder asked for without the option is built anew, not taken for the default build
+    main(["--out", str(tmp_path / "featured"), *TINY])
+    assert "featured" not in json.loads((tmp_path / "featured" / "manifest.json").read_text())
+    assert [r["caption"] for r in records(tmp_path / "featured")] == [r["caption"] for r in records(baseline)]
+
+
+def test_a_featured_kind_must_be_drawn(tmp_path, capsys):
+    assert select_featured(KINDS, ["star", "circle", "star"]) == ("circle", "star")
+    assert select_featured(KINDS, None) == ()
+    with pytest.raises(ValueError, match=r"feature_kinds: 'star' not drawn; drawn: circle, square"):
+        build_dataset(tmp_path / "out", 4, 1, 1, workers=1, kinds=["circle", "square"], featured_kinds=["star"])
+    with pytest.raises(SystemExit) as end:
+        main(["--out", str(tmp_path / "out"), "--exclude-kinds", "star", "--feature-kinds", "star"])
+    assert end.value.code == 2 and "feature_kinds: 'star' not drawn" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

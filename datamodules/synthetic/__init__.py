@@ -21,9 +21,10 @@ Usage::
     python -m datamodules.tokenizer --data data/shapes
     python -m datamodules.synthetic --preview preview.png
     python -m datamodules.synthetic --out data/shapes-base --exclude-kinds kite ladder   # kinds to teach later
+    python -m datamodules.synthetic --out data/kites --feature-kinds kite ladder  # a kite or a ladder in each scene
 """
 
-from .drawing import COLORS, KINDS, plural, select_kinds
+from .drawing import COLORS, KINDS, plural, select_featured, select_kinds
 from .scenes import draw_scene, render_preview, sample_seed
 from .shards import SPLITS, build_dataset, iter_split_metadata, main
 
@@ -38,5 +39,6 @@ __all__ = [
     "plural",
     "render_preview",
     "sample_seed",
+    "select_featured",
     "select_kinds",
 ]

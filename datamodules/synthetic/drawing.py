@@ -347,6 +347,18 @@ def select_kinds(kinds: Sequence[str] | None = None, exclude: Sequence[str] | No
     return tuple(k for k in KINDS if k in chosen)
 
 
+def select_featured(kinds: Sequence[str], featured: Sequence[str] | None) -> tuple[str, ...]:
+    """The ``featured`` kinds (every scene holds one of them), in the order of ``kinds``, the kinds drawn.
+
+    Raises:
+        ValueError: a featured kind that is not drawn (named, with the kinds drawn).
+    """
+    outside = [k for k in dict.fromkeys(featured or ()) if k not in kinds]
+    if outside:
+        raise ValueError(f"feature_kinds: {', '.join(map(repr, outside))} not drawn; drawn: {', '.join(kinds)}")
+    return tuple(k for k in kinds if k in set(featured or ()))
+
+
 _IRREGULAR_PLURALS = {"fish": "fishes"}  # "two fish" is often tagged as an adjective
 
 

@@ -61,8 +61,11 @@ def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> floa
     return w * h / max(1, smaller)
 
 
-def _plan_groups(rng: random.Random, bg_luma: float, kinds: tuple[str, ...] = KINDS) -> list[_Group]:
-    """The groups of one scene, of object kinds drawn from ``kinds``."""
+def _plan_groups(
+    rng: random.Random, bg_luma: float, kinds: tuple[str, ...] = KINDS, featured: tuple[str, ...] = ()
+) -> list[_Group]:
+    """The groups of one scene, of object kinds drawn from ``kinds``; with ``featured`` (some of ``kinds``), the
+    first group is of one of those, so that every scene shows at least one of them among the others."""
     n_objects = rng.choices((1, 2, 3, 4, 5), weights=(22, 24, 22, 17, 15))[0]
     colours = [c for c, v in COLORS.items() if abs(_luma(v) - bg_luma) > 45] or list(COLORS)
     groups: list[_Group] = []
@@ -73,7 +76,10 @@ def _plan_groups(rng: random.Random, bg_luma: float, kinds: tuple[str, ...] = KI
         fresh = [k for k in kinds if k not in {g.kind for g in groups}]
         # With few kinds to draw from (``--kinds``), a scene may have used them all: another group of one of them.
         # Never the case with every kind, so the default scenes are drawn exactly as before kinds could be chosen.
-        if reuse or not fresh:
+        if featured and not groups:
+            kind = rng.choice(featured)
+            colour = rng.choice(colours)
+        elif reuse or not fresh:
             kind = rng.choice([g.kind for g in groups])
             used = {g.color for g in groups if g.kind == kind}
             colour = rng.choice([c for c in colours if c not in used] or colours)

@@ -18,16 +18,17 @@ from .layout import _layout, _plan_groups
 
 
 def draw_scene(
-    rng: random.Random, image_size: int = 64, kinds: tuple[str, ...] = KINDS
+    rng: random.Random, image_size: int = 64, kinds: tuple[str, ...] = KINDS, featured: tuple[str, ...] = ()
 ) -> tuple[Image.Image, str, list[dict[str, Any]]]:
-    """Draw one random scene of objects of ``kinds`` (a selection of ``KINDS``, in its order: see ``select_kinds``).
+    """Draw one random scene of objects of ``kinds`` (a selection of ``KINDS``, in its order: see ``select_kinds``),
+    at least one of them of a ``featured`` kind where some are given.
 
     Returns the RGB image, its caption and the objects as dicts with ``kind``,
     ``color`` and ``bbox`` (``[x0, y0, x1, y1]`` in image pixels), in drawing order.
     """
     canvas_size = image_size * _SUPERSAMPLE
     canvas, bg_luma = _background(rng, canvas_size)
-    groups = _plan_groups(rng, bg_luma, kinds)
+    groups = _plan_groups(rng, bg_luma, kinds, featured)
     _layout(canvas, groups, rng)
     caption = _caption(groups, canvas_size, rng)
     image = canvas.resize((image_size, image_size), Image.Resampling.LANCZOS) if _SUPERSAMPLE > 1 else canvas

@@ -18,7 +18,7 @@ from typing import Any
 
 from datamodules.labels import extract_labels
 
-from .drawing import KINDS, select_kinds
+from .drawing import KINDS, select_featured, select_kinds
 from .scenes import draw_scene, render_preview, sample_seed
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -29,9 +29,10 @@ _TAR_MTIME = 0
 
 
 def _encode_sample(
-    seed: int, split: str, index: int, image_size: int, kinds: tuple[str, ...] = KINDS
+    seed: int, split: str, index: int, image_size: int, kinds: tuple[str, ...] = KINDS, featured: tuple[str, ...] = ()
 ) -> tuple[dict[str, Any], list[str], str]:
-    image, caption, objects = draw_scene(random.Random(sample_seed(seed, split, index)), image_size, kinds)
+    rng = random.Random(sample_seed(seed, split, index))
+    image, caption, objects = draw_scene(rng, image_size, kinds, featured)
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=_JPEG_QUALITY)
     labels = sorted({o["kind"] for o in objects})
@@ -55,6 +56,7 @@ class _ShardJob:
     seed: int
     image_size: int
     kinds: tuple[str, ...] = KINDS
+    featured: tuple[str, ...] = ()
 
 
 def _write_shard(job: _ShardJob) -> str:
@@ -64,7 +66,7 @@ def _write_shard(job: _ShardJob) -> str:
     rel = f"{job.split}/shard-{job.shard:06d}.tar"
     with open(Path(job.root) / rel, "wb") as f, TarWriter(f, encoder=False, mtime=_TAR_MTIME) as writer:
         for index in range(job.start, job.stop):
-            writer.write(_encode_sample(job.seed, job.split, index, job.image_size, job.kinds)[0])
+            writer.write(_encode_sample(job.seed, job.split, index, job.image_size, job.kinds, job.featured)[0])
     return rel
 
 
@@ -91,6 +93,7 @@ def build_dataset(
     workers: int = 2,
     kinds: Sequence[str] | None = None,
     exclude_kinds: Sequence[str] | None = None,
+    featured_kinds: Sequence[str] | None = None,
 ) -> Path:
     """Generate the train/val/test shards and the manifest (the caption tokenizer is the next step:
     ``datamodules.tokenizer.build_tokenizer``).
@@ -98,7 +101,9 @@ def build_dataset(
     The scenes show objects of ``kinds`` (None: every one of ``KINDS``) except ``exclude_kinds``, e.g. a dataset
     without the kinds a model is to learn later from data of its own (see ``select_kinds``; an unknown kind is a
     ``ValueError`` naming it). The manifest's ``kinds`` lists the kinds drawn. The default scenes are the same as
-    with every kind named.
+    with every kind named. ``featured_kinds`` (some of those drawn) puts at least one object of one of them in
+    every scene, among objects of any kind: photos collected for the kinds a model is to learn (``featured`` in the
+    manifest).
 
     Everything is written to a temporary sibling folder that is renamed to ``out``
     only when complete (``out/done`` is its last file), so an interrupted build is
@@ -106,6 +111,7 @@ def build_dataset(
     with the same settings it is kept as is.
     """
     chosen = select_kinds(kinds, exclude_kinds)  # before anything is written: an unknown kind is a typo
+    featured = select_featured(chosen, featured_kinds)
     out = Path(out)
     counts = {"train": n_train, "val": n_val, "test": n_test}
     settings = {
@@ -114,10 +120,11 @@ def build_dataset(
         "samples_per_shard": samples_per_shard,
         "counts": counts,
         "kinds": list(chosen),
+        **({"featured": list(featured)} if featured else {}),  # absent by default: earlier builds stay valid
     }
     if (out / "done").exists():
         manifest = json.loads((out / "manifest.json").read_text())
-        if {k: manifest.get(k) for k in settings} == settings:
+        if {k: manifest.get(k) for k in [*settings, "featured"]} == {"featured": None, **settings}:
             return out
     if out.exists() and not _is_dataset_dir(out):
         raise FileExistsError(f"{out} exists and does not look like a generated dataset")
@@ -129,7 +136,7 @@ def build_dataset(
         (tmp / split).mkdir(parents=True)
         for shard, start in enumerate(range(0, counts[split], samples_per_shard)):
             stop = min(start + samples_per_shard, counts[split])
-            jobs.append(_ShardJob(str(tmp), split, shard, start, stop, seed, image_size, chosen))
+            jobs.append(_ShardJob(str(tmp), split, shard, start, stop, seed, image_size, chosen, featured))
 
     try:
         if workers > 1 and len(jobs) > 1:
@@ -182,11 +189,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     kind = dict(nargs="+", choices=KINDS, metavar="KIND")
     parser.add_argument("--kinds", **kind, help=f"draw only these kinds (of: {' '.join(KINDS)})")
     parser.add_argument("--exclude-kinds", **kind, help="draw every kind but these")
+    parser.add_argument("--feature-kinds", **kind, help="every scene holds at least one object of these kinds")
     args = parser.parse_args(argv)
     if args.out is None and args.preview is None:
         parser.error("give --out and/or --preview")
     try:
         kinds = select_kinds(args.kinds, args.exclude_kinds)
+        select_featured(kinds, args.feature_kinds)
     except ValueError as e:  # nothing left to draw
         parser.error(str(e))
 
@@ -205,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             samples_per_shard=args.samples_per_shard,
             workers=args.workers,
             kinds=kinds,
+            featured_kinds=args.feature_kinds,
         )
         n = args.train + args.val + args.test
         print(f"dataset: {out} ({n} samples, {len(kinds)} kinds) in {time.perf_counter() - t0:.1f} s")
