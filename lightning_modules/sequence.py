@@ -70,10 +70,16 @@ class SequenceBuilder:
         self.delimiter_id = delimiter_ids[-1]
         if self.bos_id is None or self.eos_id is None:
             raise ValueError("tokenizer needs a bos_token and an eos_token")
+        self._context_ids: dict[str, list[int]] = {}  # the prompt's and the delimiter's ids, tokenized once
+
+    def _ids_of(self, context: str) -> list[int]:
+        if context not in self._context_ids:
+            self._context_ids[context] = self.tokenizer.encode(context, add_special_tokens=False)
+        return self._context_ids[context]
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """Text ids of the inference sequence: ``<|image|> <s> PROMPT``."""
-        return [self.image_id, self.bos_id, *self.tokenizer.encode(prompt, add_special_tokens=False)]
+        return [self.image_id, self.bos_id, *self._ids_of(prompt)]
 
     def __call__(self, prompt: str, labels: list[str]) -> TextSequence:
         """Tokenize ``prompt`` followed by ``labels``, label by label, each closed by the delimiter's own id.
@@ -107,11 +113,11 @@ class SequenceBuilder:
         if blank:  # it would still give a token (a space)
             raise ValueError(f"label {blank[0]!r} is empty")
         contexts = [prompt, *[self.delimiter] * (len(labels) - 1)]
-        texts = [prompt, self.delimiter, *(f"{c} {label}" for c, label in zip(contexts, labels))]
+        texts = [f"{c} {label}" for c, label in zip(contexts, labels)]
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        before = {prompt: encoded[0], self.delimiter: encoded[1]}
+        before = {prompt: self._ids_of(prompt), self.delimiter: self._ids_of(self.delimiter)}
         out = []
-        for i, (context, label, ids) in enumerate(zip(contexts, labels, encoded[2:])):
+        for i, (context, label, ids) in enumerate(zip(contexts, labels, encoded)):
             n = len(before[context])
             if ids[:n] != before[context]:
                 what = f"prompt {prompt!r}" if i == 0 else f"delimiter {self.delimiter!r}"

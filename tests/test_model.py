@@ -270,3 +270,29 @@ def test_a_random_init_tower_builds_quietly_but_other_warnings_stay(caplog):
             logging.warning("something else")
     messages = [r.getMessage() for r in caplog.records]
     assert not any("No pretrained weights loaded" in m for m in messages) and "something else" in messages
+
+
+def test_the_pool_first_stem_is_the_same_function_in_eval_mode_and_differs_only_in_batch_statistics():
+    """Max-pool commutes with a per-channel increasing map, and BatchNorm in eval mode with positive scales followed
+    by ReLU is one: the two stems compute the same function from the same weights. In training BatchNorm normalises
+    with the statistics of what it sees, the pooled maps in one order and the full maps in the other."""
+    from lightning_modules.vision import ConvStem
+
+    torch.manual_seed(0)
+    after, first = ConvStem(32, 8), ConvStem(32, 8, pool_first=True)
+    assert [type(m).__name__ for m in first][:4] == ["Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU"]
+    assert [type(m).__name__ for m in after][:4] == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"]
+    for norm in (m for m in after if isinstance(m, torch.nn.BatchNorm2d)):
+        norm.weight.data.uniform_(0.5, 2.0)
+        norm.bias.data.normal_()
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2.0)
+    new_place = {0: 0, 1: 2, 2: 3, 3: 1}  # a stage's conv, BN, ReLU, pool -> conv, pool, BN, ReLU
+    moved = {}
+    for key, value in after.state_dict().items():
+        index, name = key.split(".", 1)
+        moved[f"{4 * (int(index) // 4) + new_place[int(index) % 4]}.{name}"] = value
+    first.load_state_dict(moved)
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(first.eval()(x), after.eval()(x))
+    assert not torch.allclose(first.train()(x), after.train()(x))
