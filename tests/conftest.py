@@ -60,19 +60,24 @@ needs_trained_default = pytest.mark.skipif(
 )
 
 
-def eval_attention_maps():
-    """``experiments/eval_attention_maps.py`` as a module (experiments/ is no package)."""
+def experiment(name: str):
+    """``experiments/NAME.py`` as a module (experiments/ is no package)."""
     import importlib.util
 
-    path = Path(__file__).parents[1] / "experiments/eval_attention_maps.py"
-    spec = importlib.util.spec_from_file_location("eval_attention_maps", path)
+    path = Path(__file__).parents[1] / f"experiments/{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def tiny_nxtp(seed: int = 0, hidden: int = 64, blocks: int = 2, **kwargs) -> NXTP:
-    """A small random NXTP (4x4 image tokens, LLaMA-2 tokenizer) for tests."""
+def eval_attention_maps():
+    """``experiments/eval_attention_maps.py`` as a module."""
+    return experiment("eval_attention_maps")
+
+
+def tiny_nxtp(seed: int = 0, hidden: int = 64, blocks: int = 2, vision: VisionConfig | None = None, **kwargs) -> NXTP:
+    """A small random NXTP (4x4 image tokens, LLaMA-2 tokenizer; ``vision``: another tower) for tests."""
     torch.manual_seed(seed)
     decoder = DecoderConfig(
         config=dict(
@@ -85,7 +90,8 @@ def tiny_nxtp(seed: int = 0, hidden: int = 64, blocks: int = 2, **kwargs) -> NXT
         )
     )
     speed = {k: kwargs.pop(k) for k in ("attention", "pad_to_multiple") if k in kwargs}
-    config = NXTPConfig(VisionConfig(model_name="nxtp-tiny-vit"), decoder, str(LLAMA_TOKENIZER), **kwargs)
+    vision = vision or VisionConfig(model_name="nxtp-tiny-vit")
+    config = NXTPConfig(vision, decoder, str(LLAMA_TOKENIZER), **kwargs)
     return NXTP(config, **speed).eval()
 
 

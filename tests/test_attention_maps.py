@@ -9,7 +9,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import LLAMA_TOKENIZER, TEST_SHARD, TRAINED_DEFAULT, eval_attention_maps, needs_trained_default, tiny_nxtp
+from conftest import (
+    LLAMA_TOKENIZER,
+    TEST_SHARD,
+    TRAINED_DEFAULT,
+    eval_attention_maps,
+    experiment,
+    needs_trained_default,
+    tiny_nxtp,
+)
 from PIL import Image
 
 from lightning_modules import attention_maps as am
@@ -328,3 +336,23 @@ def test_the_trained_default_model_points_at_the_objects():
     margin = 2 * np.sqrt(hits.var() / len(hits))
     assert hits.mean() > uniform_hits.mean() + margin, (hits.mean(), uniform_hits.mean())
     assert mass.mean() > uniform_mass.mean(), (mass.mean(), uniform_mass.mean())
+
+
+def test_fine_maps_of_a_batch_of_pairs_are_those_of_each_pair_alone():
+    """experiments/eval_fine_maps.py runs every (image, label) pair in one batch: in eval mode (BatchNorm's running
+    statistics) each pair's gradient maps must be those of the pair run alone, up to the positive factor of the
+    loss's mean over the batch's tokens (pointing takes the maximum, which no factor moves)."""
+    fine = experiment("eval_fine_maps")
+    model = tiny_nxtp(vision=VisionConfig(model_name="nxtp-tiny-vit", conv_stem=True, stem_pool_first=True))
+    kept = fine.stem_activations(model)
+    pixels = torch.randn(2, 3, *model.image_size)
+    labels = [["cat", "red dress"], ["car"]]
+    together = fine.fine_maps(model, pixels, labels, kept)
+    pairs = [(b, label) for b, ls in enumerate(labels) for label in ls]
+    assert {k: v.shape for k, v in together.items()}["|grad|"] == (3, *model.image_size)
+    assert any("stage1" in k for k in together) and any("stage4" in k for k in together)
+    for n, (b, label) in enumerate(pairs):
+        alone = fine.fine_maps(model, pixels[b : b + 1], [[label]], kept)
+        for name, maps in together.items():
+            a, b = maps[n], alone[name][0]  # a map clamped at 0 may be 0 everywhere (Grad-CAM of a random model)
+            np.testing.assert_allclose(a / max(a.max(), 1e-30), b / max(b.max(), 1e-30), atol=1e-4, err_msg=name)
