@@ -21,6 +21,7 @@ backward pass of the whole model. Printed: the pointing rate of each, best first
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -95,11 +96,7 @@ def main() -> None:
 
     model = load_model(args.checkpoint).eval()
     kept = stem_activations(model)
-    scenes = []
-    for scene in read_scenes(args.shards):
-        scenes.append(scene)
-        if len(scenes) >= args.limit:
-            break
+    scenes = list(itertools.islice(read_scenes(args.shards), args.limit))
     hits: dict[str, list[float]] = {}
     for start in range(0, len(scenes), args.batch_size):
         chunk = scenes[start : start + args.batch_size]

@@ -349,10 +349,13 @@ def test_fine_maps_of_a_batch_of_pairs_are_those_of_each_pair_alone():
     labels = [["cat", "red dress"], ["car"]]
     together = fine.fine_maps(model, pixels, labels, kept)
     pairs = [(b, label) for b, ls in enumerate(labels) for label in ls]
-    assert {k: v.shape for k, v in together.items()}["|grad|"] == (3, *model.image_size)
+    assert together["|grad|"].shape == (3, *model.image_size)
     assert any("stage1" in k for k in together) and any("stage4" in k for k in together)
-    for n, (b, label) in enumerate(pairs):
-        alone = fine.fine_maps(model, pixels[b : b + 1], [[label]], kept)
+    for n, (image, label) in enumerate(pairs):
+        alone = fine.fine_maps(model, pixels[image : image + 1], [[label]], kept)
         for name, maps in together.items():
-            a, b = maps[n], alone[name][0]  # a map clamped at 0 may be 0 everywhere (Grad-CAM of a random model)
-            np.testing.assert_allclose(a / max(a.max(), 1e-30), b / max(b.max(), 1e-30), atol=1e-4, err_msg=name)
+            # a map clamped at 0 may be 0 everywhere (Grad-CAM of a random model)
+            batched, single = maps[n], alone[name][0]
+            np.testing.assert_allclose(
+                batched / max(batched.max(), 1e-30), single / max(single.max(), 1e-30), atol=1e-4, err_msg=name
+            )
