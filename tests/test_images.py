@@ -251,11 +251,18 @@ def label_setup(tmp_path_factory):
 
 
 def label(checkpoint, *folders) -> dict[str, dict[str, list[tuple[str, float]]]]:
-    """One `nxtp label` over the folders: {folder name: {image name: labels}}."""
+    """One `nxtp label` over the folders: {folder name: {image name: labels}}. It imports no NLTK on the way (only
+    label extraction from captions needs it): a second a start, in every command that labels images."""
     result = run(
-        NXTP_CLI + ["label", "--checkpoint", str(checkpoint), "--topk", "4", "--workers", "0", *map(str, folders)]
+        NXTP_CLI[:1]
+        + ["-X", "importtime"]
+        + NXTP_CLI[1:]
+        + ["label", "--checkpoint", str(checkpoint), "--topk", "4", "--workers", "0", *map(str, folders)]
     )
     assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("import time:")]
+    imported = {line.rsplit("|", 1)[1].strip() for line in lines}
+    assert "lightning_modules.inference" in imported and "nltk" not in imported
     found: dict[str, dict[str, list[tuple[str, float]]]] = {}
     for line in map(json.loads, result.stdout.splitlines()):
         folder, name = line["image"].split("/")[-2:]
