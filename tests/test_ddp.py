@@ -5,6 +5,7 @@ group), so a hang fails the test in minutes."""
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -69,14 +70,25 @@ def event_files(version: Path) -> list[Path]:
     return sorted(version.glob("events.out.tfevents.*"))
 
 
+# ddp_run's steps, and its first validation (which writes last.ckpt, and after which the SIGTERM comes): every 4
+# training batches, 2 steps of 2 accumulated batches. The other 10 steps leave the signal time to land.
+STEPS, FIRST_CHECKPOINT = 12, 2
+
+
+def event_pids(files: list[Path]) -> set[str]:
+    """The processes that wrote these TensorBoard event files (``events.out.tfevents.TIME.HOST.PID.N``)."""
+    return {f.name.split(".")[4] for f in files}
+
+
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, shapes):
     """One 2-rank DDP fit with test_after_fit: one validation shard for two ranks (one rank gets none), and a test
-    split of three shards of very different sizes read by 2 ranks x 2 workers."""
+    split of three shards of very different sizes read by 2 ranks x 2 workers. It is stopped by a SIGTERM to the
+    launching process once it has written its first checkpoint, and the same command resumes it to the end."""
     tmp = tmp_path_factory.mktemp("ddp")
     test_shards = write_uneven_shards(shapes / "test" / "shard-000000.tar", tmp / "test", [23, 7, 2])
     command = (
-        fit_command(shapes, tmp / "logs", 8)
+        fit_command(shapes, tmp / "logs", STEPS)
         + DDP
         + [
             "--test_after_fit",
@@ -94,13 +106,39 @@ def ddp_run(tmp_path_factory, shapes):
             "64",  # 16 per device x 2 devices x 2 accumulation steps
         ]
     )
-    started = time.perf_counter()
-    result = run(command, timeout=DEADLINE)
+    version = tmp / "logs" / "default" / "version_0"
+    proc = start_until(
+        command,
+        version / "checkpoints" / "last.ckpt",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        proc.send_signal(signal.SIGTERM)  # rank 0 alone, as a scheduler or `kill PID` would
+        out, err = proc.communicate(timeout=DEADLINE)
+        deadline = time.time() + 60
+        while time.time() < deadline and group_alive(proc.pid):  # rank 1, started by rank 0, ends too
+            time.sleep(0.5)
+        group_ended = not group_alive(proc.pid)
+    finally:
+        if group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+    last = version / "checkpoints" / "last.ckpt"
+    stopped = {
+        "returncode": proc.returncode,
+        "out": out,
+        "err": err,
+        "group_ended": group_ended,
+        "at": torch.load(last, weights_only=False)["global_step"] if last.exists() else None,
+        "event_files": event_files(version),
+    }
     return {
-        "result": result,
-        "seconds": time.perf_counter() - started,
+        "stopped": stopped,
+        "result": run(command, timeout=DEADLINE),  # the same command: it resumes the run and ends it
         "test_shards": test_shards,
-        "version": tmp / "logs" / "default" / "version_0",
+        "version": version,
         "tmp": tmp,
         "command": command,
     }
@@ -113,14 +151,33 @@ def test_a_ddp_fit_runs_to_the_end_and_writes_its_metrics(ddp_run):
     assert "test results:" in result.stdout
     assert "global batch 64 = 16 per device x 2 devices x 2 accumulation steps" in result.stdout + result.stderr
     metrics = json.loads((version / "metrics.json").read_text())
-    assert metrics["global_step"] == 8
+    assert metrics["global_step"] == STEPS
     assert metrics["test/images"] == count_samples(ddp_run["test_shards"]) == 32  # every test sample, once
-    assert torch.load(version / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 8
-    # TensorBoard is written by rank 0 alone: one process's files, each training step logged once.
-    pids = {f.name.split(".")[4] for f in event_files(version)}
-    assert len(pids) == 1, event_files(version)
+    assert torch.load(version / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == STEPS
+    # TensorBoard is written by rank 0 alone: the files of each start (the stopped one, then the resumed one) are
+    # one process's, and each training step is logged once, but the step the signal ended, which the stopped run
+    # does not log (an uninterrupted DDP run logs every step: test_a_finished_run_is_not_resumed...).
+    stopped, stopped_at = ddp_run["stopped"]["event_files"], ddp_run["stopped"]["at"]
+    resumed = sorted(set(event_files(version)) - set(stopped))
+    assert len(event_pids(stopped)) == 1 and len(event_pids(resumed)) == 1, event_files(version)
     steps = [e.step for e in EventAccumulator(str(version)).Reload().Scalars("train/loss")]
-    assert steps == sorted(set(steps)) and len(steps) == 8
+    assert steps == sorted(set(steps)) and set(steps) >= set(range(STEPS)) - {(stopped_at or 0) - 1}
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launching_process_stops_both_ranks_and_the_same_command_resumes_them(ddp_run):
+    # ddp_run's first start, stopped by a SIGTERM to its launching process once it wrote its first checkpoint, and
+    # resumed by the same command.
+    stopped, version = ddp_run["stopped"], ddp_run["version"]
+    assert stopped["group_ended"]  # rank 1 (and every data worker) ended with rank 0
+    assert stopped["returncode"] == 128 + signal.SIGTERM, stopped["err"][-3000:]
+    assert "stopped by SIGTERM" in stopped["out"]
+    stopped_at = stopped["at"]
+    assert FIRST_CHECKPOINT <= stopped_at < STEPS
+
+    resumed = ddp_run["result"]
+    assert f"resuming from {version / 'checkpoints' / 'last.ckpt'} at step {stopped_at}" in resumed.stdout
+    assert_resumed_to_the_end(resumed, version, STEPS, stopped_at)
 
 
 @pytest.mark.slow
@@ -170,21 +227,24 @@ def write_shard_without_some_captions(source: Path, out: Path, samples: int, eve
 
 
 @pytest.mark.slow
-def test_a_finished_run_is_not_resumed_and_a_nonfinite_loss_on_one_rank_is_skipped_by_both(ddp_run, shapes):
-    # One DDP fit checks both. It is the finished ddp_run's command (the same logger folder) with other training
-    # shards, a user's own data, so it must not "resume" that run but start version_1 from step 0.
+def test_a_finished_run_is_not_resumed_and_a_nonfinite_loss_on_one_rank_is_skipped_by_both(ddp_run, shapes, tmp_path):
+    # One DDP fit checks both. It is the finished ddp_run's command (the same logger folder: a copy of it, which
+    # leaves ddp_run's one run for the other tests) with other training shards, a user's own data, so it must not
+    # "resume" that run but start version_1 from step 0.
     # Its shards make a non-finite loss on one rank: rank 0 reads a good shard, rank 1 one with 16 samples of 64
     # missing their caption (epochs), and at step 2 rank 1's loss is NaN; rank 0 must skip that step too (alone, it
     # would wait for rank 1's gradients for ever). Skipped samples are summed over the ranks.
     assert ddp_run["result"].returncode == 0
-    shards = ddp_run["tmp"] / "train"
+    logs = tmp_path / "logs"
+    shutil.copytree(ddp_run["tmp"] / "logs", logs)
+    shards = tmp_path / "train"
     shards.mkdir()
     (shards / "shard-000000.tar").symlink_to(shapes / "train" / "shard-000000.tar")
     dropped = write_shard_without_some_captions(
         shapes / "train" / "shard-000001.tar", shards / "shard-000001.tar", 64, 4
     )
     command = (
-        fit_command(shapes, ddp_run["tmp"] / "logs", 6)
+        fit_command(shapes, logs, 6)
         + DDP
         + [
             "--data.train_shards",
@@ -202,8 +262,8 @@ def test_a_finished_run_is_not_resumed_and_a_nonfinite_loss_on_one_rank_is_skipp
     )
     result = run(command, timeout=DEADLINE)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "its run is finished (step 8 of 8), so a new run starts" in result.stdout
-    version = ddp_run["version"].parent / "version_1"
+    assert f"its run is finished (step {STEPS} of {STEPS}), so a new run starts" in result.stdout
+    version = logs / "default" / "version_1"
     assert json.loads((version / "metrics.json").read_text())["global_step"] == 6  # its own run, from step 0
 
     assert "skipping step 2: loss is not finite (on another rank)" in result.stderr
@@ -212,6 +272,10 @@ def test_a_finished_run_is_not_resumed_and_a_nonfinite_loss_on_one_rank_is_skipp
     checkpoint = torch.load(version / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 6 and checkpoint["nxtp_train_skipped"]["nonfinite"] == 1
     scalars = EventAccumulator(str(version)).Reload()
+    # TensorBoard is written by rank 0 alone: one process's files, each training step logged once (here, in a DDP
+    # run that was not stopped on the way, as ddp_run was).
+    assert len(event_pids(event_files(version))) == 1, event_files(version)
+    assert [e.step for e in scalars.Scalars("train/loss")] == list(range(6))
     losses = [e.value for e in scalars.Scalars("train/loss")]
     assert len(losses) == 6 and math.isnan(losses[2]) and all(map(math.isfinite, losses[:2] + losses[3:]))
     assert losses[3] < losses[1]  # it trained before and after the skipped step
@@ -293,39 +357,6 @@ def test_torchrun_on_two_nodes_trains_epochs_over_uneven_shards_and_stops_them_t
         assert node.returncode == 0, err[-3000:]
     metrics = json.loads((tmp_path / "logs" / "default" / "version_0" / "metrics.json").read_text())
     assert metrics["global_step"] == 6
-
-
-@pytest.mark.slow
-def test_sigterm_to_the_launching_process_stops_both_ranks_and_the_same_command_resumes_them(tmp_path, shapes):
-    steps = 20
-    command = fit_command(shapes, tmp_path / "logs", steps) + DDP
-    version = tmp_path / "logs" / "default" / "version_0"
-    proc = start_until(
-        command,
-        version / "checkpoints" / "last.ckpt",
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        proc.send_signal(signal.SIGTERM)  # rank 0 alone, as a scheduler or `kill PID` would
-        out, err = proc.communicate(timeout=DEADLINE)
-        deadline = time.time() + 60
-        while time.time() < deadline and group_alive(proc.pid):  # rank 1, started by rank 0, ends too
-            time.sleep(0.5)
-        assert not group_alive(proc.pid)
-    finally:
-        if group_alive(proc.pid):
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
-    assert "stopped by SIGTERM" in out
-    stopped_at = torch.load(version / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
-    assert 10 <= stopped_at < steps
-
-    resumed = run(command, timeout=DEADLINE)
-    assert f"resuming from {version / 'checkpoints' / 'last.ckpt'} at step {stopped_at}" in resumed.stdout
-    assert_resumed_to_the_end(resumed, version, steps, stopped_at)
 
 
 @pytest.mark.slow

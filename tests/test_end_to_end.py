@@ -1,5 +1,6 @@
 """End to end, as a user runs it: `nxtp fit` interrupted at every moment (a signal, a SLURM pre-emption) and
-resumed, and a run too short to validate. (A run like `make train`, then `nxtp label`: tests/test_readme.py.)"""
+resumed, the same command twice giving the same losses, and a run too short to validate. (A run like
+`make train`, then `nxtp label`: tests/test_readme.py.)"""
 
 import json
 import os
@@ -9,10 +10,33 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_resumed_to_the_end, fit_command, run, start_until
+from conftest import NXTP_CLI, assert_resumed_to_the_end, fit_command, nxtp_here, run, start_until
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_modules.cli.train import resume_point
+
+STEPS = 30  # validations every 10 steps; 256 samples in batches of 16 are 16 steps an epoch
+STOP = 14  # the step the same command's runs are interrupted at, inside the training step
+
+
+def command(shapes: Path, save_dir: Path, workers: int = 1) -> list[str]:
+    """The command of this module's interrupted runs and of the uninterrupted one they compare with: its training
+    data in epochs (not resampled), read by ``workers`` data workers (0 and 1 give the same batches), so that a run
+    stopped at step ``STOP`` has validations on both sides of the stop and an epoch boundary of its data after it."""
+    return fit_command(shapes, save_dir, STEPS) + ["--data.resampled", "false", "--data.num_workers", str(workers)]
+
+
+def signal_at(moment: str, step: int, group: bool = False) -> list[str]:
+    """The arguments that make a run send itself SIGTERM at ``moment`` of step ``step`` (``tests/signal_at.py``)."""
+    return [
+        "--trainer.callbacks+=tests.signal_at.SignalAt",
+        "--trainer.callbacks.moment",
+        moment,
+        "--trainer.callbacks.step",
+        str(step),
+        "--trainer.callbacks.group",
+        str(group),
+    ]
 
 
 def losses(save_dir: Path) -> dict[int, float]:
@@ -29,13 +53,47 @@ def final_loss(save_dir: Path) -> float:
     return sum(last) / len(last)
 
 
+def scalars(save_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """Every value of ``tag`` a run logged, with its step, in order (a resumed run's included)."""
+    events = EventAccumulator(str(save_dir / "default" / "version_0")).Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
+def stop_and_resume(shapes: Path, save_dir: Path, stop: list[str], workers: int = 1) -> dict:
+    """``command`` with ``stop`` (a ``signal_at``), what it left where it stopped (its step, whether it wrote the
+    results of a finished run, its losses), then ``command`` again, which resumes it."""
+    version = save_dir / "default" / "version_0"
+    stopped = run(command(shapes, save_dir, workers) + stop)
+    last = version / "checkpoints" / "last.ckpt"
+    return {
+        "stopped": stopped,
+        "stopped_at": torch.load(last, weights_only=False)["global_step"] if last.exists() else None,
+        "over": (version / "metrics.json").exists(),
+        "losses": losses(save_dir) if stopped.returncode == 128 + signal.SIGTERM else {},
+        "resumed": run(command(shapes, save_dir, workers)),
+        "save_dir": save_dir,
+        "version": version,
+    }
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, shapes) -> Path:
-    """The save_dir of the moments test's run (30 steps) done without interruption, for comparison."""
+    """The save_dir of ``command`` run without interruption, the truth the interrupted runs compare with: run in
+    this process (`conftest.nxtp_here`), the data read without a worker (the same batches, and no fork of this
+    process)."""
     save_dir = tmp_path_factory.mktemp("uninterrupted")
-    whole = run(fit_command(shapes, save_dir, 30))
-    assert whole.returncode == 0, whole.stderr[-3000:]
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        assert nxtp_here(command(shapes, save_dir, workers=0)[len(NXTP_CLI) :], monkeypatch) == 0
     return save_dir
+
+
+@pytest.fixture(scope="module")
+def twice(tmp_path_factory, shapes) -> dict[str, dict]:
+    """Two runs of one command, each interrupted inside the training step at step ``STOP`` and resumed: the same
+    command twice (test_the_same_command_twice...), and the first is the run interrupted in training of
+    test_a_run_interrupted_at_any_moment..."""
+    tmp = tmp_path_factory.mktemp("twice")
+    return {name: stop_and_resume(shapes, tmp / name, signal_at("training", STOP)) for name in ("first", "second")}
 
 
 @pytest.mark.slow
@@ -102,41 +160,30 @@ def test_a_run_resumes_from_its_own_checkpoints_only(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "moment, step, group", [("training", 14, False), ("validation", 10, True), ("checkpoint", 10, False)]
+    "moment, step, group", [("training", STOP, False), ("validation", 10, True), ("checkpoint", 10, False)]
 )
 def test_a_run_interrupted_at_any_moment_resumes_and_ends_with_its_final_checkpoint(
-    tmp_path, shapes, moment, step, group, uninterrupted
+    tmp_path, shapes, moment, step, group, uninterrupted, twice
 ):
     # group: the signal goes to the whole process group, as Ctrl-C in a terminal does, the data workers of the
     # validation under way included (which the run still reads from after the signal)
-    steps = 30
-    command = fit_command(shapes, tmp_path / "logs", steps) + ["--data.num_workers", "1" if group else "0"]
-    version = tmp_path / "logs" / "default" / "version_0"
-    interrupted = run(
-        command
-        + [
-            "--trainer.callbacks+=tests.signal_at.SignalAt",
-            "--trainer.callbacks.moment",
-            moment,
-            "--trainer.callbacks.step",
-            str(step),
-            "--trainer.callbacks.group",
-            str(group),
-        ]
-    )
+    if moment == "training":  # the first of the same command's two runs (the test below) is this one
+        stopped = twice["first"]
+    else:
+        stopped = stop_and_resume(shapes, tmp_path / "logs", signal_at(moment, step, group), 1 if group else 0)
+    interrupted, stopped_at, version = stopped["stopped"], stopped["stopped_at"], stopped["version"]
     assert interrupted.returncode == 128 + signal.SIGTERM, interrupted.stderr[-3000:]
     assert "stopped by SIGTERM" in interrupted.stdout
-    stopped_at = torch.load(version / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
     assert step <= stopped_at <= step + 1  # at the end of the step under way (after the validation under way)
-    assert not (version / "metrics.json").exists()  # the run is not over
+    assert not stopped["over"]  # the run is not over: no metrics.json
 
     # Until the signal it was the uninterrupted run, step for step: the same seed draws the same data.
-    before = {step: loss for step, loss in losses(tmp_path / "logs").items() if step < stopped_at}
+    before = {step: loss for step, loss in stopped["losses"].items() if step < stopped_at}
     whole = losses(uninterrupted)
     assert before and before == pytest.approx({step: whole[step] for step in before}, rel=1e-5)
-    assert_resumed_to_the_end(run(command), version, steps, stopped_at)
+    assert_resumed_to_the_end(stopped["resumed"], version, STEPS, stopped_at)
     # It trained as far as a run that was never stopped (not bit for bit: the resumed run draws a stream of its own).
-    assert abs(final_loss(tmp_path / "logs") - final_loss(uninterrupted)) < 0.3 * final_loss(uninterrupted)
+    assert abs(final_loss(stopped["save_dir"]) - final_loss(uninterrupted)) < 0.3 * final_loss(uninterrupted)
 
 
 @pytest.mark.slow
@@ -163,41 +210,33 @@ def test_a_signal_during_a_test_stops_it_with_its_exit_status_and_no_results(tmp
 
 
 @pytest.mark.slow
-def test_a_run_shorter_than_the_validation_interval_tests_its_last_weights(tmp_path, shapes):
-    fit = run(
-        fit_command(shapes, tmp_path / "logs", 4)
-        + ["--test_after_fit", "true", "--data.test_shards", str(shapes / "test/shard-000000.tar")]
+def test_a_run_shorter_than_the_validation_interval_tests_its_last_weights(tmp_path, shapes, monkeypatch, capsys):
+    # What is checked is what `fit --test_after_fit` does without a validation, not the command (started as a user
+    # does in the tests above): `nxtp fit` in this process.
+    fit = fit_command(shapes, tmp_path / "logs", 4)[len(NXTP_CLI) :]
+    code = nxtp_here(
+        fit + ["--test_after_fit", "true", "--data.test_shards", str(shapes / "test/shard-000000.tar")], monkeypatch
     )
-    assert fit.returncode == 0, fit.stderr[-3000:]
-    assert "no validation ran, so there is no best checkpoint: testing the last weights" in fit.stdout
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    assert "no validation ran, so there is no best checkpoint: testing the last weights" in out
     metrics = json.loads((tmp_path / "logs" / "default" / "version_0" / "metrics.json").read_text())
     assert metrics["global_step"] == 4 and metrics["test/images"] == 32
 
 
-def scalars(save_dir: Path, tag: str) -> list[tuple[int, float]]:
-    """Every value of ``tag`` a run logged, with its step, in order (a resumed run's included)."""
-    events = EventAccumulator(str(save_dir / "default" / "version_0")).Reload()
-    return [(event.step, event.value) for event in events.Scalars(tag)]
-
-
 @pytest.mark.slow
-def test_the_same_command_twice_gives_the_same_losses_to_the_last_digit(tmp_path, shapes):
-    # Two runs of one command, each interrupted at step 20 and resumed, across validations (every 10 steps) and an
-    # epoch boundary of its data worker (256 samples in batches of 16: 16 steps an epoch). Before the loss rows
-    # were gathered with index_select, the first losses differed at about step 27 (two runs side by side).
-    steps = 40
-    command = fit_command(shapes, tmp_path / "{}", steps) + ["--data.resampled", "false", "--data.num_workers", "1"]
-    stop = ["--trainer.callbacks+=tests.signal_at.SignalAt", "--trainer.callbacks.moment", "training"]
+def test_the_same_command_twice_gives_the_same_losses_to_the_last_digit(twice):
+    # Two runs of one command, each interrupted at step STOP and resumed, across validations (every 10 steps) and an
+    # epoch boundary of its data worker (16 steps an epoch: the resumed run crosses it). Before the loss rows were
+    # gathered with index_select, the first losses differed at about step 27 (two runs side by side).
     for name in ("first", "second"):
-        this = [word.replace("{}", name) for word in command]
-        stopped = run([*this, *stop, "--trainer.callbacks.step", "20"])
+        stopped, resumed = twice[name]["stopped"], twice[name]["resumed"]
         assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
-        resumed = run(this)
         assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr[-3000:]
-    first, second = tmp_path / "first", tmp_path / "second"
+    first, second = twice["first"]["save_dir"], twice["second"]["save_dir"]
     train = scalars(first, "train/loss")
     # every step but the one the signal ended, whose loss the stopped run does not log
-    assert {s for s, _ in train} >= set(range(steps)) - {20}
+    assert {s for s, _ in train} >= set(range(STEPS)) - {STOP}
     assert train == scalars(second, "train/loss")  # every digit
     validations = scalars(first, "val/loss")
     assert len(validations) >= 3 and validations == scalars(second, "val/loss")
