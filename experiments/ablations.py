@@ -221,8 +221,16 @@ def nxtp_sweep(path: Path, *flags: str, capture: bool = False) -> subprocess.Com
     return subprocess.run(command, env=environment(), capture_output=capture, text=True)
 
 
+def others_finished(folder: Path, metric: str) -> bool:
+    """Whether another sweep beside ``folder`` has a finished run, one that ``link_finished`` could link."""
+    return any(other.parent.name != folder.name and finished(other, metric) for other in folder.parent.glob("*/*"))
+
+
 def link_shared_runs(sweep, path: Path) -> list[Path]:
-    """``link_finished`` for every run the sweep plans (the names its ``--dry-run`` prints)."""
+    """``link_finished`` for every run the sweep plans (the names its ``--dry-run`` prints). Where no other sweep
+    beside it has finished a run there is nothing to link: no dry run (a process that imports torch and Lightning)."""
+    if not others_finished(sweep.folder, sweep.metric):
+        return []
     planned = nxtp_sweep(path, "--dry-run", capture=True)
     if planned.returncode != 0:
         print(f"{path}: nxtp sweep --dry-run failed:\n{planned.stderr[-3000:]}", flush=True)

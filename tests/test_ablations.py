@@ -3,10 +3,13 @@ their common runs, the sampler timer, the tests' arguments, the tables (mean ± 
 small run end to end."""
 
 import argparse
+import contextlib
 import csv
 import importlib.util
 import inspect
+import io
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, fit_overrides, print_config
+from conftest import ROOT, fit_overrides, nxtp_here, print_config
 
 from lightning_modules import lit_nxtp
 from lightning_modules.sweep import Sweep, identify, trials
@@ -77,10 +80,12 @@ def finished_run(folder: Path, metric: str = "test/exact_top5/f1", value=0.5) ->
 
 def test_a_run_another_sweep_finished_is_linked_not_trained_again(tmp_path):
     sweeps = tmp_path / "sweeps"
-    done = finished_run(sweeps / "a" / "label_attention=masked-seed_everything=0-abcd1234")
-    finished_run(sweeps / "a" / "label_attention=causal-seed_everything=0-00000001", value=None)  # no metric
     mine = sweeps / "b"
     finished_run(mine / "num_blocks=2-seed_everything=0-00000002")
+    finished_run(sweeps / "a" / "label_attention=causal-seed_everything=0-00000001", value=None)  # no metric
+    assert not A.others_finished(mine, "test/exact_top5/f1")  # nothing to link: its runs are planned by no dry run
+    done = finished_run(sweeps / "a" / "label_attention=masked-seed_everything=0-abcd1234")
+    assert A.others_finished(mine, "test/exact_top5/f1")
     runs = ["num_blocks=1-seed_everything=0-abcd1234", "x=1-00000001", "num_blocks=2-seed_everything=0-00000002"]
     made = A.link_finished(mine, runs, "test/exact_top5/f1")
     assert made == [mine / runs[0]]
@@ -220,9 +225,24 @@ def test_the_sampling_table_times_each_sampler_against_the_reference():
     assert lines[0][-4:-2] == ["40 ± 0", "1.00x"] and lines[1][-4:-2] == ["140 ± 0", "3.50x"]
 
 
+def sweeps_here(monkeypatch) -> None:
+    """From here on, ``nxtp sweep`` as ``make ablations`` starts it (``A.nxtp_sweep``, its ``--dry-run`` too) runs in
+    this process (``conftest.nxtp_here``): once the real commands have run, what a later start does (which runs it
+    links, skips or trains) is the ablation's and the sweep's, not the command's, and a run it trained would still
+    be an ``nxtp fit`` subprocess. Saves a start of the command (importing torch and Lightning) each time."""
+
+    def nxtp_sweep(path: Path, *flags: str, capture: bool = False) -> subprocess.CompletedProcess:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out) if capture else contextlib.nullcontext():
+            code = nxtp_here(["sweep", str(path), *flags], monkeypatch)
+        return subprocess.CompletedProcess(["nxtp", "sweep", str(path), *flags], code, out.getvalue(), "")
+
+    monkeypatch.setattr(A, "nxtp_sweep", nxtp_sweep)
+
+
 @pytest.mark.slow
 @pytest.mark.e2e
-def test_a_small_sampling_ablation_end_to_end_then_the_masking_one_from_its_runs(tmp_path, shapes, capfd):
+def test_a_small_sampling_ablation_end_to_end_then_the_masking_one_from_its_runs(tmp_path, shapes, capfd, monkeypatch):
     fixed = fit_overrides(shapes, tmp_path, 6)
     fixed.update(
         {
@@ -234,6 +254,8 @@ def test_a_small_sampling_ablation_end_to_end_then_the_masking_one_from_its_runs
     common = ["--suffix", "t", "--seeds", "0", "--save-dir", str(tmp_path / "logs"), "--out", str(tmp_path / "out")]
     common += [a for key, value in fixed.items() for a in ("--set", f"{key}={value}")]
     sampling = ["--only", "sampling", "--samplers", "one-shot", "greedy", "--test-batches", "1", *common]
+    # The real commands: `nxtp sweep` (no dry run: no other sweep has runs to link), its two `nxtp fit` runs, and
+    # an `nxtp test` per model and sampler, each a process of its own.
     assert A.main(sampling) == 0, capfd.readouterr().out[-3000:]
     out = capfd.readouterr().out
     assert out.count(" on 1 test batches ...") == 4  # 2 models x 2 samplers
@@ -249,8 +271,9 @@ def test_a_small_sampling_ablation_end_to_end_then_the_masking_one_from_its_runs
     found = list(csv.DictReader(open(tmp_path / "out/ablations.csv")))
     assert len(found) == 4 and all(float(r["ms/image"]) > 0 and r["test images"] == "16.0" for r in found)
 
-    assert A.main(sampling) == 0  # nothing runs twice
-    assert " ..." not in capfd.readouterr().out.replace("$ ", "")
+    sweeps_here(monkeypatch)
+    assert A.main(sampling) == 0  # nothing runs twice: no run trained, no sampler tested again
+    assert " ..." not in capfd.readouterr().out
 
     # The masking ablation's runs are the sampling ablation's: linked, none trained again.
     assert A.main(["--only", "masking", *common]) == 0
