@@ -134,6 +134,14 @@ def run(
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def run_with_imports(args: list[str]) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """``nxtp ARGS`` started as ``run`` starts it, under ``python -X importtime``: its result, and the modules it
+    imported (for the checks that a command does not pay for what it does not use)."""
+    result = run(NXTP_CLI[:1] + ["-X", "importtime"] + NXTP_CLI[1:] + args)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("import time:")]
+    return result, {line.rsplit("|", 1)[1].strip() for line in lines}
+
+
 def nxtp_here(args: list[str], monkeypatch) -> int:
     """``nxtp ARGS`` run in this process (its entry point, from the repository root), for a result that is the
     truth a test compares with rather than the command under test: it saves a start of the command (importing torch

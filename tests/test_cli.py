@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import NXTP_CLI, run
+from conftest import NXTP_CLI, run, run_with_imports
 
 from lightning_modules.cli import COMMANDS, main
 
@@ -57,10 +57,8 @@ SHARED = ["--device", "--precision", "--topk", "--min-prob", "--max-image-pixels
 @pytest.mark.parametrize("command", list(OPTIONS))
 def test_help_lists_the_options_without_importing_torch(command):
     """`nxtp COMMAND --help` answers at once: nothing heavy is imported before the arguments are parsed."""
-    result = run(NXTP_CLI[:1] + ["-X", "importtime"] + NXTP_CLI[1:] + [command, "--help"])
+    result, imported = run_with_imports([command, "--help"])
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = [line for line in result.stderr.splitlines() if line.startswith("import time:")]
-    imported = {line.rsplit("|", 1)[1].strip() for line in lines}
     assert "lightning_modules.cli" in imported  # what -X importtime reports, so that an empty set proves nothing
     assert not {name.split(".")[0] for name in imported} & HEAVY
     expected = OPTIONS[command] + (SHARED if command in ("label", "serve") else [])

@@ -9,7 +9,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from conftest import NXTP_CLI, run, tiny_nxtp
+from conftest import run_with_imports, tiny_nxtp
 from PIL import Image, ImageDraw
 from torchvision import transforms as T
 
@@ -253,15 +253,10 @@ def label_setup(tmp_path_factory):
 def label(checkpoint, *folders) -> dict[str, dict[str, list[tuple[str, float]]]]:
     """One `nxtp label` over the folders: {folder name: {image name: labels}}. It imports no NLTK on the way (only
     label extraction from captions needs it): a second a start, in every command that labels images."""
-    result = run(
-        NXTP_CLI[:1]
-        + ["-X", "importtime"]
-        + NXTP_CLI[1:]
-        + ["label", "--checkpoint", str(checkpoint), "--topk", "4", "--workers", "0", *map(str, folders)]
+    result, imported = run_with_imports(
+        ["label", "--checkpoint", str(checkpoint), "--topk", "4", "--workers", "0", *map(str, folders)]
     )
     assert result.returncode == 0, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("import time:")]
-    imported = {line.rsplit("|", 1)[1].strip() for line in lines}
     assert "lightning_modules.inference" in imported and "nltk" not in imported
     found: dict[str, dict[str, list[tuple[str, float]]]] = {}
     for line in map(json.loads, result.stdout.splitlines()):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-from conftest import NXTP_CLI, run, run_ranks
+from conftest import NXTP_CLI, run, run_ranks, run_with_imports
 
 from datamodules.synthetic import iter_split_metadata
 from lightning_modules.cli import COMMANDS
@@ -174,11 +174,8 @@ def test_compare_refuses_a_file_that_is_not_a_per_label_file(tmp_path, capsys):
 @pytest.mark.e2e
 def test_compare_help_imports_no_torch():
     assert "compare" in COMMANDS
-    result = run(NXTP_CLI[:1] + ["-X", "importtime"] + NXTP_CLI[1:] + ["compare", "--help"])
+    result, imported = run_with_imports(["compare", "--help"])
     assert result.returncode == 0, result.stderr[-3000:]
-    imported = {
-        line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")
-    }
     assert "lightning_modules.per_label" in imported
     assert not {name.split(".")[0] for name in imported} & {"torch", "transformers", "lightning", "open_clip"}
     assert "--before" in result.stdout and "--after" in result.stdout
