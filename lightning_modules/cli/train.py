@@ -66,6 +66,14 @@ class NXTPCLI(LightningCLI):
     (continue the newest run of the same logger from its newest checkpoint, in the same log folder; see
     ``resume_point``)."""
 
+    def subcommands(self) -> dict[str, set[str]]:
+        """LightningCLI's subcommands (with the Trainer arguments each skips), but only the one on the command line
+        when it names one: each subcommand's parser costs a second of introspection at every start, and a run uses
+        one. ``nxtp fit --help`` lists fit's options as before."""
+        every = LightningCLI.subcommands()
+        named = sys.argv[1] if len(sys.argv) > 1 else None
+        return {named: every[named]} if named in every else every
+
     def add_arguments_to_parser(self, parser) -> None:
         # The data module makes batches for the model: it is given the model's tokenizer, prompt and preprocessing.
         parser.link_arguments("model.inputs", "data.inputs", apply_on="instantiate")
