@@ -13,7 +13,7 @@ prints images/s and the decode share (the part of the wall time the labelling lo
 and preprocessing, as far as the workers do not hide it), for plain decoding and for draft decoding, and the
 draft/plain ratio. The runs alternate within each worker count, so other work on the CPU affects both alike.
 
-    python experiments/bench_label.py --locate [--checkpoint CKPT --scenes SHARD] [--images 200]
+    python experiments/bench_label.py --locate [--checkpoint CKPT --scenes SHARD] [--images 200] [--views 4]
 
 measures instead what ``--locate`` (a point and a box per label) costs: images/s of ``label_files`` with and
 without it, alternating, in one run, at top-10 with min-prob 0 and 0.1, for the default model (``--checkpoint``,
@@ -117,12 +117,17 @@ def label_folder(recognizer: Recognizer, paths: list[Path], workers: int, batch_
     return seconds, seconds - in_model
 
 
-def locate_cost(recognizer: Recognizer, paths: list[Path], batch_size: int, min_prob: float, repeats: int = 5):
-    """Seconds per image of ``label_files`` without and with ``locate`` (best of ``repeats``, alternating)."""
+def locate_cost(
+    recognizer: Recognizer, paths: list[Path], batch_size: int, min_prob: float, views: int = 1, repeats: int = 5
+):
+    """Seconds per image of ``label_files`` without and with ``locate`` (best of ``repeats``, alternating);
+    ``views``: ``--locate-views``."""
     times: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(repeats):
         for locate in (False, True):
-            options = InferenceOptions(batch_size=batch_size, topk=10, min_prob=min_prob, locate=locate)
+            options = InferenceOptions(
+                batch_size=batch_size, topk=10, min_prob=min_prob, locate=locate, locate_views=views
+            )
             start = time.perf_counter()
             for result in label_files(recognizer, paths, options):
                 assert result.error is None, result.error
@@ -157,7 +162,7 @@ def bench_locate(args: argparse.Namespace, folder: Path) -> None:
     print(f"{'model':>18} {'min-prob':>8} {'images':>6} {'plain img/s':>11} {'--locate img/s':>14} {'time ratio':>10}")
     for name, recognizer, paths in models:
         for min_prob in (0.0, 0.1):
-            plain, located = locate_cost(recognizer, paths, args.batch_size, min_prob)
+            plain, located = locate_cost(recognizer, paths, args.batch_size, min_prob, args.views)
             print(
                 f"{name:>18} {min_prob:>8} {len(paths):>6} {1 / plain:>11.1f} {1 / located:>14.1f} "
                 f"{located / plain:>9.2f}x"
@@ -168,6 +173,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--locate", action="store_true", help="measure what --locate costs instead (see above)")
     parser.add_argument("--checkpoint", help="--locate: the default model, trained")
+    parser.add_argument("--views", type=int, default=1, choices=(1, 4, 5), help="--locate: with --locate-views")
     parser.add_argument("--scenes", default="data/shapes/test/shard-000000.tar", help="--locate: its scenes")
     parser.add_argument("--images", type=int, default=32, help="how many photos to label")
     parser.add_argument("--size", default="3000x2200", help="photo size WIDTHxHEIGHT")

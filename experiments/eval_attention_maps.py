@@ -138,12 +138,14 @@ def evaluate_boxes(
     device: torch.device,
     method: str,
     variants: list[tuple[int, float]] = ((1, 1.5),),
+    views: int = 1,
 ) -> dict[str, dict[str, list[float]]]:
     """Points and boxes in the original image's pixels, per (image, true kind) pair: pointing (the point lies in
     an object of that kind), best IoU of ``box`` with those objects, and the share of those objects that ``box``,
     or one of ``boxes``, matches at IoU 0.5 (several objects of one kind); for every (radius, spread) of
     ``variants`` of ``method``'s map (radius 0: the peak cell's centre and a box of that cell), or with
-    ``model=None`` the centre-box and whole-image baselines."""
+    ``model=None`` the centre-box and whole-image baselines. ``views``: maps twice as fine, over shifted views
+    (``attention_maps.finer_maps``; radius in half-patch cells)."""
     from lightning_modules import locate as lc
 
     out: dict[str, dict[str, list[float]]] = {}
@@ -168,6 +170,10 @@ def evaluate_boxes(
             pixels = torch.stack([model.eval_transform(im) for im in images]).to(device)
             record = am.label_attention(model.to(device), pixels, labels, gradient=method == "gradient")
             grids = am.maps(record, method).cpu().numpy()
+            if views > 1:
+                ends = np.cumsum([len(k) for k in labels])
+                per_image = [list(grids[e - len(k) : e]) for e, k in zip(ends, labels)]
+                grids = [g for gs in am.finer_maps(model, pixels, labels, per_image, views, method) for g in gs]
         n = 0
         for (_, _, meta), image, kinds in zip(chunk, images, labels):
             for kind in kinds:
@@ -182,7 +188,7 @@ def evaluate_boxes(
                     continue
                 geometry = lc.ViewGeometry.of(image.size, view, model.preprocessing.resize_mode)
                 for radius, spread in variants:
-                    name = f"{method}, radius {radius}, spread {spread}"
+                    name = f"{method}{f' x{views} views' if views > 1 else ''}, radius {radius}, spread {spread}"
                     add(name, lc.locate(grids[n], geometry, radius, spread), truth)
                 n += 1
     return out
@@ -248,6 +254,9 @@ def main() -> None:
         help="score points and boxes (lightning_modules.locate) instead of the maps: pointing, IoU, objects found",
     )
     parser.add_argument("--method", default=am.DEFAULT_METHOD, help="--boxes: the map method")
+    parser.add_argument(
+        "--views", type=int, default=1, choices=(1, 4, 5), help="--boxes: --locate-views (maps from shifted views)"
+    )
     parser.add_argument("--radii", type=int, nargs="+", default=[1, 2], help="--boxes: --locate-radius values")
     parser.add_argument(
         "--spreads", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0], help="--boxes: --locate-spread values"
@@ -268,13 +277,18 @@ def main() -> None:
         rows = []
         if args.checkpoint:
             trained = load_model(args.checkpoint).eval()
-            rows.append(("trained", evaluate_boxes(trained, scenes, args.batch_size, device, args.method, variants)))
+            rows.append(
+                ("trained", evaluate_boxes(trained, scenes, args.batch_size, device, args.method, variants, args.views))
+            )
             random_model = random_like(trained, args.seed)
         else:
             tokenizer = args.tokenizer or str(Path(args.shards[0]).parents[1] / "tokenizer")
             random_model = random_from_config(args.model, tokenizer, args.seed)
         rows.append(
-            ("random-init", evaluate_boxes(random_model, scenes, args.batch_size, device, args.method, variants))
+            (
+                "random-init",
+                evaluate_boxes(random_model, scenes, args.batch_size, device, args.method, variants, args.views),
+            )
         )
         rows.append(("-", evaluate_boxes(None, scenes, args.batch_size, device, args.method)))
         n = len(next(iter(rows[-1][1].values()))["iou"])

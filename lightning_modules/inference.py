@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from datamodules.images import MAX_IMAGE_PIXELS, decode_image
 
-from .locate import RADIUS, SPREAD
+from .locate import RADIUS, SPREAD, VIEWS
 
 if TYPE_CHECKING:
     import torch
@@ -108,6 +108,13 @@ class InferenceOptions:
     locate_spread: float = option(
         SPREAD, "--locate: a box is the centre of mass plus and minus this many standard deviations", type=float
     )
+    locate_views: int = option(
+        1,
+        "--locate: 4 or 5 locate by a map twice as fine, the mean of the maps of the image shifted by half a patch "
+        "(and mirrored), each view one more map pass (--locate-radius then counts half-patch cells)",
+        type=int,
+        choices=VIEWS,
+    )
 
     def __post_init__(self) -> None:
         if self.locate_radius < 0 or self.locate_spread <= 0:
@@ -115,6 +122,8 @@ class InferenceOptions:
                 f"--locate-radius {self.locate_radius} / --locate-spread {self.locate_spread}: at least 0 cells, and "
                 "a spread above 0"
             )
+        if self.locate_views not in VIEWS:
+            raise ValueError(f"--locate-views {self.locate_views}: one of {', '.join(map(str, VIEWS))}")
         if self.beams < 1:
             raise ValueError(f"--beams {self.beams}: beam search needs at least 1 beam")
         if self.sampler != "one-shot" and self.threshold is not None:
@@ -278,7 +287,7 @@ def label_files(
     import torch
 
     options = options or InferenceOptions()
-    radius, spread = options.locate_radius, options.locate_spread
+    rule = {"radius": options.locate_radius, "spread": options.locate_spread, "views": options.locate_views}
     locate_now = options.locate and not explain
     if options.locate and mapper is not None:
         raise ValueError("--locate works with free labels and --vocabulary, not --map-to (a mapped entry has no map)")
@@ -296,7 +305,7 @@ def label_files(
         pixels, sizes = [p for _, p, _ in good], [size for _, _, size in good]
         # Without pictures, labels are located as they are found (sharing the sampler's pass over the image);
         # with them, the maps are made once for both.
-        where = {"locate": True, "sizes": sizes, "radius": radius, "spread": spread} if locate_now else {}
+        where = {"locate": True, "sizes": sizes, **rule} if locate_now else {}
         with autocast(recognizer.device, options.precision):
             if vocabulary is not None:
                 results = recognizer.score(
@@ -316,7 +325,7 @@ def label_files(
             maps = recognizer.explain(pixels, labels, explain, layer, head, batch_size=batch_size)
             if options.locate:
                 stacked = torch.stack(pixels)
-                results = recognizer.with_locations(stacked, sizes, results, maps, radius=radius, spread=spread)
+                results = recognizer.with_locations(stacked, sizes, results, maps, **rule)
         for (path, image, _), labels, label_maps in zip(good, results, maps):
             yield Labelled(path, labels, maps=label_maps, pixels=image if explain else None)
 

@@ -31,6 +31,7 @@ import numpy as np
 RADIUS = 1  # cells around the peak that the point and box are computed from (3x3)
 SPREAD = 1.5  # a box is the centre of mass plus and minus this many standard deviations
 FRACTION = 0.5  # a region of boxes: cells at least halfway from the map's minimum to its peak
+VIEWS = (1, 4, 5)  # views of the image a map is the mean of (attention_maps.finer_maps): 4 and 5 give a finer grid
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from datamodules.images import MAX_IMAGE_PIXELS, decode_image
 
-from .attention_maps import DEFAULT_METHOD, LabelMap, capture_prefix, explain
+from .attention_maps import DEFAULT_METHOD, LabelMap, capture_prefix, explain, finer_maps
 from .calibration import Calibration, CalibrationError, Scored
 from .locate import RADIUS, SPREAD, Located, locate, model_geometry
 from .nxtp import NXTP, Decode
@@ -120,6 +120,7 @@ class Recognizer:
         sizes: list[tuple[int, int]] | None = None,
         radius: int = RADIUS,
         spread: float = SPREAD,
+        views: int = 1,
     ) -> list[list[tuple[str, float]]]:
         """``(label, probability)`` pairs sorted by probability, one list per image, none below ``min_prob``.
 
@@ -132,7 +133,9 @@ class Recognizer:
         ``locate``: each pair is a ``locate.Located`` that also says where the label is (``.location``: ``point``
         and ``box`` in the pixels of the image given, see :meth:`locate`); ``sizes``: the original (width, height)
         of images given as preprocessed tensors (without them, a tensor's locations are in its own pixels);
-        ``radius`` and ``spread``: how a map becomes a point and a box (``locate.locate``)."""
+        ``radius`` and ``spread``: how a map becomes a point and a box (``locate.locate``); ``views``: 4 or 5 locate
+        by a map twice as fine, the mean over shifted (and mirrored) views of the image (``attention_maps.finer_maps``:
+        each view costs a map pass; ``radius`` then counts half-patch cells)."""
         if sampler != "one-shot" and threshold is not None:
             raise ValueError(f"threshold={threshold!r} needs the one-shot sampler, whose scores were calibrated")
         calibration = self._calibration_for(threshold)
@@ -147,7 +150,9 @@ class Recognizer:
                 # with a calibration, the whole top-k list: a label is calibrated against the others
                 found = raw if calibration is None else [calibration.apply(x, min_prob, threshold) for x in raw]
             if locate:
-                found = self.with_locations(pixels, batch_sizes, found, radius=radius, spread=spread, prefix=prefix)
+                found = self.with_locations(
+                    pixels, batch_sizes, found, radius=radius, spread=spread, views=views, prefix=prefix
+                )
             results += found
         return results
 
@@ -185,6 +190,7 @@ class Recognizer:
         radius: int = RADIUS,
         spread: float = SPREAD,
         prefix=None,
+        views: int = 1,
     ) -> list[list[Located]]:
         """``found`` (pairs per image of ``pixels`` [B, 3, H, W], whose upright files measure ``sizes``) as
         ``Located`` pairs, from their ``maps`` (``explain``'s) or from teacher-forced maps made here (reusing the
@@ -192,10 +198,15 @@ class Recognizer:
         if maps is None:
             labels = [[pair[0] for pair in pairs] for pairs in found]
             maps = explain(self.model, pixels, labels, method, prefix=prefix)
+        grids = [[m.grid for m in ms] for ms in maps]
+        made = next((m for ms in maps for m in ms), None)
+        if made is not None:  # the added views' maps (views > 1) are made as the given ones were
+            labels = [[m.label for m in ms] for ms in maps]
+            grids = finer_maps(self.model, pixels, labels, grids, views, made.method, **made.extra)
         geometries = [model_geometry(self.model, size) for size in sizes]
         return [
-            [Located(pair, locate(m.grid, geometry, radius, spread)) for pair, m in zip(pairs, ms)]
-            for pairs, ms, geometry in zip(found, maps, geometries)
+            [Located(pair, locate(g, geometry, radius, spread)) for pair, g in zip(pairs, gs)]
+            for pairs, gs, geometry in zip(found, grids, geometries)
         ]
 
     def locate(
@@ -207,6 +218,7 @@ class Recognizer:
         spread: float = SPREAD,
         batch_size: int = 32,
         sizes: list[tuple[int, int]] | None = None,
+        views: int = 1,
     ) -> list[list[Located]]:
         """Where each of the given ``labels`` of each image is: a ``Located`` (label, probability of the label
         teacher-forced, ``location``) per label. ``location.point`` ``[x, y]`` and ``location.box``
@@ -214,7 +226,7 @@ class Recognizer:
         to the part the model saw (the centre crop); ``location.boxes`` has a box per region of the label's map
         (several objects of one kind). A label need not be one the sampler produced: its map is the model's
         attention when it is made to say it. ``method``, ``radius`` and ``spread``: see ``attention_maps`` and
-        ``locate``."""
+        ``locate``; ``views``: as in :meth:`label`."""
         if len(labels) != (len(images) if isinstance(images, list) else 1):
             raise ValueError(f"{len(labels)} label lists for {len(images) if isinstance(images, list) else 1} images")
         out: list[list[Located]] = []
@@ -222,7 +234,7 @@ class Recognizer:
             given = labels[i * batch_size : i * batch_size + len(pixels)]
             maps = explain(self.model, pixels, given, method)
             found = [[(m.label, m.score) for m in ms] for ms in maps]
-            out += self.with_locations(pixels, batch_sizes, found, maps, radius=radius, spread=spread)
+            out += self.with_locations(pixels, batch_sizes, found, maps, radius=radius, spread=spread, views=views)
         return out
 
     def tokenize(self, vocabulary: Vocabulary | str | Path | list) -> tuple[Vocabulary, Candidates]:
@@ -260,6 +272,7 @@ class Recognizer:
         sizes: list[tuple[int, int]] | None = None,
         radius: int = RADIUS,
         spread: float = SPREAD,
+        views: int = 1,
     ) -> list[list[tuple[str, float]]]:
         """``(entry name, probability)`` for every entry of a closed ``vocabulary``, sorted, one list per image: at
         most ``topk`` (None: all) and none below ``min_prob``. ``vocabulary`` is a ``Vocabulary``, a file (text, JSON
@@ -268,8 +281,9 @@ class Recognizer:
         names, ``chunk_tokens`` tokens per forward, share their KV cache.
 
         With a calibration, an entry's probability is the calibrated probability that it is present (a ``Scored``
-        pair with the raw ``score``); ``threshold="auto"`` drops entries below their fitted threshold. ``locate``
-        ``sizes``, ``radius`` and ``spread``: as in :meth:`label`, each entry kept located by the map of its name."""
+        pair with the raw ``score``); ``threshold="auto"`` drops entries below their fitted threshold. ``locate``,
+        ``sizes``, ``radius``, ``spread`` and ``views``: as in :meth:`label`, each entry kept located by the map of its
+        name."""
         calibration = self._calibration_for(threshold)
         if not (isinstance(vocabulary, tuple) and isinstance(vocabulary[1], Candidates)):
             vocabulary = self.tokenize(vocabulary)
@@ -290,7 +304,7 @@ class Recognizer:
         located, start = [], 0
         for pixels, batch_sizes in self._batches(images, batch_size, sizes):
             found = results[start : start + len(pixels)]
-            located += self.with_locations(pixels, batch_sizes, found, radius=radius, spread=spread)
+            located += self.with_locations(pixels, batch_sizes, found, radius=radius, spread=spread, views=views)
             start += len(pixels)
         return located
 

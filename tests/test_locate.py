@@ -17,8 +17,19 @@ import torch
 from conftest import OFFICIAL, TEST_SHARD, TRAINED_DEFAULT, eval_attention_maps, needs_trained_default, tiny_nxtp
 from PIL import Image, ImageOps
 
+from lightning_modules.attention_maps import finer_maps
 from lightning_modules.cli.label import label_main
-from lightning_modules.locate import Located, Location, ViewGeometry, best_iou, centre_box, inside, iou, locate
+from lightning_modules.locate import (
+    Located,
+    Location,
+    ViewGeometry,
+    best_iou,
+    centre_box,
+    inside,
+    iou,
+    locate,
+    model_geometry,
+)
 from lightning_modules.recognizer import Recognizer
 
 # the geometry --------------------------------------------------------------------------------------------------
@@ -290,3 +301,81 @@ def test_a_tower_without_a_patch_grid_is_refused_by_name(located, monkeypatch, c
     data = base64.b64encode((located / "tiny.png").read_bytes()).decode()
     answer = api.decode_request({"image": data, "topk": 3, "min_prob": 0.0, "locate": True})
     assert isinstance(answer, RequestError) and answer.field == "locate" and answer.status == 400
+
+
+# finer maps from shifted views ---------------------------------------------------------------------------------
+
+
+def test_shifted_views_find_the_half_patch_a_single_view_cannot(monkeypatch):
+    """A map that is each patch's brightness (standing in for the model's) sees a bright square of half a patch
+    only as its whole patch; the mean over the views shifted by half a patch (and the mirror image) puts its peak
+    on that half-patch cell. Next to the right and bottom edges, where a shifted view has cropped the image's last
+    half patch (that cell is the mean of the views that saw it), the square's cell is among the peaks, and they lie
+    in its patch."""
+    import types
+
+    from lightning_modules import attention_maps as am
+
+    def brightness(model, pixels, labels, method, *where):  # per patch of 16 pixels, one map per label
+        cells = pixels[:, 0].reshape(len(pixels), 4, 16, 4, 16).sum((2, 4)).numpy() + 1e-6
+        return [[am.LabelMap(label, 1.0, cells[i] / cells[i].sum()) for label in ls] for i, ls in enumerate(labels)]
+
+    monkeypatch.setattr(am, "explain", brightness)
+    model = types.SimpleNamespace(visual=types.SimpleNamespace(grid_size=(4, 4)))
+    for views in (4, 5):
+        for row, col in itertools.product(range(8), repeat=2):
+            pixels = torch.zeros(1, 3, 64, 64)
+            pixels[:, :, 8 * row : 8 * row + 8, 8 * col : 8 * col + 8] = 1
+            (coarse,) = brightness(model, pixels, [["square"]], "gradient")
+            ((fine,),) = am.finer_maps(model, pixels, [["square"]], [[coarse[0].grid]], views)
+            assert fine.shape == (8, 8) and fine.sum() == pytest.approx(1)
+            peaks = set(zip(*np.nonzero(fine == fine.max())))
+            if row < 6 and col < 6:
+                assert peaks == {(row, col)}, (views, row, col)
+            else:
+                assert (row, col) in peaks and all(r // 2 == row // 2 and c // 2 == col // 2 for r, c in peaks)
+    assert am.finer_maps(model, pixels, [["square"]], [[coarse[0].grid]], 1) == [[coarse[0].grid]]
+    with pytest.raises(ValueError, match="views=3"):
+        am.finer_maps(model, pixels, [["square"]], [[coarse[0].grid]], 3)
+
+
+def test_locate_views_run_through_the_recognizer_label_and_serve(located, capsys, tmp_path):
+    """--locate-views 4 and 5: the same labels and probabilities, locations inside the image, the same answer from
+    Python, `nxtp label` and the serve API; a number of views that is not offered is refused by name."""
+    recognizer = Recognizer.from_checkpoint(located / "model")
+    plain = recognizer.label(located / "photo.jpg", topk=3)[0]
+    for views in (4, 5):
+        (found,) = recognizer.label(located / "photo.jpg", topk=3, locate=True, views=views, radius=2, spread=3)
+        assert [tuple(x) for x in found] == plain
+        for item in found:
+            assert_inside_the_image(item, (180, 320))
+    args = ["--checkpoint", str(located / "model"), "--topk", "3", "--workers", "0", "--locate"]
+    rule = ["--locate-views", "5", "--locate-radius", "2", "--locate-spread", "3"]
+    assert label_main(args + rule + [str(located / "photo.jpg")]) == 0
+    (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["box"] for x in line["labels"]] == [pytest.approx(x.location.box, abs=0.051) for x in found]
+    with pytest.raises(SystemExit) as stop:
+        label_main(args + ["--locate-views", "3", str(located / "photo.jpg")])
+    assert stop.value.code == 2 and "--locate-views" in capsys.readouterr().err
+    # with pictures of another map method, the added views are read by that method too
+    maps = ["--attention-maps", str(tmp_path), "--attention-method", "head", "--attention-head", "1"]
+    assert label_main(args + rule + maps + [str(located / "photo.jpg")]) == 0
+    (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    pixels = recognizer.preprocess(located / "photo.jpg")
+    head = recognizer.explain(pixels, [[x["label"] for x in line["labels"]]], "head", -1, 1)
+    labels = [[m.label for m in head[0]]]
+    (grids,) = finer_maps(recognizer.model, pixels[None], labels, [[m.grid for m in head[0]]], 5, "head", -1, 1)
+    geometry = model_geometry(recognizer.model, (180, 320))
+    expected = [locate(g, geometry, radius=2, spread=3).box for g in grids]
+    assert [x["box"] for x in line["labels"]] == [pytest.approx(box, abs=0.051) for box in expected]
+    pytest.importorskip("litserve")
+    from lightning_modules.inference import InferenceOptions
+    from lightning_modules.serving import RecognizerAPI
+
+    options = InferenceOptions(locate_views=5, locate_radius=2, locate_spread=3)
+    api = RecognizerAPI(str(located / "model"), options=options)
+    api.setup("cpu")
+    data = base64.b64encode((located / "photo.jpg").read_bytes()).decode()
+    (answer,) = api.predict([api.decode_request({"image": data, "topk": 3, "min_prob": 0.0, "locate": True})])
+    served = json.loads(api.encode_response(answer).body)["labels"]
+    assert [x["box"] for x in served] == [pytest.approx(x.location.box, abs=0.051) for x in found]
