@@ -40,6 +40,7 @@ import torch
 import webdataset as wds
 import yaml
 from PIL import Image
+from webdataset.gopen import set_options
 
 from lightning_modules.batch import Batch, ModelInputs
 from lightning_modules.sequence import SequenceBuilder, collate_text
@@ -385,6 +386,10 @@ def _shard_files(url: str, skip: int) -> Iterator[dict[str, Any]]:
     stream is closed before the tar error it caused is raised); a truncated or broken tar raises TarError.
     """
     stream = wds.gopen(url)
+    # webdataset's pipe checks the command's exit status after every read: once curl has failed, the next read raises
+    # and drops the bytes curl wrote before it stopped, which the pipe still holds. Read them all; the status is
+    # raised at close.
+    set_options(stream, ignore_errors=True)
     try:
         for i, member in enumerate(wds.tariterators.tar_file_iterator(stream)):
             if i >= skip:
@@ -394,9 +399,17 @@ def _shard_files(url: str, skip: int) -> Iterator[dict[str, Any]]:
             stream.close()
         raise
     except Exception:
-        stream.close()
+        _close(stream)
         raise
+    _close(stream)
+
+
+def _close(stream) -> None:
+    """Close a shard's stream; OSError naming the command when it was one that failed (curl's exit status)."""
     stream.close()
+    status = getattr(stream, "status", None)
+    if status is not None and status not in stream.ignore_status:
+        raise OSError(f"{stream.args}: exit {status}")
 
 
 def read_shards(

@@ -155,6 +155,32 @@ def test_a_shard_that_keeps_dropping_is_skipped_and_counted(serve, model):
     assert server.requests == {"/a.tar": 3, "/b.tar": 1}
 
 
+@pytest.mark.e2e
+def test_a_stream_command_that_failed_before_the_first_read_keeps_what_it_wrote(tmp_path, model, monkeypatch):
+    """curl can fail and end before the reader has read what it wrote (on a busy machine it often does): those bytes
+    are still kept. Here a ``pipe:`` command writes half a shard and fails, and each stream is handed over only once
+    the command has ended."""
+    write_shards(tmp_path)
+    half = (tmp_path / "a.tar").stat().st_size // 2
+    opened = wds.gopen
+
+    def after_the_command_ended(url, *args, **kwargs):
+        stream = opened(url, *args, **kwargs)
+        if hasattr(stream, "proc"):
+            stream.proc.wait(timeout=60)
+        return stream
+
+    monkeypatch.setattr(wds, "gopen", after_the_command_ended)
+    urls = [f"pipe:head -c {half} {tmp_path / 'a.tar'}; exit 7", str(tmp_path / "b.tar")]
+    dm = NXTPDataModule(val_shards=urls, batch_size=4, num_workers=0, shard_retries=2, shard_retry_wait=0)
+    dm.bind(model.inputs)
+    keys, skipped = read_all(dm)
+    arrived_a = [k for k in keys if k.startswith("a_")]
+    assert 0 < len(arrived_a) < len(KEYS["a"]) and arrived_a == KEYS["a"][: len(arrived_a)]
+    assert sorted(k for k in keys if k.startswith("b_")) == KEYS["b"]
+    assert skipped == {"unreachable shard": 1}
+
+
 @pytest.mark.slow
 def test_training_on_http_shards_runs_to_the_end_and_lists_the_shard_it_skipped(serve, shapes, tmp_path):
     # `nxtp fit` as a user runs it, with resampled training shards on a server that always drops shard 0 halfway.
