@@ -129,6 +129,11 @@ class InferenceOptions:
         if self.sampler != "one-shot" and self.threshold is not None:
             raise ValueError(f"--threshold {self.threshold} needs --sampler one-shot, whose scores are calibrated")
 
+    def locate_rule(self) -> dict[str, Any]:
+        """How a label's map becomes a point and a box: the ``radius``, ``spread`` and ``views`` keywords of
+        ``Recognizer.label``, ``score``, ``locate`` and ``with_locations``."""
+        return {"radius": self.locate_radius, "spread": self.locate_spread, "views": self.locate_views}
+
     @classmethod
     def add_arguments(
         cls, parser: argparse.ArgumentParser, notes: dict[str, str] | None = None, exclude: Iterable[str] = ()
@@ -287,7 +292,7 @@ def label_files(
     import torch
 
     options = options or InferenceOptions()
-    rule = {"radius": options.locate_radius, "spread": options.locate_spread, "views": options.locate_views}
+    rule = options.locate_rule()
     locate_now = options.locate and not explain
     if options.locate and mapper is not None:
         raise ValueError("--locate works with free labels and --vocabulary, not --map-to (a mapped entry has no map)")

@@ -402,16 +402,8 @@ class RecognizerAPI(ls.LitAPI):
                 pixels = torch.stack([items[i].pixels for i in indices]).to(self.recognizer.device)
                 sizes = [items[i].size for i in indices]
                 asked = [k if items[i].locate else [] for i, k in zip(indices, kept)]
-                rule = self.options
-                where = self.recognizer.with_locations(
-                    pixels,
-                    sizes,
-                    asked,
-                    radius=rule.locate_radius,
-                    spread=rule.locate_spread,
-                    views=rule.locate_views,
-                    prefix=prefix,
-                )
+                rule = self.options.locate_rule()
+                where = self.recognizer.with_locations(pixels, sizes, asked, prefix=prefix, **rule)
                 kept = [w if items[i].locate else k for i, k, w in zip(indices, kept, where)]
             labels.update(zip(indices, kept))
         outputs = [(item, labels.get(i), len(items)) for i, item in enumerate(items)]
