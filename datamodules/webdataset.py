@@ -54,9 +54,9 @@ from .labels import (
     NLTKDataError,
     check_labels,
     decode_caption,
-    ensure_nltk_data,
     extract_labels,
     given_labels,
+    load_nltk_data,
 )
 
 log = logging.getLogger(__name__)
@@ -322,7 +322,8 @@ class SampleDecoder:
         tokenizer = getattr(sequences, "tokenizer", None)
         self.special = tuple(tokenizer.all_special_tokens) if tokenizer is not None else ()
         self.rng: random.Random | None = None
-        ensure_nltk_data(nltk_data)  # here, in the main process: missing data fails before any worker starts
+        # here, in the main process: missing data fails before any worker starts, and the workers share what it read
+        load_nltk_data(nltk_data)
 
     def __call__(self, sample: dict[str, Any]):
         if self.rng is None:  # here, in the worker that decodes: label orders and flips differ between workers

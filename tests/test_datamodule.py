@@ -1,5 +1,6 @@
 """The WebDataset DataModule reading shards it did not write itself, with broken members among them."""
 
+import functools
 import io
 import json
 from types import SimpleNamespace
@@ -220,3 +221,17 @@ def test_given_labels_reach_the_batch_whole_and_labels_from_picks_the_winner(tmp
     ]
     with pytest.raises(ValueError, match="labels_from"):
         NXTPDataModule(labels_from="both")
+
+
+def test_the_nltk_data_is_read_before_the_workers_start(tmp_path, model, monkeypatch):
+    # Read in the main process as a loader is made, the data workers forked from it share it; each would otherwise
+    # read it again at its first caption.
+    from datamodules import labels
+
+    write_shards(tmp_path, n_shards=1, per_shard=2)
+    monkeypatch.setattr(labels, "_data", functools.lru_cache(maxsize=4)(labels._data.__wrapped__))  # empty
+    dm = NXTPDataModule(val_shards=str(tmp_path / "shard-000000.tar"), batch_size=2, num_workers=1)
+    dm.bind(model.inputs)
+    dm.val_dataloader()  # made, not iterated: no worker has started
+    assert labels._data.cache_info().currsize == 1
+    assert labels._data(labels.nltk_data_dir()).tagger.tag(["a", "dog"]) == ["DT", "NN"]
