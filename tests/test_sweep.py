@@ -283,70 +283,55 @@ def sweep_again(path: Path, capsys, monkeypatch) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_a_real_sweep_records_every_run_and_goes_on_after_a_failure(tmp_path, shapes, capsys, monkeypatch):
-    # The fixed settings are those of the end-to-end tests' short fit; a decoder of num_blocks=0 cannot be built.
-    # Two runs, the failing one first (the grid's order with seed 0): the sweep goes on to the other. How finished
-    # runs are sorted by the metric is checked on the interrupted TPE sweep's two (below), which finish anyway.
+def test_a_real_sweep_goes_on_after_a_failure_prunes_a_weak_run_and_records_every_run(
+    tmp_path, shapes, capsys, monkeypatch
+):
+    # The end-to-end tests' short fit over three learning rates, validated at steps 3 and 6: AdamW refuses -1 (the run
+    # fails), 3e-3 trains, and 1e-7 barely moves from its initial loss, so the median pruner (compared with the
+    # first finished run) stops it at its first validation. The seed is one whose grid runs the failing run first
+    # and the weak one last: the sweep goes on after a failure, and the weak run has a finished one to meet.
     fixed = fit_overrides(shapes, tmp_path, 6)
     fixed.update({"trainer.val_check_interval": 3})
-    path = sweep_file(
-        tmp_path, parameters={"model.nxtp.decoder.num_blocks": [2, 0]}, fixed=fixed, metric="val/loss", mode="min"
-    )
-    result = run(NXTP_CLI + ["sweep", str(path)])
-    assert result.returncode == 1  # one run failed; the other ran
-    folder = tmp_path / "logs" / "sweeps" / "t"
-    rows = list(csv.DictReader(open(folder / "results.csv")))
-    assert [r["status"] for r in rows] == ["done", "failed"]
-    assert int(rows[-1]["trial"]) < int(rows[0]["trial"])  # it ran after the failure
-    assert (
-        rows[-1]["model.nxtp.decoder.num_blocks"] == "0"
-        and "num_blocks=0" in (folder / f"{rows[-1]['run']}.log").read_text()
-    )
-    assert "best run: " + rows[0]["run"] in result.stdout
-    events = EventAccumulator(str(folder / rows[0]["run"] / "version_0")).Reload()  # the finished run's
-    assert "val/exact_top5/f1" in events.Tags()["scalars"]
-    start = plugin_data_pb2.HParamsPluginData.FromString(
-        events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
-    ).session_start_info
-    assert start.hparams["model.nxtp.decoder.num_blocks"].number_value == float(
-        rows[0]["model.nxtp.decoder.num_blocks"]
-    )
-
-    again = sweep_again(path, capsys, monkeypatch)  # finished runs are not run twice; the failed one runs again
-    assert again.stdout.count(" ...") == 1 and f"{rows[-1]['run']} (trial 2) ..." in again.stdout
-    assert sorted(trial_states(Sweep.load(path))) == ["COMPLETE", "FAIL", "FAIL"]
-
-
-@pytest.mark.slow
-def test_a_weak_run_is_pruned_at_a_validation_and_not_run_again(tmp_path, shapes, capsys, monkeypatch):
-    fixed = fit_overrides(shapes, tmp_path, 6)
-    fixed.update({"trainer.val_check_interval": 3})  # validations at steps 3 and 6: the weak run stops at the first
     spec = dict(
-        parameters={"model.optimization.lr": [3e-3, 1e-7]},  # the second barely moves from its initial loss
+        parameters={"model.optimization.lr": [3e-3, -1.0, 1e-7]},
         fixed=fixed,
         metric="val/loss",
         mode="min",
         pruner="median",
-        pruner_args={"n_startup_trials": 1},  # compare with the first finished run
+        pruner_args={"n_startup_trials": 1},
     )
+    order = [-1.0, 3e-3, 1e-7]
     seed = next(
         s
-        for s in range(20)
-        if trials(Sweep.load(sweep_file(tmp_path, **spec, seed=s)))[0]["model.optimization.lr"] == 3e-3
+        for s in range(50)
+        if [r["model.optimization.lr"] for r in trials(Sweep.load(sweep_file(tmp_path, **spec, seed=s)))] == order
     )
-    path = sweep_file(tmp_path, **spec, seed=seed)  # the strong run first
+    path = sweep_file(tmp_path, **spec, seed=seed)
     result = run(NXTP_CLI + ["sweep", str(path)])
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    rows = list(csv.DictReader(open(tmp_path / "logs/sweeps/t/results.csv")))
-    assert [(r["model.optimization.lr"], r["status"]) for r in rows] == [("0.003", "done"), ("1e-07", "pruned")]
-    assert rows[1]["global_step"] == "3" and float(rows[1]["val/loss"]) > float(rows[0]["val/loss"])
-    log = (tmp_path / "logs/sweeps/t" / f"{rows[1]['run']}.log").read_text()
-    assert "pruned at step 3: val/loss" in log
-    assert not list((tmp_path / "logs/sweeps/t" / rows[1]["run"]).glob("version_0/metrics.json"))  # stopped at once
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]  # one run failed; the others ran
+    folder = tmp_path / "logs" / "sweeps" / "t"
+    rows = list(csv.DictReader(open(folder / "results.csv")))
+    assert [r["status"] for r in rows] == ["done", "pruned", "failed"]  # finished by the metric, pruned, failed
+    done, pruned, failed = rows
+    assert [float(r["model.optimization.lr"]) for r in rows] == [3e-3, 1e-7, -1.0]
+    assert int(failed["trial"]) < int(done["trial"]) < int(pruned["trial"])  # it went on after the failure
+    assert "ValueError" in failed["error"] and "-1.0" in failed["error"]  # the run's error, as its log ends
+    assert failed["error"].split(": ", 1)[1] in (folder / f"{failed['run']}.log").read_text()
+    assert pruned["global_step"] == "3" and float(pruned["val/loss"]) > float(done["val/loss"])
+    assert "pruned at step 3: val/loss" in (folder / f"{pruned['run']}.log").read_text()
+    assert not list((folder / pruned["run"]).glob("version_0/metrics.json"))  # stopped at once
+    assert "best run: " + done["run"] in result.stdout
+    events = EventAccumulator(str(folder / done["run"] / "version_0")).Reload()  # the finished run's
+    assert "val/exact_top5/f1" in events.Tags()["scalars"]
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    ).session_start_info
+    assert start.hparams["model.optimization.lr"].number_value == pytest.approx(3e-3)
 
+    # Finished and pruned runs are final; the failed one runs again.
     again = sweep_again(path, capsys, monkeypatch)
-    assert again.returncode == 0 and " ..." not in again.stdout  # a pruned run is final
-    assert trial_states(Sweep.load(path)) == ["COMPLETE", "PRUNED"]
+    assert again.stdout.count(" ...") == 1 and f"{failed['run']} (trial 3) ..." in again.stdout
+    assert sorted(trial_states(Sweep.load(path))) == ["COMPLETE", "FAIL", "FAIL", "PRUNED"]
 
 
 @pytest.mark.slow
