@@ -1,21 +1,19 @@
 """Tests for the exact and semantic label metrics.
 
 The semantic metric is checked against numbers produced by the official NXTP metric
-code on toy data (``tests/fixtures/nxtp-official-tiny/metric.json``).
+code on toy data (``tests/fixtures/nxtp-official-tiny/metric.json``); gathered over DDP ranks in
+test_metric_sync.py.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
-from conftest import run_ranks
 
 from lightning_modules.metrics import ExactLabelScore, SemanticLabelScore, normalize_label
 
@@ -181,38 +179,3 @@ def test_input_validation() -> None:
         metric.update([["a"]], [["a"], ["b"]])
     with pytest.raises(TypeError, match="lists of label lists"):
         metric.update(["a", "b"], ["a", "b"])
-
-
-# ---------------------------------------------------------------- DDP
-
-
-def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str, data: dict[str, Any]) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, timeout=timedelta(seconds=60)
-    )
-    try:
-        # Uneven shards on purpose: rank 0 gets one image, rank 1 the rest.
-        shard = slice(0, 1) if rank == 0 else slice(1, None)
-        results = {}
-        for name, metric in (("exact", ExactLabelScore()), ("semantic", SemanticLabelScore())):
-            metric.update(data["preds"][shard], data["refs"][shard])
-            results[name] = _as_floats(metric.compute())
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.e2e
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_ddp_sync_equals_one_pass(tmp_path: Path, semantic: SemanticLabelScore, reference: dict[str, Any]) -> None:
-    data = {"preds": reference["predictions"] + [["cat"]], "refs": reference["references"] + [[]]}
-    run_ranks(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), data), nprocs=2)
-
-    exact = ExactLabelScore()
-    exact.update(data["preds"], data["refs"])
-    semantic.update(data["preds"], data["refs"])
-    want = {"exact": _as_floats(exact.compute()), "semantic": _as_floats(semantic.compute())}
-    for rank in range(2):
-        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        for name in want:
-            _assert_close(got[name], want[name])

@@ -1,14 +1,10 @@
-"""Label by label: the per-label counts of the exact metric (by hand, across DDP ranks), the report `nxtp test` writes
-(per_label_test.csv, TensorBoard's `test/per_label`), and `nxtp compare` of two such files."""
+"""Label by label: the per-label counts of the exact metric (by hand; across DDP ranks in test_metric_sync.py), the
+report `nxtp test` writes (per_label_test.csv, TensorBoard's `test/per_label`), and `nxtp compare` of two such files."""
 
-import json
 import math
-from datetime import timedelta
-from pathlib import Path
 
 import pytest
-import torch.distributed as dist
-from conftest import NXTP_CLI, run, run_ranks, run_with_imports
+from conftest import NXTP_CLI, run, run_with_imports
 
 from datamodules.synthetic import iter_split_metadata
 from lightning_modules.cli import COMMANDS
@@ -87,37 +83,6 @@ def test_worst_and_best_have_enough_references():
     assert "rare" not in report
     assert "with at least 5 references." in markdown_report(label_scores(COUNTS), 5)  # none has 5: no table
     assert "|" not in markdown_report(label_scores(COUNTS), 5)
-
-
-def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
-    )
-    try:
-        results = {}
-        # uneven: rank 1 counts nothing at all in the first metric (a rank without test batches)
-        for name, shard in (("uneven", slice(0, 5) if rank == 0 else slice(0, 0)), ("split", slice(rank, None, 2))):
-            metric = PerLabelScore()
-            if shard.stop != 0:
-                metric.update(PREDS[shard], REFS[shard])
-            computed = metric.compute()
-            results[name] = {
-                "images": computed["images"],
-                "labels": {k: list(v) for k, v in computed["labels"].items()},
-            }
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.e2e
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_ranks_sum_to_one_pass(tmp_path):
-    run_ranks(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
-    want = {"images": 4, "labels": {k: list(v) for k, v in COUNTS.items()}}
-    for rank in range(2):
-        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert got == {"uneven": want, "split": want}
 
 
 # nxtp compare ------------------------------------------------------------------------------------------------------

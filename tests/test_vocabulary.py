@@ -2,13 +2,10 @@
 
 import json
 import warnings
-from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-from conftest import OFFICIAL, run_ranks, tiny_nxtp
+from conftest import OFFICIAL, tiny_nxtp
 
 from lightning_modules.batch import Batch
 from lightning_modules.cli.label import label_main
@@ -339,30 +336,6 @@ def test_metric_targets_and_empty():
     assert VocabularyScore(2).compute() == {"recall": 0.0, "precision": 0.0, "f1": 0.0, "map": 0.0}
     with pytest.raises(ValueError, match=r"must both be \[images, 2\]"):
         VocabularyScore(2).update(torch.zeros(3, 3), torch.zeros(3, 3))
-
-
-def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
-    )
-    try:
-        scores, targets = metric_data()
-        metric = VocabularyScore(6, threshold=0.5)
-        if rank == 1:  # rank 0 sees no batch at all
-            metric.update(scores[:25], targets[:25])
-            metric.update(scores[25:], targets[25:])
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps({k: v.item() for k, v in metric.compute().items()}))
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.e2e
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_metric_ddp_sync_with_an_idle_rank(tmp_path):
-    run_ranks(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
-    want = brute_metric(*metric_data(), 0.5)
-    for rank in range(2):
-        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == pytest.approx(want, abs=1e-6)
 
 
 def test_validation_reports_closed_set_scores_over_the_eval_vocabulary(tmp_path, llama_tokenizer_dir):
