@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import imported
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -80,6 +82,7 @@ def calibrate_main(argv: list[str]) -> int:
     from ..checkpoint_io import UntrustedCheckpointError
     from ..recognizer import Recognizer
 
+    imported()
     try:
         # a model's earlier calibration, even a broken one, is replaced: it is not loaded
         recognizer = Recognizer(load_model(args.checkpoint, args.trust_checkpoint, calibration=False), args.device)

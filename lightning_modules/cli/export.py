@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import imported
+
 
 def export_main(argv: list[str]) -> int:
     """``nxtp export --checkpoint CKPT --format safetensors|onnx --out DIR [--opset 17]``."""
@@ -23,6 +25,7 @@ def export_main(argv: list[str]) -> int:
     from ..checkpoint_io import UntrustedCheckpointError
     from ..export import export
 
+    imported()
     try:
         out = export(args.checkpoint, args.out, args.format, args.opset, trust=args.trust_checkpoint)
     except (UntrustedCheckpointError, ValueError) as e:  # an untrusted file, a decoder ONNX cannot hold

@@ -8,6 +8,8 @@ import ast
 import importlib.util
 from pathlib import Path
 
+from . import imported
+
 
 def summary() -> str:
     """The first paragraph of ``official``'s docstring, read from its source: importing it would import torch."""
@@ -34,6 +36,7 @@ def import_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from ..official import import_official
 
+    imported()
     import_official(
         args.checkpoint,
         args.clip,

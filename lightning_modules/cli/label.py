@@ -18,6 +18,7 @@ from ..inference import (
     write_csv,
     write_jsonl,
 )
+from . import imported
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,6 +149,7 @@ def label_main(argv: list[str]) -> int:
     except (UntrustedCheckpointError, VocabularyError, NLTKDataError, CalibrationError, ValueError) as e:
         print(f"nxtp label: {e}", file=sys.stderr)
         return 2
+    imported()  # the model is loaded
     results = label_files(
         recognizer,
         paths,

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from ..inference import TOPK, InferenceOptions
+from . import imported
 
 
 def accelerator_devices(device: str) -> tuple[str, int | list[int] | str]:
@@ -127,6 +128,8 @@ def serve_main(argv: list[str]) -> int:
 
     from ..calibration import CalibrationError
     from ..serving import RecognizerAPI, RequestReader, describe
+
+    imported()
 
     try:
         info = describe(args.checkpoint, trust=args.trust_checkpoint, decode=options.decode)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from datamodules.images import MAX_IMAGE_PIXELS
 
+from . import imported
+
 
 def shards_main(argv: list[str]) -> int:
     """``nxtp shards SOURCE --out DIR [--val-fraction 0.05] [--max-side N] [--shard-size N] [--force]``."""
@@ -39,6 +41,7 @@ def shards_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from datamodules.shards import ConversionError, convert, format_summary
 
+    imported()
     options = {name: getattr(args, name) for name in ("txt", "image_column", "caption_column", "tags_column", "images")}
     try:
         summary = convert(

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import shlex
 
+from . import imported
+
 
 def sweep_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="nxtp sweep", description="Run a hyper-parameter sweep of `nxtp fit` runs.")
@@ -32,6 +34,7 @@ def run_sweep(args: argparse.Namespace) -> int:
 
     from .. import sweep as S
 
+    imported()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep says what it does itself
     sweep = S.Sweep.load(args.sweep)
     draws = S.trials(sweep) if not (args.collect or args.index is not None) else []

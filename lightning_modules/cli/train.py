@@ -27,6 +27,7 @@ from ..callbacks import (
 )
 from ..checkpoint import TrainingState, read_config
 from ..checkpoint_io import load_checkpoint
+from . import imported
 
 # Lightning 2.6 flattens batches with torch's LeafSpec, which torch 2.9 deprecates: harmless, and printed at every
 # fit, validation and test.
@@ -126,6 +127,9 @@ class NXTPCLI(LightningCLI):
             return
         config.ckpt_path, args.version = str(path), version  # continue in the interrupted run's folder
         say(f"resuming from {path} at step {step} (--resume false starts a new run)")
+
+    def after_instantiate_classes(self) -> None:
+        imported()  # the model, the data and the trainer are built
 
     def after_fit(self) -> None:
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()}
