@@ -106,7 +106,7 @@ def imported() -> None:
     full collection of the cyclic garbage collector walks them all. So the collector is paused until here
     (``run``), and these objects are then frozen out of its way (``gc.freeze``): later collections skip them, and
     the data workers forked afterwards share their memory instead of copying the pages the collector writes to. A
-    6-step `nxtp fit` uses about a quarter less CPU (``experiments/bench_start.py``)."""
+    6-step `nxtp fit` with 2 data workers a loader used 0.84x the CPU (``experiments/bench_start.py``)."""
     global _paused
     if _paused:
         _paused = False
