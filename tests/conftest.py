@@ -148,7 +148,7 @@ def nxtp_here(args: list[str], monkeypatch) -> int:
     and Lightning, most of a short run's time). Returns the exit status. What a run leaves behind in the process is
     put back: the signal handlers it installs (``GracefulStop``, ``SlurmRequeue``) and the environment it sets
     (``seed_everything``'s ``PL_GLOBAL_SEED``), which the commands a test starts afterwards would inherit."""
-    from lightning_modules.cli import main
+    from lightning_modules.cli import run as run_command  # not `main`, which leaves what it froze frozen at its exit
 
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
     environ = dict(os.environ)
@@ -156,7 +156,7 @@ def nxtp_here(args: list[str], monkeypatch) -> int:
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # as `run` starts a command: for the commands it starts in turn
     monkeypatch.setattr(sys, "argv", ["nxtp", *args])
     try:
-        main()
+        run_command(args)
     except SystemExit as end:
         return end.code if isinstance(end.code, int) else (0 if end.code is None else 1)
     finally:

@@ -90,3 +90,15 @@ def test_a_command_pauses_the_collector_while_it_imports_then_freezes_and_leaves
         assert not gc.isenabled() and freezes == [False] and gc.get_freeze_count() == 0
     finally:
         gc.enable()
+
+    # The console script (`main`) ends its process: what it froze stays frozen, out of the way of the collections
+    # of interpreter shutdown.
+    monkeypatch.setattr(sys, "argv", ["nxtp", "label", "--checkpoint", str(tmp_path / "model"), "--workers", "0"])
+    sys.argv.append(str(tmp_path / "a.png"))
+    try:
+        with pytest.raises(SystemExit) as end:
+            main()
+        assert end.value.code == 0 and freezes == [False, False]
+        assert gc.isenabled() and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
