@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import multiprocessing.process
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
+import forked
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -104,21 +107,56 @@ def llama_tokenizer_dir() -> Path:
 
 ROOT = Path(__file__).parents[1]
 NXTP_CLI = [sys.executable, "-m", "lightning_modules.cli"]
+_server: forked.Server | None = None  # this test process's forking server, started on first use
+_fresh = False  # --fresh-commands
+_START_ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption(
+        "--fresh-commands",
+        action="store_true",
+        help="start every nxtp command a test runs in a fresh interpreter, not forked (tests/forked.py)",
+    )
+
+
+def pytest_configure(config) -> None:
+    global _fresh
+    _fresh = config.getoption("--fresh-commands")
+
+
+def pytest_sessionfinish(session) -> None:
+    if _server is not None:
+        _server.stop()
+        shutil.rmtree(_server.folder, ignore_errors=True)
+
+
+def popen(cmd: list[str], env: dict[str, str], **kwargs) -> subprocess.Popen | forked.Forked:
+    """Start ``cmd`` from the repository root with ``env``: forked from this test process's server when it is
+    ``python -m MODULE`` (tests/forked.py: the same command without its ~6 CPU-seconds of imports), else as a fresh
+    process."""
+    global _server
+    if not _fresh and cmd[:2] == [sys.executable, "-m"]:
+        if _server is None:  # with the environment the test process started with, not the test's own
+            _server = forked.Server(Path(tempfile.mkdtemp(prefix="nxtp-forked-")), _START_ENV)
+        if _server.forks(cmd, env):
+            return _server.start(cmd, env, ROOT, **kwargs)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, **kwargs)
 
 
 def run(
     cmd: list[str], env: dict[str, str] | None = None, timeout: float = 600, **kwargs
 ) -> subprocess.CompletedProcess:
-    """Run a command from the repository root with the project importable; output captured as text.
+    """Run a command from the repository root with the project importable; output captured as text. A
+    ``python -m MODULE`` command is forked from this test process's server (``popen``, ``tests/forked.py``).
 
     The command runs in a process group of its own that is killed whole after ``timeout`` seconds, so that a hung
     run (and every rank or worker it started) fails the test instead of stalling the suite.
     """
     env = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}
-    with subprocess.Popen(
+    with popen(
         cmd,
-        cwd=ROOT,
-        env=env,
+        env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -199,7 +237,7 @@ def start_until(cmd: list[str], path: Path, env: dict[str, str] | None = None, *
     """Start a command as ``run`` does and return it once ``path`` exists (or it ended, or 300 s passed): the
     moment to interrupt a training run that has written its first checkpoint."""
     env = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, **kwargs)
+    proc = popen(cmd, env, **kwargs)
     deadline = time.time() + 300
     while not path.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)

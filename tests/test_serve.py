@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import NXTP_CLI, OFFICIAL, ROOT, group_alive, tiny_nxtp
+from conftest import NXTP_CLI, OFFICIAL, ROOT, group_alive, popen, tiny_nxtp
 from PIL import Image, ImageOps
 
 from lightning_modules.cli.label import label_main
@@ -181,10 +181,9 @@ def setup(tmp_path_factory):
         "warning",
     ]
     log = (root / "server.log").open("w")
-    proc = subprocess.Popen(
+    proc = popen(
         cmd,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        {**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
