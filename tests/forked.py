@@ -144,7 +144,7 @@ class Server:
                 stderr=log,
                 start_new_session=True,
             )
-        if self.proc.stdout.readline() != READY:
+        if not _readable(self.proc.stdout, 300) or self.proc.stdout.readline() != READY:
             self.proc.kill()
             raise RuntimeError(f"forked.py did not start:\n{self.log.read_text()[-3000:]}")
         self.env = json.loads(self.proc.stdout.readline())  # what the commands it forks start with
@@ -300,7 +300,8 @@ class Forked:
         self.conn.close()
 
 
-def _readable(conn: socket.socket, timeout: float | None) -> bool:
+def _readable(conn, timeout: float | None) -> bool:
+    """Whether ``conn`` (a socket or a pipe) has something to read within ``timeout`` seconds."""
     with selectors.DefaultSelector() as sel:
         sel.register(conn, selectors.EVENT_READ)
         return bool(sel.select(timeout))
