@@ -38,6 +38,7 @@ PRELOAD = (
     "lightning_modules.inference",
     "lightning_modules.recognizer",
     "datamodules.webdataset",
+    "nltk",  # read by the captions' label extraction (datamodules/labels.py); brings scikit-learn
 )
 # A command whose environment differs from the server's only in these variables is forked: they are read when a
 # command runs, not when it imports (pytest's, Lightning's seed, SLURM's, a distributed launch's)...
