@@ -166,7 +166,8 @@ class Server:
 
 
 class Forked:
-    """A forked command, with the parts of :class:`subprocess.Popen` the tests use."""
+    """A forked command, with the parts of :class:`subprocess.Popen` the tests use. Its pipes are binary files;
+    ``text=True`` decodes what ``communicate`` returns."""
 
     def __init__(
         self,
@@ -265,7 +266,7 @@ class Forked:
                 if left is not None and left <= 0:
                     raise subprocess.TimeoutExpired(self.args, timeout)
                 for key, _ in sel.select(left):
-                    chunk = os.read(key.fileobj.fileno(), 1 << 16)
+                    chunk = key.fileobj.read1(1 << 16)  # what a readline() left buffered comes first
                     if chunk:
                         self._out[key.data].append(chunk)
                     else:
