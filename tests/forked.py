@@ -166,8 +166,7 @@ class Server:
 
 
 class Forked:
-    """A forked command, with the parts of :class:`subprocess.Popen` the tests use. Its pipes are binary files;
-    ``text=True`` decodes what ``communicate`` returns."""
+    """A forked command, with the parts of :class:`subprocess.Popen` the tests use."""
 
     def __init__(
         self,
@@ -266,7 +265,7 @@ class Forked:
                 if left is not None and left <= 0:
                     raise subprocess.TimeoutExpired(self.args, timeout)
                 for key, _ in sel.select(left):
-                    chunk = key.fileobj.read1(1 << 16)  # what a readline() left buffered comes first
+                    chunk = os.read(key.fileobj.fileno(), 1 << 16)
                     if chunk:
                         self._out[key.data].append(chunk)
                     else:
